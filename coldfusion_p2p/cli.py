@@ -1,0 +1,125 @@
+"""``coldfusion-peer``: parse flags into a config, call one library function, map errors to exit codes.
+
+Flags are generated from the config dataclasses (one flag per field, help text from the field's
+comment), so a flag and its ``--config`` key can never drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any, get_args, get_origin
+
+from coldfusion_p2p import __version__
+from coldfusion_p2p.config import PeerConfig, build_config, config_fields, field_help, read_config_file
+from coldfusion_p2p.errors import UserError
+
+EXIT_OK, EXIT_USER_ERROR, EXIT_INTERRUPTED = 0, 2, 130
+
+
+def add_config_flags(parser: argparse.ArgumentParser, config_type: type = PeerConfig) -> None:
+    """One flag per config field; unset flags stay absent so the config file and defaults apply."""
+    for section, name, hint in config_fields(config_type):
+        flag = "--" + name.replace("_", "-")
+        options: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": field_help(name)}
+        args = [arg for arg in get_args(hint) if arg is not type(None)]
+        base = args[0] if get_origin(hint) is not None and len(args) == 1 else hint
+        if base is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        elif get_origin(base) is list:
+            options.update(action="extend", nargs="+", metavar="MULTIADDR")
+        elif get_origin(base) is not None and get_args(base) and isinstance(get_args(base)[0], str):
+            options["choices"] = list(get_args(base))
+        parser.add_argument(flag, **options)
+        del section
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="coldfusion-peer",
+        description="Collaborative finetuning (ColD Fusion) over a hivemind peer-to-peer swarm.",
+    )
+    parser.add_argument("--version", action="version", version=f"coldfusion-p2p {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    join = commands.add_parser(
+        "join",
+        help="finetune on a private dataset and fuse the shared body with the swarm",
+        description="Join a swarm: finetune locally on --dataset, fuse body weights with the other peers each round.",
+    )
+    join.add_argument("--config", help="TOML or YAML file whose keys mirror these flags (flags win)")
+    add_config_flags(join)
+    return parser
+
+
+def parse_peer_config(arguments: argparse.Namespace) -> PeerConfig:
+    """Defaults, then ``--config``, then the flags given on the command line."""
+    values = vars(arguments).copy()
+    values.pop("command", None)
+    config_path = values.pop("config", None)
+    file_values = read_config_file(config_path) if config_path else {}
+    return build_config(file_values, values)
+
+
+def configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("hivemind").setLevel(logging.INFO if verbose else logging.CRITICAL)
+    import transformers
+
+    if not verbose:
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def install_stop_handlers(stop_event: threading.Event) -> None:
+    """SIGINT/SIGTERM ask for a clean stop; a second signal stops at once (checkpoints are atomic)."""
+
+    def handle(signum, frame):
+        if stop_event.is_set():
+            raise KeyboardInterrupt
+        stop_event.set()
+        print(f"received {signal.Signals(signum).name}: stopping after the current step", file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGINT, handle)
+    signal.signal(signal.SIGTERM, handle)
+
+
+def run_join(config: PeerConfig) -> int:
+    from coldfusion_p2p.peer import Peer
+
+    stop_event = threading.Event()
+    install_stop_handlers(stop_event)
+    peer = Peer(config, stop_event=stop_event)
+    try:
+        peer.run()
+    finally:
+        peer.shutdown()
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    arguments = parser.parse_args(argv)
+    try:
+        if arguments.command == "join":
+            config = parse_peer_config(arguments)
+            configure_logging(config.run.verbose)
+            return run_join(config)
+        parser.error(f"unknown command {arguments.command}")
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""Every setting of a peer, with its default, in one place.
+
+The settings are grouped into small dataclasses (data, training, fusion, network, run) so that
+library code receives only the part it needs, but their field names are unique across groups:
+each field is exactly one command-line flag (``local_steps`` is ``--local-steps``) and one key of
+a ``--config`` file (TOML or YAML, flat, ``local_steps`` or ``local-steps``). An unknown key is an
+error, as in nanoGPT and torchtune: a typo must never silently fall back to a default.
+
+Defaults are the ones measured on a 2-core CPU with the bundled all-MiniLM-L6-v2: 40 local steps
+of batch 32 at lr 2e-4 and 64 tokens take about 20-40 s and reach ~0.85 validation accuracy on
+TREC after one round.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+from coldfusion_p2p.errors import UserError
+
+LOOPBACK_HOST_MADDR = "/ip4/127.0.0.1/tcp/0"
+
+
+@dataclass
+class DataConfig:
+    dataset: str | None = None  # file (csv/tsv/jsonl/json/parquet), save_to_disk folder, or hub name
+    dataset_name: str | None = None  # public label of this peer's data shown to the swarm (default: file stem)
+    text_column: str | None = None  # auto-detected when not given
+    text_pair_column: str | None = None  # second text of sentence-pair tasks (auto-detected)
+    label_column: str | None = None  # auto-detected when not given
+    validation_fraction: float = 0.1  # carved from train when the source has no validation split
+    max_eval_examples: int = 512  # evaluation uses at most this many validation examples
+    max_length: int = 64  # tokens per example after truncation
+
+
+@dataclass
+class TrainingConfig:
+    model: str | None = None  # local HF folder or hub name; default: the bundled all-MiniLM-L6-v2
+    local_steps: int = 40  # optimizer steps per round, from the fused body
+    lr: float = 2e-4  # peak learning rate of a fresh AdamW each round
+    batch_size: int = 32  # examples per step
+    weight_decay: float = 0.01  # AdamW weight decay
+    warmup_ratio: float = 0.0  # fraction of local steps with linear warm-up before linear decay
+    seed: int = 0  # seeds head init, batch order and dropout
+    torch_threads: int | None = None  # torch intra-op threads (default: torch's choice)
+
+
+@dataclass
+class FusionConfig:
+    weighting: Literal["uniform", "examples"] = "uniform"  # plain mean (paper) or by dataset size
+    fusion_window: float = 60.0  # seconds after the first peer is ready during which others may join
+    matchmaking_time: float = 5.0  # hivemind min_matchmaking_time: how long a group stays open
+    request_timeout: float = 3.0  # hivemind request_timeout; keep below matchmaking_time
+    allreduce_timeout: float = 120.0  # the whole all-reduce must finish within this many seconds
+    next_chunk_timeout: float = 10.0  # a silent sender is dropped after this many seconds
+    state_download_timeout: float = 120.0  # bound on downloading the fused base from the swarm
+
+
+@dataclass
+class NetworkConfig:
+    run_id: str = "coldfusion"  # peers with the same run id fuse together
+    initial_peers: list[str] = field(default_factory=list)  # multiaddrs of any peers already in the swarm
+    host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"])  # where to listen
+    announce_maddrs: list[str] = field(default_factory=list)  # public addresses to announce (NAT)
+    record_period: float = 2.0  # seconds between refreshes of this peer's swarm record
+
+
+@dataclass
+class RunConfig:
+    rounds: int | None = None  # stop after the swarm's fused round reaches this (default: until stopped)
+    output_dir: str = "coldfusion-output"  # checkpoints of the fused base and this peer's head
+    resume: bool = False  # continue from the local checkpoint or the swarm, whichever is newer
+    keep_checkpoints: int = 2  # fused-base checkpoints kept in output_dir
+    save_local_body: bool = False  # also save each round's pre-fusion body (for audits and tests)
+    quiet: bool = False  # only warnings and errors on the console
+    log_format: Literal["text", "json"] = "text"  # json: one object per line for log collectors
+    verbose: bool = False  # also show hivemind's and transformers' own logs
+
+
+@dataclass
+class PeerConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat ``{key: value}``: what a ``--config`` file holds and what checkpoints record."""
+        return {name: getattr(getattr(self, section), name) for section, name, _ in config_fields(PeerConfig)}
+
+    def set(self, key: str, value: Any) -> None:
+        """Set one flat key, coercing and validating ``value``; raises UserError on a bad key or value."""
+        section, name, type_hint = _field_index(type(self)).get(normalize_key(key), (None, None, None))
+        if section is None:
+            known = ", ".join(sorted(_field_index(type(self))))
+            raise UserError(f"unknown config key {key!r}", f"use one of: {known}")
+        setattr(getattr(self, section), name, coerce_value(key, value, type_hint))
+
+
+def normalize_key(key: str) -> str:
+    return key.strip().replace("-", "_")
+
+
+def config_fields(config_type: type) -> Iterator[tuple[str, str, Any]]:
+    """Yield ``(section, field, type hint)`` for every leaf setting of a sectioned config class."""
+    for section in fields(config_type):
+        section_type = get_type_hints(config_type)[section.name]
+        hints = get_type_hints(section_type)
+        for leaf in fields(section_type):
+            yield section.name, leaf.name, hints[leaf.name]
+
+
+def _field_index(config_type: type) -> dict[str, tuple[str, str, Any]]:
+    return {name: (section, name, hint) for section, name, hint in config_fields(config_type)}
+
+
+def field_help(name: str) -> str:
+    """The trailing ``# comment`` of a field in this file: the single source of flag help texts."""
+    return _field_comments().get(name, "")
+
+
+@functools.cache
+def _field_comments() -> dict[str, str]:
+    comments = {}
+    for line in Path(__file__).read_text().splitlines():
+        code, _, comment = line.partition("  # ")
+        if comment and ":" in code and "=" in code and code.startswith("    "):
+            comments[code.split(":")[0].strip()] = comment.strip()
+    return comments
+
+
+def coerce_value(key: str, value: Any, type_hint: Any) -> Any:
+    """Turn a config-file or command-line value into the field's type, or raise a UserError."""
+    origin, args = get_origin(type_hint), get_args(type_hint)
+    optional = type(None) in args
+    if optional:
+        if value is None:
+            return None
+        (type_hint,) = [arg for arg in args if arg is not type(None)]
+        origin, args = get_origin(type_hint), get_args(type_hint)
+    try:
+        if origin is list:
+            items = [value] if isinstance(value, str) else list(value)
+            return [str(item) for item in items]
+        if origin is Literal:
+            if value not in args:
+                raise ValueError(f"expected one of {', '.join(map(str, args))}")
+            return value
+        if type_hint is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "yes", "1", "on"):
+                return True
+            if str(value).lower() in ("false", "no", "0", "off"):
+                return False
+            raise ValueError("expected true or false")
+        if type_hint is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError("expected an integer")
+            return int(value)
+        if type_hint is float:
+            if isinstance(value, bool):
+                raise ValueError("expected a number")
+            return float(value)
+        if type_hint is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError("expected a string")
+            return str(value)
+    except (TypeError, ValueError) as error:
+        raise UserError(f"bad value {value!r} for {key!r} ({error})", "fix it in the flag or the config file") from None
+    raise TypeError(f"unsupported config type {type_hint} for {key}")
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a flat TOML or YAML mapping of config keys; raises UserError when unreadable or malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist", "check the --config path")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        elif path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            raise UserError(f"config file {path} has an unknown format", "use a .toml, .yaml or .yml file")
+    except UserError:
+        raise
+    except Exception as error:  # tomllib, yaml and json each raise their own parse errors
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(f"config file {path} is malformed ({first_line})", "fix its syntax") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of keys to values", "write key = value lines")
+    return data
+
+
+def build_config(file_values: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> PeerConfig:
+    """Defaults, then the config file, then explicit overrides (command-line flags), each validated."""
+    config = PeerConfig()
+    for source in (file_values or {}, overrides or {}):
+        for key, value in source.items():
+            config.set(key, value)
+    validate(config)
+    return config
+
+
+def validate(config: PeerConfig) -> None:
+    """Reject settings that cannot work, with the fix; pure, so tests need no network."""
+    training, fusion, data = config.training, config.fusion, config.data
+    positive = {
+        "local_steps": training.local_steps,
+        "lr": training.lr,
+        "batch_size": training.batch_size,
+        "max_length": data.max_length,
+        "max_eval_examples": data.max_eval_examples,
+        "matchmaking_time": fusion.matchmaking_time,
+        "request_timeout": fusion.request_timeout,
+        "allreduce_timeout": fusion.allreduce_timeout,
+        "next_chunk_timeout": fusion.next_chunk_timeout,
+        "state_download_timeout": fusion.state_download_timeout,
+        "record_period": config.network.record_period,
+        "keep_checkpoints": config.run.keep_checkpoints,
+    }
+    for key, value in positive.items():
+        if not value > 0:
+            raise UserError(f"{key} must be positive, got {value}", f"pass a positive --{key.replace('_', '-')}")
+    if config.run.rounds is not None and config.run.rounds < 1:
+        raise UserError(f"rounds must be at least 1, got {config.run.rounds}", "pass --rounds 1 or more, or omit it")
+    if not 0.0 < data.validation_fraction < 1.0:
+        raise UserError("validation_fraction must be between 0 and 1", "pass e.g. --validation-fraction 0.1")
+    if not 0.0 <= training.warmup_ratio < 1.0:
+        raise UserError("warmup_ratio must be in [0, 1)", "pass e.g. --warmup-ratio 0.1")
+    if fusion.fusion_window < 0:
+        raise UserError("fusion_window must not be negative", "pass --fusion-window 0 or more seconds")
+    if fusion.request_timeout >= fusion.matchmaking_time:
+        raise UserError(
+            "request_timeout must be smaller than matchmaking_time (hivemind matchmaking can deadlock otherwise)",
+            "lower --request-timeout or raise --matchmaking-time",
+        )
+    if not config.network.run_id.strip() or not config.network.run_id.isprintable():
+        raise UserError("run_id must be a non-empty printable string", "pass e.g. --run-id my-swarm")
+
+
+def replace(config: PeerConfig, **changes: Any) -> PeerConfig:
+    """A copy of ``config`` with flat keys changed (handy in tests and the demo)."""
+    copy = dataclasses.replace(
+        config, **{section.name: dataclasses.replace(getattr(config, section.name)) for section in fields(config)}
+    )
+    for key, value in changes.items():
+        copy.set(key, value)
+    validate(copy)
+    return copy

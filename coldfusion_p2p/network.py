@@ -1,0 +1,89 @@
+"""Joining the DHT: address validation, start-up, and errors a volunteer can act on.
+
+Every node of a run (peer, bootstrap, monitor) starts its DHT here, so address checks, the swarm's
+record validators and the "none of the initial peers is reachable" message exist once.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from hivemind import DHT
+from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
+from hivemind.utils.crypto import RSAPrivateKey
+from hivemind.utils.multiaddr import Multiaddr
+
+from coldfusion_p2p.config import NetworkConfig
+from coldfusion_p2p.errors import UserError
+from coldfusion_p2p.records import RunKeys, swarm_validators
+
+logger = logging.getLogger(__name__)
+
+DHT_START_TIMEOUT = 60.0
+
+
+def check_multiaddr(address: str, flag: str, need_peer_id: bool) -> str:
+    """Parse one multiaddr; a malformed one is a UserError naming the flag and the expected shape."""
+    example = "/ip4/203.0.113.7/tcp/31337/p2p/QmPeerId..." if need_peer_id else "/ip4/0.0.0.0/tcp/31337"
+    try:
+        parsed = Multiaddr(address)
+    except Exception as error:  # the multiaddr parser raises several error types
+        raise UserError(f"malformed multiaddr {address!r} in {flag} ({error})", f"use the form {example}") from None
+    if need_peer_id and "p2p" not in [protocol.name for protocol in parsed.protocols()]:
+        raise UserError(
+            f"multiaddr {address!r} in {flag} has no /p2p/<peer id> part",
+            f"copy the full address a running peer or bootstrap node prints, e.g. {example}",
+        )
+    return address
+
+
+def check_network_config(config: NetworkConfig) -> None:
+    for address in config.initial_peers:
+        check_multiaddr(address, "--initial-peers", need_peer_id=True)
+    for address in config.host_maddrs:
+        check_multiaddr(address, "--host-maddrs", need_peer_id=False)
+    for address in config.announce_maddrs:
+        check_multiaddr(address, "--announce-maddrs", need_peer_id=False)
+
+
+def start_dht(
+    config: NetworkConfig,
+    keys: RunKeys,
+    *,
+    client_mode: bool = False,
+    identity_path: str | None = None,
+    private_key: RSAPrivateKey | None = None,
+) -> DHT:
+    """Start this node's DHT with the run's record validators; UserError when it cannot join."""
+    check_network_config(config)
+    options = dict(
+        initial_peers=list(config.initial_peers),
+        host_maddrs=list(config.host_maddrs),
+        announce_maddrs=list(config.announce_maddrs) or None,
+        client_mode=client_mode,
+        record_validators=swarm_validators(keys, private_key),
+        start=True,
+        await_ready=True,
+    )
+    if identity_path is not None:
+        options["identity_path"] = identity_path
+    try:
+        return DHT(**options)
+    except P2PDaemonError as error:
+        raise _daemon_error(config, error) from None
+
+
+def _daemon_error(config: NetworkConfig, error: P2PDaemonError) -> UserError:
+    text = str(error)
+    if "failed to connect to bootstrap peers" in text:
+        return UserError(
+            f"none of the initial peers is reachable ({', '.join(config.initial_peers)})",
+            "check that a peer or bootstrap node is running at that address and that its port is open",
+        )
+    if "address already in use" in text.lower():
+        return UserError(
+            f"a listening port is already in use ({', '.join(config.host_maddrs)})",
+            "pick another port in --host-maddrs or use port 0 for any free port",
+        )
+    reason = text.replace("Daemon failed to start:", "").strip().splitlines()[0] if text.strip() else "unknown"
+    return UserError(f"could not start the p2p daemon ({reason[:200]})", "check --host-maddrs and --initial-peers")

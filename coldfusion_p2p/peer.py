@@ -1,0 +1,440 @@
+"""The peer daemon: finetune locally, fuse bodies with the swarm, checkpoint, repeat.
+
+``Peer.run()`` reads top to bottom as the ColD Fusion loop::
+
+    join the swarm; catch up with its newest fused base
+    for each round r:
+        finetune local_steps from the fused body      (trainer.py, no networking)
+        evaluate                                      -> accuracy before fusion
+        agree on a fusion time and fuse the bodies    (policy.py decides, fusion.py does)
+        evaluate                                      -> accuracy after fusion
+        checkpoint atomically                         (checkpoints.py)
+
+The peer's data and head never leave this process; only body tensors go to the all-reduce and
+only the record in :mod:`coldfusion_p2p.records` goes to the DHT.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from hivemind import DHT
+from hivemind.utils import get_dht_time
+
+from coldfusion_p2p import __version__, policy
+from coldfusion_p2p.checkpoints import (
+    apply_body_state,
+    latest_checkpoint,
+    load_body_state,
+    load_head,
+    save_checkpoint,
+)
+from coldfusion_p2p.config import PeerConfig
+from coldfusion_p2p.console import PeerConsole
+from coldfusion_p2p.data import TaskData, load_task_data
+from coldfusion_p2p.errors import UserError
+from coldfusion_p2p.fusion import BodyFusion, FusionResult, finite_or_nan
+from coldfusion_p2p.model import (
+    body_fingerprint,
+    body_parameters,
+    body_state_names,
+    copy_into,
+    head_state,
+    load_classifier,
+    load_head_state,
+    load_tokenizer,
+    resolve_model_name,
+)
+from coldfusion_p2p.network import start_dht
+from coldfusion_p2p.records import PeerRecord, RecordBoard, RunKeys
+from coldfusion_p2p.trainer import LocalTrainer
+
+logger = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.2
+
+
+@dataclass
+class RoundReport:
+    """What one round did; saved in the checkpoint's round.json and shown on the console."""
+
+    round: int
+    outcome: str  # fused | alone | failed | synced
+    group_size: int
+    peer_ids: list[str]
+    train_loss: float | None
+    accuracy_before: float | None
+    accuracy_after: float | None
+    train_seconds: float
+    wait_seconds: float
+    fusion_seconds: float
+    samples_per_second: float
+    reason: str = ""
+    members: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class _Progress:
+    """The mutable state behind this peer's DHT record (guarded by ``Peer._lock``)."""
+
+    status: str = "starting"
+    round: int = 1
+    fused_round: int = 0
+    step: int = 0
+    train_loss: float | None = None
+    accuracy_before: float | None = None
+    accuracy_after: float | None = None
+    samples_per_second: float = 0.0
+    last_group_size: int = 0
+    last_fusion_seconds: float = 0.0
+    fuse_at: float | None = None
+    fingerprint: str = ""
+
+
+class Peer:
+    """One volunteer in a ColD Fusion swarm.
+
+    >>> peer = Peer(build_config({"dataset": "reviews.csv", "initial_peers": [...], "rounds": 5}))
+    >>> try:
+    ...     reports = peer.run()
+    ... finally:
+    ...     peer.shutdown()
+    """
+
+    def __init__(self, config: PeerConfig, stop_event: threading.Event | None = None):
+        self.config = config
+        self.stop_event = stop_event or threading.Event()
+        self.keys = RunKeys.from_run_id(config.network.run_id)
+        self.console = PeerConsole(quiet=config.run.quiet, log_format=config.run.log_format)
+        self._lock = threading.Lock()
+        self._progress = _Progress()
+        self.dht: DHT | None = None
+        self.fusion: BodyFusion | None = None
+        self.board: RecordBoard | None = None
+        self._publisher: threading.Thread | None = None
+        self.reports: list[RoundReport] = []
+
+    # ---------------------------------------------------------------- set-up
+    def setup(self) -> None:
+        config = self.config
+        if config.training.torch_threads:
+            torch.set_num_threads(config.training.torch_threads)
+        self.data: TaskData = load_task_data(config.data)
+        self.model_name = resolve_model_name(config.training.model)
+        self.tokenizer = load_tokenizer(self.model_name)
+        self.model = load_classifier(self.model_name, self.data.label_names, seed=config.training.seed)
+        self.body = body_parameters(self.model)
+        self.trainer = LocalTrainer(
+            self.model,
+            self.tokenizer,
+            self.data.train,
+            self.data.validation,
+            config.training,
+            max_length=config.data.max_length,
+            max_eval_examples=config.data.max_eval_examples,
+        )
+        self._resume_local_checkpoint()
+        self.dht = start_dht(config.network, self.keys)
+        self.board = RecordBoard(self.dht, self.keys)
+        self.fusion = BodyFusion(self.dht, self.body, prefix=self.keys.averager_prefix, config=config.fusion)
+        self.fusion.publish_fused(self._progress.fused_round, self.body, self._snapshot_metadata())
+        self.console.joined(self.fusion.peer_id, self.dht.get_visible_maddrs(), self.data, self.keys.run_id)
+        self._publisher = threading.Thread(target=self._publish_periodically, name="record-publisher", daemon=True)
+        self._publisher.start()
+
+    def _resume_local_checkpoint(self) -> None:
+        """With ``--resume``, start from our checkpoint; without it, refuse to overwrite one."""
+        checkpoint = latest_checkpoint(self.config.run.output_dir)
+        if checkpoint is None:
+            return
+        if not self.config.run.resume:
+            raise UserError(
+                f"{self.config.run.output_dir} already holds a checkpoint (round {checkpoint.round})",
+                "pass --resume to continue from it, or choose another --output-dir",
+            )
+        head, label_names = load_head(checkpoint.path)
+        if label_names != self.data.label_names:
+            raise UserError(
+                f"the dataset's labels {self.data.label_names} differ from the checkpoint's {label_names}",
+                "use the dataset the checkpoint was trained on, or a fresh --output-dir",
+            )
+        apply_body_state(self.model, load_body_state(checkpoint.path))
+        load_head_state(self.model, head)
+        self._update(fused_round=checkpoint.round, round=checkpoint.round + 1)
+        self.console.info(f"resumed from {checkpoint.path} (round {checkpoint.round})")
+
+    # ---------------------------------------------------------------- the loop
+    def run(self) -> list[RoundReport]:
+        """Run rounds until ``--rounds`` is reached or a stop is requested; returns the round reports."""
+        if self.dht is None:
+            self.setup()
+        self.catch_up(reason="joining")
+        while not self._should_stop():
+            report = self.run_round(self._progress.fused_round + 1)
+            if report is None:  # stopped mid-round: the last checkpoint stays as it was
+                break
+            self.reports.append(report)
+            self.console.round_summary(report)
+        self._update(status="stopped", fuse_at=None)
+        self._publish()
+        return self.reports
+
+    def _should_stop(self) -> bool:
+        return self.stop_event.is_set() or policy.rounds_done(self._progress.fused_round, self.config.run.rounds)
+
+    def run_round(self, round_number: int) -> RoundReport | None:
+        config = self.config
+        self._update(status="training", round=round_number, step=0, fuse_at=None)
+        with self.console.training(round_number, config.training.local_steps) as on_step:
+            stats = self.trainer.train_round(
+                round_number, on_step=self._on_step(on_step), should_stop=self.stop_event.is_set
+            )
+        if self.stop_event.is_set():
+            return None
+        before = self.trainer.evaluate()
+        self._update(
+            train_loss=finite_or_nan(stats.loss),
+            accuracy_before=before.accuracy,
+            samples_per_second=stats.samples_per_second,
+        )
+        pre_fusion_body = [tensor.detach().clone() for tensor in self.body] if config.run.save_local_body else None
+
+        waited = time.perf_counter()
+        decision, scheduled_time = self.wait_for_fusion_window(round_number)
+        wait_seconds = time.perf_counter() - waited
+        if decision == "stop":
+            return None
+        result: FusionResult | None = None
+        if decision == "fuse":
+            self._update(status="fusing")
+            result = self.fusion.fuse(
+                self.body,
+                round_number=round_number,
+                scheduled_time=scheduled_time,
+                weight=policy.fusion_weight(config.fusion.weighting, len(self.data.train)),
+                info={"round": round_number, "dataset": self.data.name, "examples": len(self.data.train)},
+            )
+            outcome = "fused" if result.fused else "failed"
+        else:
+            outcome = decision  # "alone" or "missed"
+        if outcome in ("failed", "missed") and self.catch_up(
+            reason=f"round {round_number} {outcome}", min_round=round_number
+        ):
+            outcome = "synced"
+        after = self.trainer.evaluate() if outcome in ("fused", "synced") else before
+        report = RoundReport(
+            round=round_number,
+            outcome=outcome,
+            group_size=result.group_size if result is not None and result.fused else 1,
+            peer_ids=list(result.peer_ids) if result is not None and result.fused else [self.fusion.peer_id],
+            train_loss=finite_or_nan(stats.loss),
+            accuracy_before=before.accuracy,
+            accuracy_after=after.accuracy,
+            train_seconds=stats.seconds,
+            wait_seconds=wait_seconds,
+            fusion_seconds=result.seconds if result is not None else 0.0,
+            samples_per_second=stats.samples_per_second,
+            reason=result.reason
+            if result is not None
+            else ("no other peer in the swarm" if outcome == "alone" else ""),
+            members=result.gathered if result is not None else {},
+        )
+        if outcome != "synced":  # a synced round already checkpointed the downloaded base
+            self._complete_round(round_number, report, pre_fusion_body)
+        return report
+
+    def wait_for_fusion_window(self, round_number: int) -> tuple[str, float]:
+        """Publish readiness, then wait for the round's fusion time (see :mod:`policy`).
+
+        Returns ``("fuse", time)``, ``("alone", 0)``, ``("missed", 0)`` or ``("stop", 0)``.
+        Bounded: at most ``fusion_window`` plus one matchmaking time.
+        """
+        fusion_config = self.config.fusion
+        proposal = get_dht_time() + fusion_config.fusion_window
+        self._update(status="ready", fuse_at=proposal)
+        self._publish()
+        give_up_at = proposal + fusion_config.matchmaking_time
+        while not self.stop_event.is_set():
+            records = self.board.fetch()
+            others = policy.others(records, self.board.subkey)
+            if policy.missed_round(round_number, others):
+                return "missed", 0.0
+            if not policy.has_partners(others, round_number):
+                return "alone", 0.0
+            everyone = [*others, self._record()]
+            scheduled = policy.fusion_time(everyone, round_number)
+            now = get_dht_time()
+            if policy.everyone_ready(everyone, round_number) and scheduled > now + fusion_config.matchmaking_time:
+                proposal = now + fusion_config.matchmaking_time  # the whole swarm is here: close the window now
+                self._update(fuse_at=proposal)
+                self._publish()
+                scheduled = proposal
+            if now >= scheduled - fusion_config.matchmaking_time or now >= give_up_at:
+                return "fuse", scheduled
+            self.stop_event.wait(POLL_SECONDS)
+        return "stop", 0.0
+
+    def catch_up(self, reason: str, min_round: int | None = None) -> bool:
+        """Download the swarm's newest fused base if it is ahead of ours; bounded in time.
+
+        ``min_round`` is set right after a missed or failed fusion of that round: then wait (bounded)
+        for the others to finish it, and download only a base they really fused in a group.
+        """
+        deadline = time.monotonic() + self.config.fusion.state_download_timeout
+        while not self.stop_event.is_set() and time.monotonic() < deadline:
+            others = policy.others(self.board.fetch(), self.board.subkey)
+            if min_round is None:
+                target = policy.swarm_fused_round(others)
+                if target <= self._progress.fused_round:
+                    return False
+            else:
+                if policy.still_fusing(others, min_round):
+                    self.stop_event.wait(POLL_SECONDS)
+                    continue
+                target = policy.fused_without_us(others, min_round)
+                if target is None:
+                    return False
+            self._update(status="downloading", fuse_at=None)
+            self._publish()
+            state = self.fusion.download_fused(target, self.body, timeout=max(1.0, deadline - time.monotonic()))
+            if state is None:
+                self.stop_event.wait(POLL_SECONDS)
+                continue
+            copy_into(self.body, state.tensors)
+            report = RoundReport(
+                round=state.round,
+                outcome="synced",
+                group_size=int(state.source.get("group_size", 0)),
+                peer_ids=list(state.source.get("peer_ids", [])),
+                train_loss=None,
+                accuracy_before=None,
+                accuracy_after=None,
+                train_seconds=0.0,
+                wait_seconds=0.0,
+                fusion_seconds=0.0,
+                samples_per_second=0.0,
+                reason=f"downloaded the swarm's fused base ({reason})",
+            )
+            self._complete_round(state.round, report, None)
+            self.console.info(f"caught up with the swarm: fused base of round {state.round} ({reason})")
+            return True
+        return False
+
+    def _complete_round(
+        self, round_number: int, report: RoundReport, pre_fusion_body: list[torch.Tensor] | None
+    ) -> None:
+        """Adopt ``self.body`` as the fused base of ``round_number``: share it, checkpoint it, announce it."""
+        fingerprint = body_fingerprint(self.body)
+        metadata = {"group_size": report.group_size, "peer_ids": report.peer_ids, "fingerprint": fingerprint}
+        self.fusion.publish_fused(round_number, self.body, metadata)
+        extra = None
+        if pre_fusion_body is not None:
+            names = body_state_names(self.model)
+            extra = {"pre_fusion_body.safetensors": dict(zip(names, pre_fusion_body, strict=True))}
+        save_checkpoint(
+            self.config.run.output_dir,
+            round_number=round_number,
+            model=self.model,
+            tokenizer=self.tokenizer,
+            head=head_state(self.model),
+            label_names=self.data.label_names,
+            metadata={
+                "peer_id": self.fusion.peer_id,
+                "dataset": self.data.name,
+                "examples": len(self.data.train),
+                "report": report.__dict__,
+                "fingerprint": fingerprint,
+                "model": self.model_name,
+                "config": self.config.to_dict(),
+                "version": __version__,
+                "time": time.time(),
+            },
+            keep=self.config.run.keep_checkpoints,
+            extra_files=extra,
+        )
+        self._update(
+            status="idle",
+            fused_round=round_number,
+            round=round_number + 1,
+            accuracy_after=report.accuracy_after,
+            last_group_size=report.group_size,
+            last_fusion_seconds=report.fusion_seconds,
+            fuse_at=None,
+            fingerprint=fingerprint,
+        )
+        self._publish()
+
+    # ---------------------------------------------------------------- records
+    def _on_step(self, console_callback):
+        def on_step(step: int, loss: float) -> None:
+            self._update(step=step, train_loss=finite_or_nan(loss))
+            console_callback(step, loss)
+
+        return on_step
+
+    def _update(self, **changes: Any) -> None:
+        with self._lock:
+            for name, value in changes.items():
+                setattr(self._progress, name, value)
+
+    def _record(self) -> PeerRecord:
+        with self._lock:
+            progress = self._progress
+            return PeerRecord(
+                peer_id=self.fusion.peer_id if self.fusion is not None else "",
+                dataset_name=self.data.name[:128],
+                num_examples=len(self.data.train),
+                status=progress.status,
+                round=progress.round,
+                fused_round=progress.fused_round,
+                step=progress.step,
+                total_steps=self.config.training.local_steps,
+                train_loss=progress.train_loss,
+                accuracy_before=progress.accuracy_before,
+                accuracy_after=progress.accuracy_after,
+                samples_per_second=float(progress.samples_per_second),
+                last_group_size=progress.last_group_size,
+                last_fusion_seconds=float(progress.last_fusion_seconds),
+                fuse_at=progress.fuse_at,
+                body_fingerprint=progress.fingerprint,
+                version=__version__,
+                time=get_dht_time(),
+            )
+
+    def _publish(self) -> None:
+        try:
+            self.board.publish(self._record(), ttl=self._record_ttl())
+        except Exception as error:  # a DHT hiccup must not kill a training peer; the next refresh retries
+            logger.debug("publishing the record failed: %r", error)
+
+    def _record_ttl(self) -> float:
+        return max(3 * self.config.network.record_period, 3.0)
+
+    def _publish_periodically(self) -> None:
+        while not self.stop_event.wait(self.config.network.record_period):
+            self._publish()
+
+    def _snapshot_metadata(self) -> dict[str, Any]:
+        return {"group_size": 0, "peer_ids": [], "fingerprint": body_fingerprint(self.body)}
+
+    # ---------------------------------------------------------------- shutdown
+    def shutdown(self) -> None:
+        """Leave the swarm: stop publishing, then shut the averager and the DHT down."""
+        self.stop_event.set()
+        if self._publisher is not None:
+            self._publisher.join(timeout=5)
+        if self.board is not None:
+            self._update(status="stopped", fuse_at=None)
+            self._publish()
+        for component in (self.fusion, self.dht):
+            if component is None:
+                continue
+            try:
+                component.shutdown()
+            except Exception as error:  # children may already be gone after Ctrl-C
+                logger.debug("shutdown of %s failed: %r", type(component).__name__, error)

@@ -1,0 +1,97 @@
+"""The peer's decisions, as pure functions of what it knows: testable without a network.
+
+The round protocol they implement:
+
+1. A peer that finished its local steps for round ``r`` proposes a fusion time
+   ``now + fusion_window`` in its record (status ``ready``).
+2. Every peer ready for ``r`` fuses at the *earliest* proposal for ``r`` — the first finisher opens
+   the window, and all who finish inside it join the same all-reduce (one group: all use the
+   same scheduled time and the same group key).
+3. The window closes early once every live peer working on ``r`` is ready: nobody waits for a
+   deadline when the whole swarm is there.
+4. A peer alone in the swarm skips fusion at once and keeps its own body.
+5. A peer that finds the swarm's fused round already at or past ``r`` missed the window: it
+   downloads the fused base instead of contributing a stale body.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from coldfusion_p2p.records import PeerRecord
+
+GROUP_BITS = 16  # rounds are told apart in the group key modulo 2**16
+READY_STATUSES = ("ready", "fusing")
+
+
+def group_bits(round_number: int) -> str:
+    """Group-key bits of a round: peers of different rounds can never land in one group."""
+    return format(round_number % (1 << GROUP_BITS), f"0{GROUP_BITS}b")
+
+
+def swarm_fused_round(records: Iterable[PeerRecord]) -> int:
+    """The newest fused base any live peer holds (0: nothing fused yet)."""
+    return max((record.fused_round for record in records), default=0)
+
+
+def others(records: dict[bytes, PeerRecord], own_subkey: bytes) -> list[PeerRecord]:
+    return [record for subkey, record in records.items() if subkey != own_subkey]
+
+
+def fusion_time(records: Iterable[PeerRecord], round_number: int) -> float | None:
+    """The earliest fusion time proposed for ``round_number`` by a ready peer, if any."""
+    proposals = [
+        record.fuse_at
+        for record in records
+        if record.round == round_number and record.status in READY_STATUSES and record.fuse_at is not None
+    ]
+    return min(proposals, default=None)
+
+
+def everyone_ready(records: Iterable[PeerRecord], round_number: int) -> bool:
+    """True when every live peer working on ``round_number`` is ready to fuse it."""
+    working = [record for record in records if record.round == round_number and record.status != "downloading"]
+    return all(record.status in READY_STATUSES for record in working)
+
+
+def has_partners(other_records: Iterable[PeerRecord], round_number: int) -> bool:
+    """Whether any other live peer could still fuse ``round_number`` (working on it, or joining)."""
+    return any(record.round == round_number and record.status != "stopped" for record in other_records)
+
+
+def still_fusing(other_records: Iterable[PeerRecord], round_number: int) -> bool:
+    """Whether another peer is still waiting for or running the all-reduce of ``round_number``."""
+    return any(record.round == round_number and record.status in READY_STATUSES for record in other_records)
+
+
+def fused_without_us(other_records: Iterable[PeerRecord], round_number: int) -> int | None:
+    """The newest round at least ``round_number`` that others fused *in a group* (not alone), if any.
+
+    After our own fusion failed, only a base the others really averaged is worth downloading; a
+    peer that kept its own body is no better than ours.
+    """
+    rounds = [
+        record.fused_round
+        for record in other_records
+        if record.fused_round >= round_number and record.last_group_size >= 2
+    ]
+    return max(rounds, default=None)
+
+
+def missed_round(local_round: int, other_records: Iterable[PeerRecord]) -> bool:
+    """A peer working on ``local_round`` is behind when the swarm already fused that round."""
+    return swarm_fused_round(other_records) >= local_round
+
+
+def fusion_weight(weighting: str, num_examples: int) -> float:
+    """A peer's weight in the average: 1 (plain mean, as in the paper) or its training-set size."""
+    if weighting == "uniform":
+        return 1.0
+    if weighting == "examples":
+        return float(max(num_examples, 1))
+    raise ValueError(f"unknown weighting {weighting!r}")
+
+
+def rounds_done(fused_round: int, target_rounds: int | None) -> bool:
+    """``--rounds N`` stops a peer once it holds the swarm's fused round N."""
+    return target_rounds is not None and fused_round >= target_rounds
