@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
-from typing import Any, get_args, get_origin
+from typing import Any, Literal, get_args, get_origin
 
 from coldfusion_p2p import __version__
 from coldfusion_p2p.config import PeerConfig, build_config, config_fields, field_help, read_config_file
@@ -24,19 +24,18 @@ EXIT_OK, EXIT_USER_ERROR, EXIT_INTERRUPTED = 0, 2, 130
 
 def add_config_flags(parser: argparse.ArgumentParser, config_type: type = PeerConfig) -> None:
     """One flag per config field; unset flags stay absent so the config file and defaults apply."""
-    for section, name, hint in config_fields(config_type):
+    for _, name, hint in config_fields(config_type):
         flag = "--" + name.replace("_", "-")
         options: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": field_help(name)}
-        args = [arg for arg in get_args(hint) if arg is not type(None)]
-        base = args[0] if get_origin(hint) is not None and len(args) == 1 else hint
+        optional_args = [arg for arg in get_args(hint) if arg is not type(None)]
+        base = optional_args[0] if type(None) in get_args(hint) else hint  # X | None -> X
         if base is bool:
             options["action"] = argparse.BooleanOptionalAction
         elif get_origin(base) is list:
             options.update(action="extend", nargs="+", metavar="MULTIADDR")
-        elif get_origin(base) is not None and get_args(base) and isinstance(get_args(base)[0], str):
+        elif get_origin(base) is Literal:
             options["choices"] = list(get_args(base))
         parser.add_argument(flag, **options)
-        del section
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -57,6 +57,7 @@ from coldfusion_p2p.trainer import LocalTrainer
 logger = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.2
+PRE_FUSION_FILE = "pre_fusion.safetensors"  # written with --save-local-body
 
 
 @dataclass
@@ -202,7 +203,7 @@ class Peer:
             accuracy_before=before.accuracy,
             samples_per_second=stats.samples_per_second,
         )
-        pre_fusion_body = [tensor.detach().clone() for tensor in self.body] if config.run.save_local_body else None
+        pre_fusion = self._pre_fusion_audit() if config.run.save_local_body else None
 
         waited = time.perf_counter()
         decision, scheduled_time = self.wait_for_fusion_window(round_number)
@@ -245,7 +246,7 @@ class Peer:
             members=result.gathered if result is not None else {},
         )
         if outcome != "synced":  # a synced round already checkpointed the downloaded base
-            self._complete_round(round_number, report, pre_fusion_body)
+            self._complete_round(round_number, report, pre_fusion)
         return report
 
     def wait_for_fusion_window(self, round_number: int) -> tuple[str, float]:
@@ -325,17 +326,23 @@ class Peer:
             return True
         return False
 
+    def _pre_fusion_audit(self) -> dict[str, torch.Tensor]:
+        """This round's body and head before fusion, saved with ``--save-local-body`` for audits."""
+        body = {
+            f"body.{name}": tensor.detach().clone()
+            for name, tensor in zip(body_state_names(self.model), self.body, strict=True)
+        }
+        head = {f"head.{name}": tensor for name, tensor in head_state(self.model).items()}
+        return {**body, **head}
+
     def _complete_round(
-        self, round_number: int, report: RoundReport, pre_fusion_body: list[torch.Tensor] | None
+        self, round_number: int, report: RoundReport, pre_fusion: dict[str, torch.Tensor] | None
     ) -> None:
         """Adopt ``self.body`` as the fused base of ``round_number``: share it, checkpoint it, announce it."""
         fingerprint = body_fingerprint(self.body)
         metadata = {"group_size": report.group_size, "peer_ids": report.peer_ids, "fingerprint": fingerprint}
         self.fusion.publish_fused(round_number, self.body, metadata)
-        extra = None
-        if pre_fusion_body is not None:
-            names = body_state_names(self.model)
-            extra = {"pre_fusion_body.safetensors": dict(zip(names, pre_fusion_body, strict=True))}
+        extra = None if pre_fusion is None else {PRE_FUSION_FILE: pre_fusion}
         save_checkpoint(
             self.config.run.output_dir,
             round_number=round_number,

@@ -1,0 +1,225 @@
+"""Shared fixtures: a tiny model, a tiny dataset, and a local swarm of real peer processes.
+
+Multi-process tests start each peer as its own ``coldfusion-peer join`` process on 127.0.0.1 with
+one torch thread (two cores shared by several peers would otherwise starve hivemind's short
+test timeouts) and ``HF_HUB_OFFLINE=1``. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import build_tiny_model, sentiment_rows, write_csv  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Small timeouts that are still safe on 2 busy cores; the window closes early once all are ready.
+FAST_SWARM_SETTINGS = {
+    "local_steps": 3,
+    "batch_size": 8,
+    "max_length": 16,
+    "max_eval_examples": 64,
+    "lr": 1e-3,
+    "torch_threads": 1,
+    "matchmaking_time": 1.5,
+    "request_timeout": 0.5,
+    "fusion_window": 30.0,
+    "allreduce_timeout": 20.0,
+    "next_chunk_timeout": 5.0,
+    "state_download_timeout": 30.0,
+    "record_period": 0.5,
+    "host_maddrs": ["/ip4/127.0.0.1/tcp/0"],
+}
+PROCESS_TIMEOUT = 180.0
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-bert", "bert")
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    return write_csv(tmp_path_factory.mktemp("data") / "sentiment.csv", sentiment_rows(160, seed=0))
+
+
+@pytest.fixture(scope="session")
+def tiny_datasets(tmp_path_factory) -> list[Path]:
+    """Three peers' private datasets: same kind of task, different rows and label names."""
+    folder = tmp_path_factory.mktemp("peer-data")
+    label_sets = [("negative", "positive"), ("bad", "good"), ("0", "1")]
+    return [
+        write_csv(folder / f"peer{index}.csv", sentiment_rows(120, seed=index + 1, labels=labels))
+        for index, labels in enumerate(label_sets)
+    ]
+
+
+def peer_environment() -> dict[str, str]:
+    environment = dict(os.environ)
+    environment.update(
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+    )
+    return environment
+
+
+def peer_command(*arguments: str) -> list[str]:
+    return [sys.executable, "-m", "coldfusion_p2p.cli", *arguments]
+
+
+def settings_to_flags(settings: dict) -> list[str]:
+    flags = []
+    for key, value in settings.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif isinstance(value, list):
+            flags += [flag, *map(str, value)]
+        else:
+            flags += [flag, str(value)]
+    return flags
+
+
+class PeerProcess:
+    """A ``coldfusion-peer join`` child process with its output in a log file."""
+
+    def __init__(self, name: str, workdir: Path, settings: dict):
+        self.name = name
+        self.output_dir = Path(settings["output_dir"])
+        self.log_path = workdir / f"{name}.log"
+        self._log = open(self.log_path, "w")
+        self.process = subprocess.Popen(
+            peer_command("join", *settings_to_flags(settings)),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=peer_environment(),
+            start_new_session=True,
+        )
+
+    def wait(self, timeout: float = PROCESS_TIMEOUT) -> int:
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"peer {self.name} did not finish within {timeout}s:\n{self.log()}") from None
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text()
+
+    def send_signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.process.wait(timeout=10)
+        self._log.close()
+
+    def rounds_written(self) -> list[int]:
+        rounds_dir = self.output_dir / "rounds"
+        if not rounds_dir.exists():
+            return []
+        return sorted(int(path.name.split("-")[1]) for path in rounds_dir.glob("round-*"))
+
+    def round_info(self, round_number: int) -> dict:
+        return json.loads((self.output_dir / "rounds" / f"round-{round_number:05d}" / "round.json").read_text())
+
+
+class LocalSwarm:
+    """A DHT entry point in the test process plus peer processes that join through it."""
+
+    def __init__(self, workdir: Path, run_id: str):
+        from hivemind import DHT
+
+        from coldfusion_p2p.records import RunKeys, swarm_validators
+
+        self.workdir, self.run_id = workdir, run_id
+        self.dht = DHT(
+            start=True,
+            host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+            record_validators=swarm_validators(RunKeys.from_run_id(run_id)),
+        )
+        self.initial_peers = [str(address) for address in self.dht.get_visible_maddrs()]
+        self.peers: list[PeerProcess] = []
+
+    def start_peer(self, name: str, dataset: Path, model: Path, **overrides) -> PeerProcess:
+        settings = {
+            **FAST_SWARM_SETTINGS,
+            "dataset": str(dataset),
+            "model": str(model),
+            "run_id": self.run_id,
+            "initial_peers": self.initial_peers,
+            "output_dir": str(self.workdir / name),
+            "quiet": True,
+            **overrides,
+        }
+        peer = PeerProcess(name, self.workdir, settings)
+        self.peers.append(peer)
+        return peer
+
+    def wait_all(self, timeout: float = PROCESS_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        for peer in self.peers:
+            code = peer.wait(timeout=max(1.0, deadline - time.monotonic()))
+            assert code == 0, f"peer {peer.name} exited with {code}:\n{peer.log()}"
+
+    def close(self) -> None:
+        for peer in self.peers:
+            peer.kill()
+        self.dht.shutdown()
+
+
+@pytest.fixture
+def local_swarm(tmp_path, request) -> Iterator[LocalSwarm]:
+    swarm = LocalSwarm(tmp_path, run_id=f"test.{request.node.name}")
+    try:
+        yield swarm
+    finally:
+        swarm.close()
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.2, message: str = "condition") -> None:
+    """Poll ``predicate`` until true; fail the test after ``timeout`` seconds (every loop is bounded)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def reap_leftover_daemons():
+    """Kill p2pd daemons that outlived their peers, so one test's leak cannot break the next."""
+    yield
+    try:
+        import psutil
+    except ImportError:
+        return
+    me = psutil.Process()
+    for child in me.children(recursive=True):
+        try:
+            child.kill()
+        except psutil.Error:
+            pass

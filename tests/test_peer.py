@@ -1,0 +1,119 @@
+"""The peer end to end: real hivemind, each peer its own process on 127.0.0.1."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModel, AutoModelForSequenceClassification
+
+from coldfusion_p2p.checkpoints import latest_checkpoint, load_body_state
+from coldfusion_p2p.peer import PRE_FUSION_FILE
+
+from conftest import wait_until
+
+pytestmark = pytest.mark.swarm
+
+
+def round_dir(peer, round_number: int):
+    return peer.output_dir / "rounds" / f"round-{round_number:05d}"
+
+
+def pre_fusion(peer, round_number: int, part: str) -> dict[str, torch.Tensor]:
+    tensors = load_file(round_dir(peer, round_number) / PRE_FUSION_FILE)
+    prefix = f"{part}."
+    return {name[len(prefix) :]: tensor for name, tensor in tensors.items() if name.startswith(prefix)}
+
+
+def test_three_peers_fuse_bodies_into_their_mean_and_keep_their_heads(local_swarm, tiny_model_dir, tiny_datasets):
+    peers = [
+        local_swarm.start_peer(f"peer{index}", dataset, tiny_model_dir, rounds=2, save_local_body=True, seed=index,
+                               keep_checkpoints=5)
+        for index, dataset in enumerate(tiny_datasets)
+    ]
+    local_swarm.wait_all()
+
+    for round_number in (1, 2):
+        infos = [peer.round_info(round_number) for peer in peers]
+        peer_ids = {info["peer_id"] for info in infos}
+        for info in infos:
+            assert info["report"]["outcome"] == "fused", info["report"]
+            assert info["report"]["group_size"] == 3
+            assert set(info["report"]["peer_ids"]) == peer_ids
+
+        bodies_before = [pre_fusion(peer, round_number, "body") for peer in peers]
+        assert not torch.equal(*(next(iter(body.values())) for body in bodies_before[:2])), "peers trained alike"
+        expected_mean = {name: torch.stack([body[name] for body in bodies_before]).mean(0) for name in bodies_before[0]}
+        for peer in peers:
+            fused = load_body_state(round_dir(peer, round_number))
+            assert set(fused) == set(expected_mean)
+            for name, tensor in expected_mean.items():
+                assert torch.allclose(fused[name], tensor, atol=1e-6), (peer.name, round_number, name)
+
+        heads_before = [pre_fusion(peer, round_number, "head") for peer in peers]
+        heads_after = [load_file(round_dir(peer, round_number) / "head.safetensors") for peer in peers]
+        for before, after in zip(heads_before, heads_after, strict=True):
+            assert before.keys() == after.keys()
+            assert all(torch.equal(before[name], after[name]) for name in before), "fusion touched a head"
+        assert not torch.equal(heads_after[0]["classifier.weight"], heads_after[1]["classifier.weight"])
+
+    # round 2 started from round 1's fused base: its pre-fusion bodies moved away from it by training only
+    assert peers[0].round_info(2)["report"]["accuracy_after"] is not None
+
+
+def test_late_joiner_starts_from_the_swarm_base_and_round(local_swarm, tiny_model_dir, tiny_datasets):
+    settings = dict(rounds=8, keep_checkpoints=20, local_steps=20)
+    early = [local_swarm.start_peer(f"early{i}", tiny_datasets[i], tiny_model_dir, seed=i, **settings) for i in (0, 1)]
+    wait_until(lambda: all(1 in peer.rounds_written() for peer in early), timeout=120, message="round 1 of early peers")
+    late = local_swarm.start_peer("late", tiny_datasets[2], tiny_model_dir, seed=2, **settings)
+    local_swarm.wait_all()
+
+    late_rounds = late.rounds_written()
+    first = late_rounds[0]
+    assert first >= 1, "the late joiner must never checkpoint an unfused round 0"
+    first_info = late.round_info(first)
+    assert first_info["report"]["outcome"] == "synced", first_info["report"]
+    swarm_body = load_body_state(round_dir(early[0], first))
+    joined_body = load_body_state(round_dir(late, first))
+    for name, tensor in swarm_body.items():
+        assert torch.allclose(joined_body[name], tensor, atol=1e-6), name
+    original = AutoModel.from_pretrained(tiny_model_dir).state_dict()
+    assert any(not torch.allclose(joined_body[name], original[name]) for name in joined_body if name in original)
+    later = [late.round_info(r)["report"] for r in late_rounds[1:]]
+    assert any(report["outcome"] == "fused" and report["group_size"] == 3 for report in later), later
+
+
+def test_lone_peer_completes_its_rounds_and_keeps_its_body(local_swarm, tiny_model_dir, tiny_dataset):
+    peer = local_swarm.start_peer("alone", tiny_dataset, tiny_model_dir, rounds=2, save_local_body=True)
+    local_swarm.wait_all(timeout=120)
+    for round_number in (1, 2):
+        report = peer.round_info(round_number)["report"]
+        assert report["outcome"] == "alone" and report["group_size"] == 1
+        kept = load_body_state(round_dir(peer, round_number))
+        trained = pre_fusion(peer, round_number, "body")
+        assert all(torch.equal(kept[name], trained[name]) for name in trained)
+
+
+def test_sigterm_during_training_keeps_the_last_fused_checkpoint(local_swarm, tiny_model_dir, tiny_datasets):
+    settings = dict(rounds=3, local_steps=300, keep_checkpoints=5)
+    stopping = local_swarm.start_peer("stopping", tiny_datasets[0], tiny_model_dir, seed=0, **settings)
+    staying = local_swarm.start_peer("staying", tiny_datasets[1], tiny_model_dir, seed=1, **settings)
+    wait_until(lambda: 1 in stopping.rounds_written(), timeout=150, message="round 1 checkpoint")
+    assert stopping.round_info(1)["report"]["outcome"] == "fused"
+    stopping.send_signal(signal.SIGTERM)
+    assert stopping.wait(timeout=60) == 0, stopping.log()
+    assert "Traceback" not in stopping.log()
+
+    checkpoint = latest_checkpoint(stopping.output_dir)
+    assert checkpoint.round == 1, "a half-trained round must never be checkpointed"
+    AutoModel.from_pretrained(checkpoint.path)
+    AutoModelForSequenceClassification.from_pretrained(checkpoint.path, num_labels=2)
+    wait_until(lambda: 1 in staying.rounds_written(), timeout=60, message="the other peer's round 1")
+    fused_elsewhere = load_body_state(round_dir(staying, 1))
+    kept = load_body_state(checkpoint.path)
+    assert all(torch.allclose(kept[name], fused_elsewhere[name], atol=1e-6) for name in kept)
+
+    assert staying.wait(timeout=150) == 0, staying.log()
+    assert staying.round_info(3)["report"]["outcome"] == "alone"

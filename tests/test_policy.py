@@ -1,0 +1,68 @@
+"""The peer's decisions, without a network."""
+
+from __future__ import annotations
+
+import pytest
+
+from coldfusion_p2p import policy
+from coldfusion_p2p.records import PeerRecord
+
+
+def record(status="training", round=1, fused_round=0, fuse_at=None, group=0) -> PeerRecord:
+    return PeerRecord(
+        peer_id="Qm", dataset_name="d", num_examples=10, status=status, round=round, fused_round=fused_round,
+        step=0, total_steps=1, fuse_at=fuse_at, last_group_size=group, time=0.0,
+    )
+
+
+def test_group_bits_separate_rounds_and_have_fixed_width():
+    assert policy.group_bits(1) != policy.group_bits(2)
+    assert len(policy.group_bits(0)) == len(policy.group_bits(65535)) == policy.GROUP_BITS
+    assert set(policy.group_bits(12345)) <= {"0", "1"}
+
+
+def test_fusion_time_is_the_earliest_proposal_of_ready_peers_in_that_round():
+    records = [
+        record("ready", 3, fuse_at=110.0),
+        record("ready", 3, fuse_at=105.0),
+        record("ready", 2, fuse_at=50.0),  # another round
+        record("training", 3, fuse_at=90.0),  # not ready: its old proposal does not count
+    ]
+    assert policy.fusion_time(records, 3) == 105.0
+    assert policy.fusion_time(records, 4) is None
+
+
+def test_window_closes_early_only_when_every_peer_of_the_round_is_ready():
+    assert policy.everyone_ready([record("ready"), record("fusing")], 1)
+    assert not policy.everyone_ready([record("ready"), record("training")], 1)
+    assert not policy.everyone_ready([record("ready"), record("starting")], 1)
+    assert policy.everyone_ready([record("ready"), record("training", round=2)], 1)
+    assert policy.everyone_ready([record("ready"), record("downloading")], 1)
+
+
+def test_partners_are_live_peers_of_the_same_round():
+    assert not policy.has_partners([], 1)
+    assert not policy.has_partners([record("stopped")], 1)
+    assert not policy.has_partners([record("training", round=2)], 1)
+    assert policy.has_partners([record("starting")], 1)
+
+
+def test_a_peer_behind_the_swarm_missed_its_round():
+    assert policy.missed_round(2, [record("idle", round=3, fused_round=2)])
+    assert not policy.missed_round(2, [record("training", round=2, fused_round=1)])
+    assert policy.swarm_fused_round([]) == 0
+
+
+def test_after_a_failed_fusion_only_bases_fused_in_a_group_are_worth_downloading():
+    others = [record("idle", round=4, fused_round=3, group=1), record("idle", round=4, fused_round=3, group=2)]
+    assert policy.fused_without_us(others, 3) == 3
+    assert policy.fused_without_us([record("idle", round=4, fused_round=3, group=1)], 3) is None
+    assert policy.still_fusing([record("fusing", round=3)], 3)
+
+
+def test_weights_and_stopping():
+    assert policy.fusion_weight("uniform", 500) == 1.0
+    assert policy.fusion_weight("examples", 500) == 500.0
+    with pytest.raises(ValueError):
+        policy.fusion_weight("median", 1)
+    assert policy.rounds_done(3, 3) and not policy.rounds_done(2, 3) and not policy.rounds_done(10**6, None)
