@@ -68,8 +68,10 @@ def configure_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    logging.getLogger("hivemind").setLevel(logging.INFO if verbose else logging.CRITICAL)
+    import hivemind  # noqa: F401  (sets its own log level on import: override it afterwards)
     import transformers
+
+    logging.getLogger("hivemind").setLevel(logging.INFO if verbose else logging.CRITICAL)
 
     if not verbose:
         transformers.logging.set_verbosity_error()

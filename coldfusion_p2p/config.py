@@ -55,6 +55,7 @@ class TrainingConfig:
 class FusionConfig:
     weighting: Literal["uniform", "examples"] = "uniform"  # plain mean (paper) or by dataset size
     fusion_window: float = 60.0  # seconds after the first peer is ready during which others may join
+    min_group_size: int = 2  # the window closes early only once this many peers are ready (1: never wait alone)
     matchmaking_time: float = 5.0  # hivemind min_matchmaking_time: how long a group stays open
     request_timeout: float = 3.0  # hivemind request_timeout; keep below matchmaking_time
     allreduce_timeout: float = 120.0  # the whole all-reduce must finish within this many seconds
@@ -231,6 +232,7 @@ def validate(config: PeerConfig) -> None:
         "state_download_timeout": fusion.state_download_timeout,
         "record_period": config.network.record_period,
         "keep_checkpoints": config.run.keep_checkpoints,
+        "min_group_size": fusion.min_group_size,
     }
     for key, value in positive.items():
         if not value > 0:

@@ -253,30 +253,30 @@ class Peer:
         """Publish readiness, then wait for the round's fusion time (see :mod:`policy`).
 
         Returns ``("fuse", time)``, ``("alone", 0)``, ``("missed", 0)`` or ``("stop", 0)``.
-        Bounded: at most ``fusion_window`` plus one matchmaking time.
+        Bounded: the earliest proposal is at most ``fusion_window`` away.
         """
         fusion_config = self.config.fusion
         proposal = get_dht_time() + fusion_config.fusion_window
         self._update(status="ready", fuse_at=proposal)
         self._publish()
-        give_up_at = proposal + fusion_config.matchmaking_time
         while not self.stop_event.is_set():
             records = self.board.fetch()
             others = policy.others(records, self.board.subkey)
             if policy.missed_round(round_number, others):
                 return "missed", 0.0
-            if not policy.has_partners(others, round_number):
-                return "alone", 0.0
             everyone = [*others, self._record()]
             scheduled = policy.fusion_time(everyone, round_number)
             now = get_dht_time()
-            if policy.everyone_ready(everyone, round_number) and scheduled > now + fusion_config.matchmaking_time:
-                proposal = now + fusion_config.matchmaking_time  # the whole swarm is here: close the window now
+            if not policy.has_partners(others, round_number):
+                if fusion_config.min_group_size <= 1 or now >= scheduled:
+                    return "alone", 0.0
+            elif now >= scheduled - fusion_config.matchmaking_time:
+                return "fuse", scheduled
+            elif policy.everyone_ready(everyone, round_number, fusion_config.min_group_size):
+                proposal = now + fusion_config.matchmaking_time  # the whole swarm is here: close the window
                 self._update(fuse_at=proposal)
                 self._publish()
-                scheduled = proposal
-            if now >= scheduled - fusion_config.matchmaking_time or now >= give_up_at:
-                return "fuse", scheduled
+                return "fuse", min(scheduled, proposal)
             self.stop_event.wait(POLL_SECONDS)
         return "stop", 0.0
 

@@ -7,9 +7,10 @@ The round protocol they implement:
 2. Every peer ready for ``r`` fuses at the *earliest* proposal for ``r`` — the first finisher opens
    the window, and all who finish inside it join the same all-reduce (one group: all use the
    same scheduled time and the same group key).
-3. The window closes early once every live peer working on ``r`` is ready: nobody waits for a
-   deadline when the whole swarm is there.
-4. A peer alone in the swarm skips fusion at once and keeps its own body.
+3. The window closes early once every live peer working on ``r`` is ready and they are at least
+   ``min_group_size``: nobody waits for a deadline when the whole swarm is there.
+4. A peer still alone when the window closes (at once, with ``min_group_size`` 1) keeps its own
+   body and goes on.
 5. A peer that finds the swarm's fused round already at or past ``r`` missed the window: it
    downloads the fused base instead of contributing a stale body.
 """
@@ -48,10 +49,12 @@ def fusion_time(records: Iterable[PeerRecord], round_number: int) -> float | Non
     return min(proposals, default=None)
 
 
-def everyone_ready(records: Iterable[PeerRecord], round_number: int) -> bool:
-    """True when every live peer working on ``round_number`` is ready to fuse it."""
+def everyone_ready(records: Iterable[PeerRecord], round_number: int, min_group_size: int = 1) -> bool:
+    """True when every live peer working on ``round_number`` is ready to fuse it, and they are at
+    least ``min_group_size`` (peers still starting up are not visible yet: this waits for them)."""
     working = [record for record in records if record.round == round_number and record.status != "downloading"]
-    return all(record.status in READY_STATUSES for record in working)
+    ready = [record for record in working if record.status in READY_STATUSES]
+    return len(ready) == len(working) and len(ready) >= min_group_size
 
 
 def has_partners(other_records: Iterable[PeerRecord], round_number: int) -> bool:

@@ -30,7 +30,7 @@ def pre_fusion(peer, round_number: int, part: str) -> dict[str, torch.Tensor]:
 def test_three_peers_fuse_bodies_into_their_mean_and_keep_their_heads(local_swarm, tiny_model_dir, tiny_datasets):
     peers = [
         local_swarm.start_peer(f"peer{index}", dataset, tiny_model_dir, rounds=2, save_local_body=True, seed=index,
-                               keep_checkpoints=5)
+                               keep_checkpoints=5, min_group_size=3)
         for index, dataset in enumerate(tiny_datasets)
     ]
     local_swarm.wait_all()
@@ -86,7 +86,9 @@ def test_late_joiner_starts_from_the_swarm_base_and_round(local_swarm, tiny_mode
 
 
 def test_lone_peer_completes_its_rounds_and_keeps_its_body(local_swarm, tiny_model_dir, tiny_dataset):
-    peer = local_swarm.start_peer("alone", tiny_dataset, tiny_model_dir, rounds=2, save_local_body=True)
+    peer = local_swarm.start_peer(
+        "alone", tiny_dataset, tiny_model_dir, rounds=2, save_local_body=True, fusion_window=2.0
+    )
     local_swarm.wait_all(timeout=120)
     for round_number in (1, 2):
         report = peer.round_info(round_number)["report"]
@@ -97,7 +99,7 @@ def test_lone_peer_completes_its_rounds_and_keeps_its_body(local_swarm, tiny_mod
 
 
 def test_sigterm_during_training_keeps_the_last_fused_checkpoint(local_swarm, tiny_model_dir, tiny_datasets):
-    settings = dict(rounds=3, local_steps=300, keep_checkpoints=5)
+    settings = dict(rounds=3, local_steps=300, keep_checkpoints=5, fusion_window=8.0)
     stopping = local_swarm.start_peer("stopping", tiny_datasets[0], tiny_model_dir, seed=0, **settings)
     staying = local_swarm.start_peer("staying", tiny_datasets[1], tiny_model_dir, seed=1, **settings)
     wait_until(lambda: 1 in stopping.rounds_written(), timeout=150, message="round 1 checkpoint")
