@@ -79,8 +79,11 @@ def configure_logging(verbose: bool) -> None:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def install_stop_handlers(stop_event: threading.Event) -> None:
-    """SIGINT/SIGTERM ask for a clean stop; a second signal stops at once (checkpoints are atomic)."""
+def install_stop_handlers(stop_event: threading.Event) -> dict:
+    """SIGINT/SIGTERM ask for a clean stop; a second signal stops at once (checkpoints are atomic).
+
+    Returns the previous handlers, for :func:`restore_handlers`.
+    """
 
     def handle(signum, frame):
         if stop_event.is_set():
@@ -88,20 +91,25 @@ def install_stop_handlers(stop_event: threading.Event) -> None:
         stop_event.set()
         print(f"received {signal.Signals(signum).name}: stopping after the current step", file=sys.stderr, flush=True)
 
-    signal.signal(signal.SIGINT, handle)
-    signal.signal(signal.SIGTERM, handle)
+    return {signum: signal.signal(signum, handle) for signum in (signal.SIGINT, signal.SIGTERM)}
+
+
+def restore_handlers(previous: dict) -> None:
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
 
 
 def run_join(config: PeerConfig) -> int:
     from coldfusion_p2p.peer import Peer
 
     stop_event = threading.Event()
-    install_stop_handlers(stop_event)
+    previous_handlers = install_stop_handlers(stop_event)
     peer = Peer(config, stop_event=stop_event)
     try:
         peer.run()
     finally:
         peer.shutdown()
+        restore_handlers(previous_handlers)
     return EXIT_OK
 
 

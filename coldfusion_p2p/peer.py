@@ -50,7 +50,7 @@ from coldfusion_p2p.model import (
     load_tokenizer,
     resolve_model_name,
 )
-from coldfusion_p2p.network import start_dht
+from coldfusion_p2p.network import check_network_config, start_dht
 from coldfusion_p2p.records import PeerRecord, RecordBoard, RunKeys
 from coldfusion_p2p.trainer import LocalTrainer
 
@@ -123,6 +123,7 @@ class Peer:
     # ---------------------------------------------------------------- set-up
     def setup(self) -> None:
         config = self.config
+        check_network_config(config.network)  # a typo in an address should not wait for model loading
         if config.training.torch_threads:
             torch.set_num_threads(config.training.torch_threads)
         self.data: TaskData = load_task_data(config.data)

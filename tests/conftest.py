@@ -32,7 +32,7 @@ FAST_SWARM_SETTINGS = {
     "batch_size": 8,
     "max_length": 16,
     "max_eval_examples": 64,
-    "lr": 1e-3,
+    "lr": 3e-3,
     "torch_threads": 1,
     "matchmaking_time": 1.5,
     "request_timeout": 0.5,

@@ -119,3 +119,25 @@ def test_sigterm_during_training_keeps_the_last_fused_checkpoint(local_swarm, ti
 
     assert staying.wait(timeout=150) == 0, staying.log()
     assert staying.round_info(3)["report"]["outcome"] == "alone"
+
+
+def test_resume_continues_from_the_local_checkpoint(local_swarm, tiny_model_dir, tiny_dataset):
+    first = local_swarm.start_peer("resumable", tiny_dataset, tiny_model_dir, rounds=1, min_group_size=1)
+    local_swarm.wait_all(timeout=120)
+    round_one = load_body_state(round_dir(first, 1))
+
+    refused = local_swarm.start_peer("resumable", tiny_dataset, tiny_model_dir, rounds=2, min_group_size=1)
+    assert refused.wait(timeout=120) == 2
+    assert "pass --resume" in refused.log() and "Traceback" not in refused.log()
+    assert first.rounds_written() == [1], "a refused start must not touch the checkpoint"
+
+    resumed = local_swarm.start_peer("resumable", tiny_dataset, tiny_model_dir, rounds=3, min_group_size=1,
+                                     resume=True, save_local_body=True)
+    assert resumed.wait(timeout=120) == 0, resumed.log()
+    assert resumed.rounds_written()[-1] == 3
+    assert resumed.round_info(2)["report"]["outcome"] == "alone"
+    # round 2 trained from round 1's base: its pre-training start equals round 1, so the update is small
+    start_gap = max((pre_fusion(resumed, 2, "body")[name] - round_one[name]).abs().max().item() for name in round_one)
+    original = AutoModel.from_pretrained(tiny_model_dir).state_dict()
+    original_gap = max((original[name] - round_one[name]).abs().max().item() for name in round_one if name in original)
+    assert start_gap < original_gap

@@ -35,9 +35,7 @@ def vocabulary() -> list[str]:
 def build_tiny_model(folder: Path, architecture: str = "bert", seed: int = 0) -> Path:
     """Save a randomly initialised tiny encoder of ``architecture`` with a tokenizer into ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
-    vocab_file = folder / "vocab.txt"
-    vocab_file.write_text("\n".join(vocabulary()) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(vocab_file), do_lower_case=True)
+    tokenizer = BertTokenizerFast(vocab={word: index for index, word in enumerate(vocabulary())}, do_lower_case=True)
     options = dict(ARCHITECTURES[architecture])
     model_type = options.pop("model_type")
     common = dict(
