@@ -2,27 +2,30 @@
 
 Layout of ``--output-dir``::
 
-    rounds/round-00003/          one complete round: a Hugging Face model folder of the fused
+    rounds/round_00003/          one complete round: a Hugging Face model folder of the fused
         config.json              *body* (AutoModel and AutoModelForSequenceClassification load it)
         model.safetensors
         tokenizer files
         head.safetensors         this peer's private head (never shared with the swarm)
         head.json                its label names and tensor names
         round.json               round, group, peer ids, timings, metrics, the run config
-    latest -> rounds/round-00003 a symlink, swapped atomically
+    latest -> rounds/round_00003 a symlink, swapped atomically
 
-A round folder is written under a temporary name and renamed into place, then ``latest`` is
-replaced by ``os.replace`` of a fresh symlink: a crash at any moment leaves ``latest`` pointing at
-a complete checkpoint, never at a half-written one.
+A round folder is written under a temporary name and renamed into place (:func:`atomic_folder`),
+then ``latest`` is replaced by ``os.replace`` of a fresh symlink (:func:`point_latest`): a crash at
+any moment leaves ``latest`` pointing at a complete checkpoint, never at a half-written one. The
+bootstrap node's archive is built from the same pieces.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,7 +54,32 @@ class Checkpoint:
 
 
 def round_dir_name(round_number: int) -> str:
-    return f"round-{round_number:05d}"
+    return f"round_{round_number:05d}"
+
+
+ROUND_GLOB = "round_[0-9]*"
+
+
+@contextlib.contextmanager
+def atomic_folder(final: Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``final``; on success, fsync it and rename it to ``final``.
+
+    On any error the temporary folder is removed and ``final`` (if it existed) is untouched.
+    """
+    temporary = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    try:
+        yield temporary
+        _fsync_tree(temporary)
+        if final.exists():  # the same round written again: move the old copy aside, then drop it
+            stale = final.parent / f".stale-{final.name}-{os.getpid()}"
+            os.rename(final, stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        os.rename(temporary, final)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
 
 
 def save_checkpoint(
@@ -73,35 +101,31 @@ def save_checkpoint(
     """
     output_dir = Path(output_dir)
     rounds_dir = output_dir / ROUNDS_DIR
+    ensure_writable_dir(rounds_dir, "--output-dir")
+    final = rounds_dir / round_dir_name(round_number)
+    with atomic_folder(final) as folder:
+        save_body_folder(model, tokenizer, folder)
+        save_file({name: tensor.contiguous() for name, tensor in head.items()}, folder / HEAD_WEIGHTS)
+        _write_json(folder / HEAD_FILE, {"label_names": label_names, "tensors": sorted(head)})
+        for file_name, tensors in (extra_files or {}).items():
+            save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, folder / file_name)
+        _write_json(folder / ROUND_FILE, {"round": round_number, **metadata})
+    point_latest(output_dir, final)
+    prune_rounds(rounds_dir, keep, protect=final)
+    return final
+
+
+def ensure_writable_dir(folder: Path, flag: str) -> None:
+    """Create ``folder`` if needed and prove it is writable now, not after a round of training."""
     try:
-        rounds_dir.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
     except OSError as error:
         raise UserError(
-            f"cannot create output directory {output_dir} ({error.strerror})", "pass a writable --output-dir"
+            f"{folder} is not a writable directory ({error.strerror or error})", f"pass a writable {flag}"
         ) from None
-    final = rounds_dir / round_dir_name(round_number)
-    temporary = rounds_dir / f".tmp-{round_dir_name(round_number)}-{os.getpid()}"
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir()
-    try:
-        save_body_folder(model, tokenizer, temporary)
-        save_file({name: tensor.contiguous() for name, tensor in head.items()}, temporary / HEAD_WEIGHTS)
-        _write_json(temporary / HEAD_FILE, {"label_names": label_names, "tensors": sorted(head)})
-        for file_name, tensors in (extra_files or {}).items():
-            save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, temporary / file_name)
-        _write_json(temporary / ROUND_FILE, {"round": round_number, **metadata})
-        _fsync_tree(temporary)
-        if final.exists():  # the same round written again (e.g. re-synced): move the old one aside first
-            stale = rounds_dir / f".stale-{round_dir_name(round_number)}-{os.getpid()}"
-            os.rename(final, stale)
-            shutil.rmtree(stale, ignore_errors=True)
-        os.rename(temporary, final)
-        _point_latest(output_dir, final)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
-    prune_checkpoints(output_dir, keep)
-    return final
 
 
 def save_body_folder(model: PreTrainedModel, tokenizer, folder: Path) -> None:
@@ -117,21 +141,23 @@ def save_body_folder(model: PreTrainedModel, tokenizer, folder: Path) -> None:
         tokenizer.save_pretrained(folder)
 
 
-def _point_latest(output_dir: Path, target: Path) -> None:
-    link = output_dir / LATEST_LINK
-    temporary_link = output_dir / f".{LATEST_LINK}-{os.getpid()}"
+def point_latest(root: Path, target: Path) -> None:
+    """Atomically make ``root/latest`` a relative symlink to ``target``."""
+    link = root / LATEST_LINK
+    temporary_link = root / f".{LATEST_LINK}-{os.getpid()}"
     if temporary_link.is_symlink() or temporary_link.exists():
         temporary_link.unlink()
-    temporary_link.symlink_to(target.relative_to(output_dir))
+    temporary_link.symlink_to(target.relative_to(root))
     os.replace(temporary_link, link)
 
 
-def prune_checkpoints(output_dir: Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` complete rounds (never the one ``latest`` points to)."""
-    latest = latest_checkpoint(output_dir)
-    rounds = sorted((output_dir / ROUNDS_DIR).glob("round-*"))
-    for folder in rounds[:-keep] if keep > 0 else []:
-        if latest is None or folder.resolve() != latest.path.resolve():
+def prune_rounds(parent: Path, keep: int | None, protect: Path) -> None:
+    """Delete all but the newest ``keep`` round folders in ``parent`` (never ``protect``)."""
+    if keep is None:
+        return
+    rounds = sorted(parent.glob(ROUND_GLOB))
+    for folder in rounds[:-keep] if keep > 0 else rounds:
+        if folder.resolve() != protect.resolve():
             shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -119,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if arguments.command == "join":
             config = parse_peer_config(arguments)
-            configure_logging(config.run.verbose)
+            configure_logging(config.logging.verbose)
             return run_join(config)
         parser.error(f"unknown command {arguments.command}")
     except UserError as error:

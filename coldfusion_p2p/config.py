@@ -79,22 +79,33 @@ class RunConfig:
     resume: bool = False  # continue from the local checkpoint or the swarm, whichever is newer
     keep_checkpoints: int = 2  # fused-base checkpoints kept in output_dir
     save_local_body: bool = False  # also save each round's pre-fusion body (for audits and tests)
+
+
+@dataclass
+class LoggingConfig:
     quiet: bool = False  # only warnings and errors on the console
     log_format: Literal["text", "json"] = "text"  # json: one object per line for log collectors
     verbose: bool = False  # also show hivemind's and transformers' own logs
 
 
 @dataclass
-class PeerConfig:
-    data: DataConfig = field(default_factory=DataConfig)
-    training: TrainingConfig = field(default_factory=TrainingConfig)
-    fusion: FusionConfig = field(default_factory=FusionConfig)
-    network: NetworkConfig = field(default_factory=NetworkConfig)
-    run: RunConfig = field(default_factory=RunConfig)
+class BootstrapSettings:
+    identity: str | None = None  # private key file: a stable peer id across restarts (created if absent)
+    peers_file: str | None = None  # write the --initial-peers value here (default: initial_peers.txt)
+    archive_dir: str | None = None  # keep every round's fused base here
+    keep: int | None = None  # archived rounds to keep (default: all)
+    push_to_hub: str | None = None  # also upload each archived round to this Hub repo id
+    base_model: str | None = None  # the run's base model, for the archive's config and tokenizer (default: bundled)
+    poll_period: float = 1.0  # seconds between looks at the swarm's records
+    download_timeout: float = 120.0  # bound on downloading one fused base
+
+
+class SectionedConfig:
+    """A config made of section dataclasses whose field names are unique: flat keys in, flat keys out."""
 
     def to_dict(self) -> dict[str, Any]:
         """Flat ``{key: value}``: what a ``--config`` file holds and what checkpoints record."""
-        return {name: getattr(getattr(self, section), name) for section, name, _ in config_fields(PeerConfig)}
+        return {name: getattr(getattr(self, section), name) for section, name, _ in config_fields(type(self))}
 
     def set(self, key: str, value: Any) -> None:
         """Set one flat key, coercing and validating ``value``; raises UserError on a bad key or value."""
@@ -103,6 +114,28 @@ class PeerConfig:
             known = ", ".join(sorted(_field_index(type(self))))
             raise UserError(f"unknown config key {key!r}", f"use one of: {known}")
         setattr(getattr(self, section), name, coerce_value(key, value, type_hint))
+
+
+@dataclass
+class PeerConfig(SectionedConfig):
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+BOOTSTRAP_PORT = 31337
+
+
+@dataclass
+class BootstrapConfig(SectionedConfig):
+    bootstrap: BootstrapSettings = field(default_factory=BootstrapSettings)
+    network: NetworkConfig = field(
+        default_factory=lambda: NetworkConfig(host_maddrs=[f"/ip4/0.0.0.0/tcp/{BOOTSTRAP_PORT}"])
+    )
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 def normalize_key(key: str) -> str:
@@ -206,9 +239,13 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def build_config(file_values: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> PeerConfig:
+def build_config(
+    file_values: dict[str, Any] | None = None,
+    overrides: dict[str, Any] | None = None,
+    config_type: type[SectionedConfig] = PeerConfig,
+):
     """Defaults, then the config file, then explicit overrides (command-line flags), each validated."""
-    config = PeerConfig()
+    config = config_type()
     for source in (file_values or {}, overrides or {}):
         for key, value in source.items():
             config.set(key, value)
@@ -216,8 +253,34 @@ def build_config(file_values: dict[str, Any] | None = None, overrides: dict[str,
     return config
 
 
-def validate(config: PeerConfig) -> None:
+def validate(config: SectionedConfig) -> None:
     """Reject settings that cannot work, with the fix; pure, so tests need no network."""
+    if isinstance(config, BootstrapConfig):
+        _validate_bootstrap(config)
+    else:
+        _validate_peer(config)
+
+
+def _require_positive(values: dict[str, float | int]) -> None:
+    for key, value in values.items():
+        if not value > 0:
+            raise UserError(f"{key} must be positive, got {value}", f"pass a positive --{key.replace('_', '-')}")
+
+
+def _validate_run_id(run_id: str) -> None:
+    if not run_id.strip() or not run_id.isprintable():
+        raise UserError("run_id must be a non-empty printable string", "pass e.g. --run-id my-swarm")
+
+
+def _validate_bootstrap(config: BootstrapConfig) -> None:
+    settings = config.bootstrap
+    _require_positive({"poll_period": settings.poll_period, "download_timeout": settings.download_timeout})
+    if settings.keep is not None and settings.keep < 1:
+        raise UserError(f"keep must be at least 1, got {settings.keep}", "pass --keep 1 or more, or omit it")
+    _validate_run_id(config.network.run_id)
+
+
+def _validate_peer(config: PeerConfig) -> None:
     training, fusion, data = config.training, config.fusion, config.data
     positive = {
         "local_steps": training.local_steps,
@@ -234,9 +297,7 @@ def validate(config: PeerConfig) -> None:
         "keep_checkpoints": config.run.keep_checkpoints,
         "min_group_size": fusion.min_group_size,
     }
-    for key, value in positive.items():
-        if not value > 0:
-            raise UserError(f"{key} must be positive, got {value}", f"pass a positive --{key.replace('_', '-')}")
+    _require_positive(positive)
     if config.run.rounds is not None and config.run.rounds < 1:
         raise UserError(f"rounds must be at least 1, got {config.run.rounds}", "pass --rounds 1 or more, or omit it")
     if not 0.0 < data.validation_fraction < 1.0:
@@ -250,11 +311,10 @@ def validate(config: PeerConfig) -> None:
             "request_timeout must be smaller than matchmaking_time (hivemind matchmaking can deadlock otherwise)",
             "lower --request-timeout or raise --matchmaking-time",
         )
-    if not config.network.run_id.strip() or not config.network.run_id.isprintable():
-        raise UserError("run_id must be a non-empty printable string", "pass e.g. --run-id my-swarm")
+    _validate_run_id(config.network.run_id)
 
 
-def replace(config: PeerConfig, **changes: Any) -> PeerConfig:
+def replace(config: SectionedConfig, **changes: Any) -> SectionedConfig:
     """A copy of ``config`` with flat keys changed (handy in tests and the demo)."""
     copy = dataclasses.replace(
         config, **{section.name: dataclasses.replace(getattr(config, section.name)) for section in fields(config)}

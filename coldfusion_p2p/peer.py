@@ -111,7 +111,7 @@ class Peer:
         self.config = config
         self.stop_event = stop_event or threading.Event()
         self.keys = RunKeys.from_run_id(config.network.run_id)
-        self.console = PeerConsole(quiet=config.run.quiet, log_format=config.run.log_format)
+        self.console = PeerConsole(quiet=config.logging.quiet, log_format=config.logging.log_format)
         self._lock = threading.Lock()
         self._progress = _Progress()
         self.dht: DHT | None = None

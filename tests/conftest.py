@@ -7,6 +7,7 @@ test timeouts) and ``HF_HUB_OFFLINE=1``. Nothing is downloaded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -20,7 +21,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_models import build_tiny_model, sentiment_rows, write_csv  # noqa: E402
+from tiny_models import build_tiny_model, sentiment_rows, write_csv
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -104,7 +105,7 @@ class PeerProcess:
         self.name = name
         self.output_dir = Path(settings["output_dir"])
         self.log_path = workdir / f"{name}.log"
-        self._log = open(self.log_path, "w")
+        self._log = open(self.log_path, "w")  # noqa: SIM115 (lives as long as the process)
         self.process = subprocess.Popen(
             peer_command("join", *settings_to_flags(settings)),
             stdout=self._log,
@@ -129,10 +130,8 @@ class PeerProcess:
 
     def kill(self) -> None:
         if self.process.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             self.process.wait(timeout=10)
         self._log.close()
 
@@ -140,10 +139,10 @@ class PeerProcess:
         rounds_dir = self.output_dir / "rounds"
         if not rounds_dir.exists():
             return []
-        return sorted(int(path.name.split("-")[1]) for path in rounds_dir.glob("round-*"))
+        return sorted(int(path.name.split("_")[1]) for path in rounds_dir.glob("round_*"))
 
     def round_info(self, round_number: int) -> dict:
-        return json.loads((self.output_dir / "rounds" / f"round-{round_number:05d}" / "round.json").read_text())
+        return json.loads((self.output_dir / "rounds" / f"round_{round_number:05d}" / "round.json").read_text())
 
 
 class LocalSwarm:
@@ -219,7 +218,5 @@ def reap_leftover_daemons():
         return
     me = psutil.Process()
     for child in me.children(recursive=True):
-        try:
+        with contextlib.suppress(psutil.Error):
             child.kill()
-        except psutil.Error:
-            pass

@@ -28,8 +28,14 @@ def classifier(tiny_model_dir):
 
 def save(output_dir, model, tokenizer, round_number, keep=2):
     return save_checkpoint(
-        output_dir, round_number=round_number, model=model, tokenizer=tokenizer, head=head_state(model),
-        label_names=["neg", "pos"], metadata={"group_size": 2}, keep=keep,
+        output_dir,
+        round_number=round_number,
+        model=model,
+        tokenizer=tokenizer,
+        head=head_state(model),
+        label_names=["neg", "pos"],
+        metadata={"group_size": 2},
+        keep=keep,
     )
 
 
@@ -53,14 +59,17 @@ def test_checkpoint_loads_with_transformers_and_restores_body_and_head(tmp_path,
 
     fresh = load_classifier(str(tiny_model_dir), ["neg", "pos"], seed=1)
     apply_body_state(fresh, load_body_state(path))
-    assert all(torch.equal(a, b) for a, b in zip(fresh.base_model.parameters(), classifier.base_model.parameters()))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(fresh.base_model.parameters(), classifier.base_model.parameters(), strict=True)
+    )
 
 
 def test_latest_moves_forward_and_old_rounds_are_pruned(tmp_path, classifier):
     for round_number in (1, 2, 3):
         save(tmp_path, classifier, None, round_number, keep=2)
     assert latest_checkpoint(tmp_path).round == 3
-    assert sorted(p.name for p in (tmp_path / "rounds").iterdir()) == ["round-00002", "round-00003"]
+    assert sorted(p.name for p in (tmp_path / "rounds").iterdir()) == ["round_00002", "round_00003"]
 
 
 def test_a_crash_while_writing_leaves_the_previous_checkpoint(tmp_path, classifier, monkeypatch):
@@ -73,7 +82,7 @@ def test_a_crash_while_writing_leaves_the_previous_checkpoint(tmp_path, classifi
     with pytest.raises(OSError):
         save(tmp_path, classifier, None, 2)
     assert latest_checkpoint(tmp_path).round == 1
-    assert [p.name for p in (tmp_path / "rounds").iterdir()] == ["round-00001"], "no temporary folder left behind"
+    assert [p.name for p in (tmp_path / "rounds").iterdir()] == ["round_00001"], "no temporary folder left behind"
     AutoModel.from_pretrained(tmp_path / "latest")
 
 

@@ -5,19 +5,26 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-
-from coldfusion_p2p.cli import main
-
 from conftest import peer_command, peer_environment
 from tiny_models import write_csv
+
+from coldfusion_p2p.cli import main
 
 UNREACHABLE = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWCwDC3kXyupnZ2TNUrxghpr5nez39jKjPdxzZ8QCV1EiE"
 
 
 @pytest.fixture
 def base_flags(tiny_model_dir, tmp_path):
-    return ["--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "out"),
-            "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--torch-threads", "1"]
+    return [
+        "--model",
+        str(tiny_model_dir),
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--host-maddrs",
+        "/ip4/127.0.0.1/tcp/0",
+        "--torch-threads",
+        "1",
+    ]
 
 
 def run_join(capsys, *flags) -> tuple[int, str]:
@@ -89,6 +96,9 @@ def test_the_installed_command_exits_2_with_one_line(tmp_path):
     """The real console process, not just main(): exit status and stderr as a user sees them."""
     result = subprocess.run(
         peer_command("join", "--dataset", str(tmp_path / "missing.jsonl")),
-        capture_output=True, text=True, env=peer_environment(), timeout=120,
+        capture_output=True,
+        text=True,
+        env=peer_environment(),
+        timeout=120,
     )
     assert_one_line_error(result.returncode, result.stderr, "missing.jsonl")

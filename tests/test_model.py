@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import ARCHITECTURES, build_tiny_model
 
 from coldfusion_p2p.errors import UserError
 from coldfusion_p2p.model import (
@@ -15,8 +16,6 @@ from coldfusion_p2p.model import (
     resolve_model_name,
     split_body_head,
 )
-
-from tiny_models import ARCHITECTURES, build_tiny_model
 
 
 @pytest.fixture(scope="module", params=sorted(ARCHITECTURES))
@@ -44,7 +43,7 @@ def test_head_has_one_output_per_label_and_round_trips(classifier):
 
 def test_a_head_of_another_label_set_is_refused(classifier):
     wrong = {name: torch.zeros(5, *tensor.shape[1:]) for name, tensor in head_state(classifier).items()}
-    with pytest.raises(UserError, match="label set changed|shape"):
+    with pytest.raises(UserError, match=r"label set changed|shape"):
         load_head_state(classifier, wrong)
 
 

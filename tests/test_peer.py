@@ -6,19 +6,18 @@ import signal
 
 import pytest
 import torch
+from conftest import wait_until
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForSequenceClassification
 
 from coldfusion_p2p.checkpoints import latest_checkpoint, load_body_state
 from coldfusion_p2p.peer import PRE_FUSION_FILE
 
-from conftest import wait_until
-
 pytestmark = pytest.mark.swarm
 
 
 def round_dir(peer, round_number: int):
-    return peer.output_dir / "rounds" / f"round-{round_number:05d}"
+    return peer.output_dir / "rounds" / f"round_{round_number:05d}"
 
 
 def pre_fusion(peer, round_number: int, part: str) -> dict[str, torch.Tensor]:
@@ -29,8 +28,16 @@ def pre_fusion(peer, round_number: int, part: str) -> dict[str, torch.Tensor]:
 
 def test_three_peers_fuse_bodies_into_their_mean_and_keep_their_heads(local_swarm, tiny_model_dir, tiny_datasets):
     peers = [
-        local_swarm.start_peer(f"peer{index}", dataset, tiny_model_dir, rounds=2, save_local_body=True, seed=index,
-                               keep_checkpoints=5, min_group_size=3)
+        local_swarm.start_peer(
+            f"peer{index}",
+            dataset,
+            tiny_model_dir,
+            rounds=2,
+            save_local_body=True,
+            seed=index,
+            keep_checkpoints=5,
+            min_group_size=3,
+        )
         for index, dataset in enumerate(tiny_datasets)
     ]
     local_swarm.wait_all()
@@ -131,8 +138,9 @@ def test_resume_continues_from_the_local_checkpoint(local_swarm, tiny_model_dir,
     assert "pass --resume" in refused.log() and "Traceback" not in refused.log()
     assert first.rounds_written() == [1], "a refused start must not touch the checkpoint"
 
-    resumed = local_swarm.start_peer("resumable", tiny_dataset, tiny_model_dir, rounds=3, min_group_size=1,
-                                     resume=True, save_local_body=True)
+    resumed = local_swarm.start_peer(
+        "resumable", tiny_dataset, tiny_model_dir, rounds=3, min_group_size=1, resume=True, save_local_body=True
+    )
     assert resumed.wait(timeout=120) == 0, resumed.log()
     assert resumed.rounds_written()[-1] == 3
     assert resumed.round_info(2)["report"]["outcome"] == "alone"

@@ -10,8 +10,17 @@ from coldfusion_p2p.records import PeerRecord
 
 def record(status="training", round=1, fused_round=0, fuse_at=None, group=0) -> PeerRecord:
     return PeerRecord(
-        peer_id="Qm", dataset_name="d", num_examples=10, status=status, round=round, fused_round=fused_round,
-        step=0, total_steps=1, fuse_at=fuse_at, last_group_size=group, time=0.0,
+        peer_id="Qm",
+        dataset_name="d",
+        num_examples=10,
+        status=status,
+        round=round,
+        fused_round=fused_round,
+        step=0,
+        total_steps=1,
+        fuse_at=fuse_at,
+        last_group_size=group,
+        time=0.0,
     )
 
 

@@ -59,7 +59,7 @@ def sentiment_rows(count: int, seed: int = 0, labels: tuple[str, str] = ("negati
     rows = []
     for _ in range(count):
         positive = rng.random() < 0.5
-        words = rng.sample(NEUTRAL, 4) + [rng.choice(POSITIVE if positive else NEGATIVE)]
+        words = [*rng.sample(NEUTRAL, 4), rng.choice(POSITIVE if positive else NEGATIVE)]
         rng.shuffle(words)
         rows.append({"text": " ".join(words), "label": labels[int(positive)]})
     return rows
