@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any, Literal, get_args, get_origin
 
 from coldfusion_p2p import __version__
-from coldfusion_p2p.config import PeerConfig, build_config, config_fields, field_help, read_config_file
+from coldfusion_p2p.config import BootstrapConfig, PeerConfig, build_config, config_fields, field_help, read_config_file
 from coldfusion_p2p.errors import UserError
 
 EXIT_OK, EXIT_USER_ERROR, EXIT_INTERRUPTED = 0, 2, 130
@@ -51,17 +51,24 @@ def build_parser() -> argparse.ArgumentParser:
         description="Join a swarm: finetune locally on --dataset, fuse body weights with the other peers each round.",
     )
     join.add_argument("--config", help="TOML or YAML file whose keys mirror these flags (flags win)")
-    add_config_flags(join)
+    add_config_flags(join, PeerConfig)
+    bootstrap = commands.add_parser(
+        "bootstrap",
+        help="run a long-lived DHT entry point (stable identity) that can archive every fused base",
+        description="Run a bootstrap node: no data, no training; prints the --initial-peers value for peers.",
+    )
+    bootstrap.add_argument("--config", help="TOML or YAML file whose keys mirror these flags (flags win)")
+    add_config_flags(bootstrap, BootstrapConfig)
     return parser
 
 
-def parse_peer_config(arguments: argparse.Namespace) -> PeerConfig:
+def parse_config(arguments: argparse.Namespace, config_type: type = PeerConfig):
     """Defaults, then ``--config``, then the flags given on the command line."""
     values = vars(arguments).copy()
     values.pop("command", None)
     config_path = values.pop("config", None)
     file_values = read_config_file(config_path) if config_path else {}
-    return build_config(file_values, values)
+    return build_config(file_values, values, config_type)
 
 
 def configure_logging(verbose: bool) -> None:
@@ -85,7 +92,11 @@ def install_stop_handlers(stop_event: threading.Event) -> dict:
     Returns the previous handlers, for :func:`restore_handlers`.
     """
 
+    owner = os.getpid()
+
     def handle(signum, frame):
+        if os.getpid() != owner:  # a forked hivemind child: its parent shuts it down cleanly
+            return
         if stop_event.is_set():
             raise KeyboardInterrupt
         stop_event.set()
@@ -113,15 +124,32 @@ def run_join(config: PeerConfig) -> int:
     return EXIT_OK
 
 
+def run_bootstrap(config: BootstrapConfig) -> int:
+    from coldfusion_p2p.bootstrap import BootstrapNode
+
+    stop_event = threading.Event()
+    previous_handlers = install_stop_handlers(stop_event)
+    node = BootstrapNode(config, stop_event=stop_event)
+    try:
+        node.start()
+        node.run()
+    finally:
+        node.shutdown()
+        restore_handlers(previous_handlers)
+    return EXIT_OK
+
+
+COMMANDS = {"join": (PeerConfig, run_join), "bootstrap": (BootstrapConfig, run_bootstrap)}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     arguments = parser.parse_args(argv)
     try:
-        if arguments.command == "join":
-            config = parse_peer_config(arguments)
-            configure_logging(config.logging.verbose)
-            return run_join(config)
-        parser.error(f"unknown command {arguments.command}")
+        config_type, run = COMMANDS[arguments.command]
+        config = parse_config(arguments, config_type)
+        configure_logging(config.logging.verbose)
+        return run(config)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR

@@ -51,6 +51,23 @@ class PeerConsole:
             addresses=addresses,
         )
 
+    def bootstrap_ready(self, peer_id: str, initial_peers: list[str], peers_file) -> None:
+        loopback_only = all("/ip4/127." in address or "/ip6/::1/" in address for address in initial_peers)
+        note = (
+            "\n[yellow]only reachable from this machine[/yellow]: listen on /ip4/0.0.0.0 with --host-maddrs "
+            "and announce your public address with --announce-maddrs"
+            if loopback_only
+            else ""
+        )
+        self._emit(
+            "bootstrap",
+            f"bootstrap node {peer_id} is up. Peers join with:\n"
+            f"  --initial-peers {' '.join(initial_peers)}\n(also written to {peers_file}){note}",
+            peer_id=peer_id,
+            initial_peers=initial_peers,
+            peers_file=str(peers_file),
+        )
+
     @contextlib.contextmanager
     def training(self, round_number: int, total_steps: int) -> Iterator[Callable[[int, float], None]]:
         """A progress bar for one round's local steps; yields ``on_step(step, loss)``."""

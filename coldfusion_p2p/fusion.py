@@ -53,9 +53,16 @@ class FusionResult:
 
 
 class FusedBodyAverager(DecentralizedAverager):
-    """An averager that shares the last fused body (a snapshot) instead of its live buffers."""
+    """An averager that shares the last fused body (a snapshot) instead of its live buffers.
 
-    def __init__(self, body: Sequence[torch.Tensor], dht: DHT, *, prefix: str, config: FusionConfig):
+    hivemind names its RPC handlers after the averager's class, so every node of a run (peers and
+    the archiving bootstrap, which uses ``client_mode=True`` to download without serving) must use
+    this same class.
+    """
+
+    def __init__(
+        self, body: Sequence[torch.Tensor], dht: DHT, *, prefix: str, config: FusionConfig, client_mode: bool = False
+    ):
         self._snapshot: tuple[dict[str, Any], list[torch.Tensor]] = ({"round": 0}, _detached_copy(body))
         super().__init__(
             averaged_tensors=_detached_copy(body),
@@ -72,6 +79,7 @@ class FusedBodyAverager(DecentralizedAverager):
             sender_timeout=config.next_chunk_timeout,
             reducer_timeout=2 * config.next_chunk_timeout,  # hivemind requires reducer > sender
             declare_state_period=max(2.0, min(30.0, config.matchmaking_time * 2)),
+            client_mode=client_mode,
             shutdown_timeout=3,
         )
         self.run_in_background(await_ready=True, timeout=60)

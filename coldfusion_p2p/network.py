@@ -6,7 +6,9 @@ record validators and the "none of the initial peers is reachable" message exist
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
 
 from hivemind import DHT
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
@@ -46,6 +48,31 @@ def check_network_config(config: NetworkConfig) -> None:
         check_multiaddr(address, "--announce-maddrs", need_peer_id=False)
 
 
+def check_ports_free(host_maddrs: list[str]) -> None:
+    """Fail early when a fixed listening port is taken (libp2p would share it silently via SO_REUSEPORT)."""
+    for address in host_maddrs:
+        parts = Multiaddr(address).protocols()
+        names = [protocol.name for protocol in parts]
+        if "tcp" not in names or not ({"ip4", "ip6"} & set(names)):
+            continue
+        parsed = Multiaddr(address)
+        family = "ip4" if "ip4" in names else "ip6"
+        host, port = parsed.value_for_protocol(family), int(parsed.value_for_protocol("tcp"))
+        if port == 0:
+            continue
+        with socket.socket(socket.AF_INET if family == "ip4" else socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart may leave TIME_WAIT behind
+            try:
+                probe.bind((host, port))
+            except OSError as error:
+                if error.errno == errno.EADDRINUSE:
+                    raise UserError(
+                        f"port {port} of {address} is already in use",
+                        "stop the other process using it or pick another port in --host-maddrs",
+                    ) from None
+                raise UserError(f"cannot listen on {address} ({error.strerror})", "check --host-maddrs") from None
+
+
 def start_dht(
     config: NetworkConfig,
     keys: RunKeys,
@@ -56,6 +83,7 @@ def start_dht(
 ) -> DHT:
     """Start this node's DHT with the run's record validators; UserError when it cannot join."""
     check_network_config(config)
+    check_ports_free(config.host_maddrs)
     options = dict(
         initial_peers=list(config.initial_peers),
         host_maddrs=list(config.host_maddrs),

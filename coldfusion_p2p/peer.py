@@ -182,9 +182,18 @@ class Peer:
                 break
             self.reports.append(report)
             self.console.round_summary(report)
+        self.wait_for_archivers()
         self._update(status="stopped", fuse_at=None)
         self._publish()
         return self.reports
+
+    def wait_for_archivers(self) -> None:
+        """Before leaving, keep serving our last fused base until archivers have stored it (bounded)."""
+        deadline = time.monotonic() + self.config.fusion.state_download_timeout
+        while time.monotonic() < deadline and not self.stop_event.is_set():
+            if not policy.archivers_behind(self.board.fetch().values(), self._progress.fused_round):
+                return
+            self.stop_event.wait(POLL_SECONDS)
 
     def _should_stop(self) -> bool:
         return self.stop_event.is_set() or policy.rounds_done(self._progress.fused_round, self.config.run.rounds)
@@ -341,7 +350,12 @@ class Peer:
     ) -> None:
         """Adopt ``self.body`` as the fused base of ``round_number``: share it, checkpoint it, announce it."""
         fingerprint = body_fingerprint(self.body)
-        metadata = {"group_size": report.group_size, "peer_ids": report.peer_ids, "fingerprint": fingerprint}
+        metadata = {
+            "group_size": report.group_size,
+            "peer_ids": report.peer_ids,
+            "members": report.members,
+            "fingerprint": fingerprint,
+        }
         self.fusion.publish_fused(round_number, self.body, metadata)
         extra = None if pre_fusion is None else {PRE_FUSION_FILE: pre_fusion}
         save_checkpoint(

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from coldfusion_p2p.records import PeerRecord
+from coldfusion_p2p.records import ARCHIVER, PeerRecord
 
 GROUP_BITS = 16  # rounds are told apart in the group key modulo 2**16
 READY_STATUSES = ("ready", "fusing")
@@ -36,7 +36,13 @@ def swarm_fused_round(records: Iterable[PeerRecord]) -> int:
 
 
 def others(records: dict[bytes, PeerRecord], own_subkey: bytes) -> list[PeerRecord]:
-    return [record for subkey, record in records.items() if subkey != own_subkey]
+    """The other contributors' records (archivers follow the swarm but never fuse)."""
+    return [record for subkey, record in records.items() if subkey != own_subkey and record.status != ARCHIVER]
+
+
+def archivers_behind(records: Iterable[PeerRecord], fused_round: int) -> bool:
+    """Whether an archiver in the swarm has not yet stored ``fused_round`` (a leaving peer may wait for it)."""
+    return any(record.status == ARCHIVER and record.fused_round < fused_round for record in records)
 
 
 def fusion_time(records: Iterable[PeerRecord], round_number: int) -> float | None:

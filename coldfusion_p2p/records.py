@@ -24,7 +24,8 @@ from hivemind.utils import ValueWithExpiration, get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 from pydantic.v1 import BaseModel, StrictFloat, StrictStr, confloat, conint, constr
 
-Status = Literal["starting", "downloading", "training", "ready", "fusing", "idle", "stopped"]
+Status = Literal["starting", "downloading", "training", "ready", "fusing", "idle", "stopped", "archiving"]
+ARCHIVER = "archiving"  # the status of a bootstrap node's archiver: not a contributor
 
 
 @dataclass(frozen=True)

@@ -99,15 +99,15 @@ def settings_to_flags(settings: dict) -> list[str]:
 
 
 class PeerProcess:
-    """A ``coldfusion-peer join`` child process with its output in a log file."""
+    """A ``coldfusion-peer <command>`` child process (``join`` by default) with its output in a log file."""
 
-    def __init__(self, name: str, workdir: Path, settings: dict):
+    def __init__(self, name: str, workdir: Path, settings: dict, command: str = "join"):
         self.name = name
-        self.output_dir = Path(settings["output_dir"])
+        self.output_dir = Path(settings.get("output_dir", workdir / name))
         self.log_path = workdir / f"{name}.log"
         self._log = open(self.log_path, "w")  # noqa: SIM115 (lives as long as the process)
         self.process = subprocess.Popen(
-            peer_command("join", *settings_to_flags(settings)),
+            peer_command(command, *settings_to_flags(settings)),
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=peer_environment(),
@@ -143,6 +143,29 @@ class PeerProcess:
 
     def round_info(self, round_number: int) -> dict:
         return json.loads((self.output_dir / "rounds" / f"round_{round_number:05d}" / "round.json").read_text())
+
+
+class BootstrapProcess(PeerProcess):
+    """A ``coldfusion-peer bootstrap`` process; ``initial_peers`` once it has written its peers file."""
+
+    def __init__(self, name: str, workdir: Path, **settings):
+        self.peers_file = workdir / f"{name}.peers"
+        self.peers_file.unlink(missing_ok=True)
+        settings = {"host_maddrs": ["/ip4/127.0.0.1/tcp/0"], "peers_file": str(self.peers_file), **settings}
+        super().__init__(name, workdir, settings, command="bootstrap")
+
+    def wait_ready(self, timeout: float = 60.0) -> list[str]:
+        def ready() -> bool:
+            if self.process.poll() is not None:
+                raise AssertionError(f"bootstrap {self.name} exited with {self.process.returncode}:\n{self.log()}")
+            return self.peers_file.exists() and bool(self.peers_file.read_text().strip())
+
+        wait_until(ready, timeout, message=f"bootstrap {self.name} to start")
+        return self.peers_file.read_text().split()
+
+    @property
+    def peer_id(self) -> str:
+        return self.peers_file.read_text().split()[0].rsplit("/p2p/", 1)[1]
 
 
 class LocalSwarm:

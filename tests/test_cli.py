@@ -5,10 +5,11 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-from conftest import peer_command, peer_environment
-from tiny_models import write_csv
 
 from coldfusion_p2p.cli import main
+
+from conftest import peer_command, peer_environment
+from tiny_models import write_csv
 
 UNREACHABLE = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWCwDC3kXyupnZ2TNUrxghpr5nez39jKjPdxzZ8QCV1EiE"
 

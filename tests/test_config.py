@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from coldfusion_p2p.cli import build_parser, parse_peer_config
+from coldfusion_p2p.cli import build_parser, parse_config
 from coldfusion_p2p.config import PeerConfig, build_config, config_fields, read_config_file
 from coldfusion_p2p.errors import UserError
 
@@ -30,7 +30,7 @@ def test_config_file_then_flags(tmp_path, suffix):
     else:
         path.write_text("dataset: a.csv\nlocal_steps: 7\ninitial_peers: [/ip4/127.0.0.1/tcp/1/p2p/QmX]\n")
     arguments = build_parser().parse_args(["join", "--config", str(path), "--local-steps", "9", "--lr", "1e-3"])
-    config = parse_peer_config(arguments)
+    config = parse_config(arguments)
     assert config.data.dataset == "a.csv"
     assert config.training.local_steps == 9 and config.training.lr == 1e-3
     assert config.network.initial_peers == ["/ip4/127.0.0.1/tcp/1/p2p/QmX"]
@@ -38,7 +38,7 @@ def test_config_file_then_flags(tmp_path, suffix):
 
 def test_repeatable_initial_peers():
     arguments = build_parser().parse_args(["join", "--initial-peers", "/a", "--initial-peers", "/b", "/c"])
-    assert parse_peer_config(arguments).network.initial_peers == ["/a", "/b", "/c"]
+    assert parse_config(arguments).network.initial_peers == ["/a", "/b", "/c"]
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,6 @@ import logging
 import time
 
 import pytest
-from data_fixtures import labelled_rows, save_dataset, save_dataset_dict, write_rows
 
 from coldfusion_p2p import data
 from coldfusion_p2p.config import DataConfig
@@ -20,6 +19,8 @@ from coldfusion_p2p.data import (
     split_indices,
 )
 from coldfusion_p2p.errors import UserError
+
+from data_fixtures import labelled_rows, save_dataset, save_dataset_dict, write_rows
 
 
 def load(dataset, **settings) -> TaskData:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import ARCHITECTURES, build_tiny_model
 
 from coldfusion_p2p.errors import UserError
 from coldfusion_p2p.model import (
@@ -16,6 +15,8 @@ from coldfusion_p2p.model import (
     resolve_model_name,
     split_body_head,
 )
+
+from tiny_models import ARCHITECTURES, build_tiny_model
 
 
 @pytest.fixture(scope="module", params=sorted(ARCHITECTURES))

@@ -6,12 +6,13 @@ import signal
 
 import pytest
 import torch
-from conftest import wait_until
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForSequenceClassification
 
 from coldfusion_p2p.checkpoints import latest_checkpoint, load_body_state
 from coldfusion_p2p.peer import PRE_FUSION_FILE
+
+from conftest import wait_until
 
 pytestmark = pytest.mark.swarm
 

@@ -1,0 +1,116 @@
+"""The bootstrap node: a long-lived DHT entry point with a stable identity, and the archivist.
+
+It holds no data and trains nothing. Its private key (``--identity``) fixes its peer id, so the
+``--initial-peers`` value it prints stays valid across restarts; several bootstrap nodes can serve
+one swarm (peers list them all, and keep fusing through the others and through peers they
+already know when one dies). With ``--archive-dir`` it also keeps every round's fused base.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from hivemind import DHT
+from hivemind.p2p import PeerID
+from hivemind.p2p.p2p_daemon import P2P
+
+from coldfusion_p2p.archive import RoundArchiver
+from coldfusion_p2p.config import BootstrapConfig
+from coldfusion_p2p.console import PeerConsole
+from coldfusion_p2p.errors import UserError
+from coldfusion_p2p.network import start_dht
+from coldfusion_p2p.records import RunKeys
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PEERS_FILE = "initial_peers.txt"
+
+
+def prepare_identity(path: str | Path) -> PeerID:
+    """Create the private key on first run (readable by its owner only), or check the existing one."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            P2P.generate_identity(str(path))  # hivemind writes it with mode 0400
+        except (OSError, FileNotFoundError) as error:
+            raise UserError(
+                f"cannot create identity file {path} ({error})", "pass a writable --identity path"
+            ) from None
+    try:
+        return PeerID.from_identity(path.read_bytes())
+    except OSError as error:
+        raise UserError(
+            f"identity file {path} is unreadable ({error.strerror or error})",
+            "fix its permissions or pass another --identity",
+        ) from None
+    except Exception:  # protobuf/crypto errors of a truncated or foreign key file
+        raise UserError(
+            f"identity file {path} is corrupt (not a libp2p private key)",
+            "restore it from your backup, or move it away to create a new identity (the peer id will change)",
+        ) from None
+
+
+class BootstrapNode:
+    """Runs until stopped; ``start()`` then ``run()``, ``shutdown()`` in a ``finally``.
+
+    >>> node = BootstrapNode(build_config({"identity": "bootstrap.key"}, config_type=BootstrapConfig))
+    >>> node.start()            # prints the --initial-peers value for peers
+    >>> node.run()              # until SIGINT/SIGTERM (stop_event)
+    """
+
+    def __init__(self, config: BootstrapConfig, stop_event: threading.Event | None = None):
+        self.config = config
+        self.stop_event = stop_event or threading.Event()
+        self.keys = RunKeys.from_run_id(config.network.run_id)
+        self.console = PeerConsole(quiet=config.logging.quiet, log_format=config.logging.log_format)
+        self.dht: DHT | None = None
+        self.archiver: RoundArchiver | None = None
+        self.initial_peers: list[str] = []
+
+    def start(self) -> list[str]:
+        settings = self.config.bootstrap
+        identity = str(Path(settings.identity).expanduser()) if settings.identity else None
+        if identity is not None:
+            prepare_identity(identity)
+        if settings.archive_dir is not None:
+            from coldfusion_p2p.checkpoints import ensure_writable_dir
+
+            ensure_writable_dir(Path(settings.archive_dir), "--archive-dir")  # fail before joining anything
+        self.dht = start_dht(self.config.network, self.keys, identity_path=identity)
+        self.initial_peers = [str(address) for address in self.dht.get_visible_maddrs()]
+        peers_file = Path(settings.peers_file or DEFAULT_PEERS_FILE)
+        peers_file.write_text(" ".join(self.initial_peers) + "\n")
+        self.console.bootstrap_ready(self.dht.peer_id.to_base58(), self.initial_peers, peers_file)
+        if settings.archive_dir is not None:
+            self.archiver = RoundArchiver(
+                self.dht,
+                self.keys,
+                archive_dir=settings.archive_dir,
+                model_name=settings.base_model,
+                keep=settings.keep,
+                push_to_hub=settings.push_to_hub,
+                download_timeout=settings.download_timeout,
+            )
+        return self.initial_peers
+
+    def run(self) -> None:
+        while not self.stop_event.wait(self.config.bootstrap.poll_period):
+            if self.archiver is None:
+                continue
+            archived = self.archiver.poll()
+            if archived is not None:
+                names = [c["dataset_name"] for c in archived.metadata["contributors"]]
+                self.console.info(f"archived round {archived.round} ({', '.join(map(str, names))}) in {archived.path}")
+
+    def shutdown(self) -> None:
+        self.stop_event.set()
+        for component in (self.archiver, self.dht):
+            if component is None:
+                continue
+            try:
+                component.shutdown()
+            except Exception as error:  # children may already be gone after Ctrl-C
+                logger.debug("shutdown of %s failed: %r", type(component).__name__, error)
