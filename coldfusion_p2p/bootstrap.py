@@ -80,11 +80,7 @@ class BootstrapNode:
 
             ensure_writable_dir(Path(settings.archive_dir), "--archive-dir")  # fail before joining anything
         self.dht = start_dht(self.config.network, self.keys, identity_path=identity)
-        self.initial_peers = [str(address) for address in self.dht.get_visible_maddrs()]
-        peers_file = Path(settings.peers_file or DEFAULT_PEERS_FILE)
-        peers_file.write_text(" ".join(self.initial_peers) + "\n")
-        self.console.bootstrap_ready(self.dht.peer_id.to_base58(), self.initial_peers, peers_file)
-        if settings.archive_dir is not None:
+        if settings.archive_dir is not None:  # before announcing: peers leaving early must already see it
             self.archiver = RoundArchiver(
                 self.dht,
                 self.keys,
@@ -94,6 +90,10 @@ class BootstrapNode:
                 push_to_hub=settings.push_to_hub,
                 download_timeout=settings.download_timeout,
             )
+        self.initial_peers = [str(address) for address in self.dht.get_visible_maddrs()]
+        peers_file = Path(settings.peers_file or DEFAULT_PEERS_FILE)
+        peers_file.write_text(" ".join(self.initial_peers) + "\n")
+        self.console.bootstrap_ready(self.dht.peer_id.to_base58(), self.initial_peers, peers_file)
         return self.initial_peers
 
     def run(self) -> None:

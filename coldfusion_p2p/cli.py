@@ -16,7 +16,15 @@ from collections.abc import Sequence
 from typing import Any, Literal, get_args, get_origin
 
 from coldfusion_p2p import __version__
-from coldfusion_p2p.config import BootstrapConfig, PeerConfig, build_config, config_fields, field_help, read_config_file
+from coldfusion_p2p.config import (
+    BootstrapConfig,
+    MonitorConfig,
+    PeerConfig,
+    build_config,
+    config_fields,
+    field_help,
+    read_config_file,
+)
 from coldfusion_p2p.errors import UserError
 
 EXIT_OK, EXIT_USER_ERROR, EXIT_INTERRUPTED = 0, 2, 130
@@ -59,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bootstrap.add_argument("--config", help="TOML or YAML file whose keys mirror these flags (flags win)")
     add_config_flags(bootstrap, BootstrapConfig)
+    monitor = commands.add_parser(
+        "monitor",
+        help="watch a live swarm in a terminal dashboard (q or Ctrl-C quits)",
+        description="Join as a DHT client and show peers, datasets, rounds, loss, accuracy and alerts.",
+    )
+    monitor.add_argument("--config", help="TOML or YAML file whose keys mirror these flags (flags win)")
+    add_config_flags(monitor, MonitorConfig)
     return parser
 
 
@@ -139,7 +154,18 @@ def run_bootstrap(config: BootstrapConfig) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"join": (PeerConfig, run_join), "bootstrap": (BootstrapConfig, run_bootstrap)}
+def run_monitor(config: MonitorConfig) -> int:
+    from coldfusion_p2p.monitor import monitor_swarm
+
+    monitor_swarm(config)
+    return EXIT_OK
+
+
+COMMANDS = {
+    "join": (PeerConfig, run_join),
+    "bootstrap": (BootstrapConfig, run_bootstrap),
+    "monitor": (MonitorConfig, run_monitor),
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

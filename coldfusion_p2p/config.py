@@ -100,6 +100,16 @@ class BootstrapSettings:
     download_timeout: float = 120.0  # bound on downloading one fused base
 
 
+@dataclass
+class MonitorSettings:
+    once: bool = False  # print one snapshot and exit
+    json: bool = False  # print the snapshot as JSON (with --once) for scripts
+    refresh: float = 1.0  # seconds between dashboard refreshes
+    settle: float = 3.0  # with --once: seconds spent collecting records before the snapshot
+    stale_after: float = 10.0  # a peer silent this long is marked stale
+    drop_after: float = 60.0  # ... and dropped after this long
+
+
 class SectionedConfig:
     """A config made of section dataclasses whose field names are unique: flat keys in, flat keys out."""
 
@@ -239,6 +249,13 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+@dataclass
+class MonitorConfig(SectionedConfig):
+    monitor: MonitorSettings = field(default_factory=MonitorSettings)
+    network: NetworkConfig = field(default_factory=lambda: NetworkConfig(host_maddrs=["/ip4/127.0.0.1/tcp/0"]))
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
 def build_config(
     file_values: dict[str, Any] | None = None,
     overrides: dict[str, Any] | None = None,
@@ -257,6 +274,14 @@ def validate(config: SectionedConfig) -> None:
     """Reject settings that cannot work, with the fix; pure, so tests need no network."""
     if isinstance(config, BootstrapConfig):
         _validate_bootstrap(config)
+    elif isinstance(config, MonitorConfig):
+        settings = config.monitor
+        _require_positive({"refresh": settings.refresh, "settle": settings.settle, "stale_after": settings.stale_after})
+        if settings.drop_after < settings.stale_after:
+            raise UserError("drop_after must not be shorter than stale_after", "raise --drop-after")
+        if not config.network.initial_peers:
+            raise UserError("the monitor needs a swarm to watch", "pass --initial-peers of a peer or bootstrap node")
+        _validate_run_id(config.network.run_id)
     else:
         _validate_peer(config)
 

@@ -95,6 +95,8 @@ class _Progress:
     last_fusion_seconds: float = 0.0
     fuse_at: float | None = None
     fingerprint: str = ""
+    last_outcome: str = ""
+    last_reason: str = ""
 
 
 class Peer:
@@ -388,6 +390,8 @@ class Peer:
             last_fusion_seconds=report.fusion_seconds,
             fuse_at=None,
             fingerprint=fingerprint,
+            last_outcome=report.outcome,
+            last_reason=report.reason[:200],
         )
         self._publish()
 
@@ -423,6 +427,8 @@ class Peer:
                 last_group_size=progress.last_group_size,
                 last_fusion_seconds=float(progress.last_fusion_seconds),
                 fuse_at=progress.fuse_at,
+                last_outcome=progress.last_outcome,
+                last_reason=progress.last_reason,
                 body_fingerprint=progress.fingerprint,
                 version=__version__,
                 time=get_dht_time(),

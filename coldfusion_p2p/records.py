@@ -74,6 +74,8 @@ class PeerRecord(BaseModel):
     samples_per_second: confloat(ge=0.0, strict=True) = 0.0
     last_group_size: conint(ge=0, strict=True) = 0
     last_fusion_seconds: confloat(ge=0.0, strict=True) = 0.0
+    last_outcome: constr(strict=True, max_length=16) = ""  # fused / alone / failed / missed / synced / rejected
+    last_reason: constr(strict=True, max_length=200) = ""  # why the last round did not fuse, if it did not
     fuse_at: StrictFloat | None = None  # proposed DHT time for the all-reduce of ``round``
     body_fingerprint: constr(strict=True, max_length=32) = ""  # short hash of the fused body
     version: constr(strict=True, max_length=32) = ""
