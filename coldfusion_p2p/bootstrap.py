@@ -17,6 +17,7 @@ from hivemind.p2p import PeerID
 from hivemind.p2p.p2p_daemon import P2P
 
 from coldfusion_p2p.archive import RoundArchiver
+from coldfusion_p2p.checkpoints import ensure_writable_dir
 from coldfusion_p2p.config import BootstrapConfig
 from coldfusion_p2p.console import PeerConsole
 from coldfusion_p2p.errors import UserError
@@ -76,8 +77,6 @@ class BootstrapNode:
         if identity is not None:
             prepare_identity(identity)
         if settings.archive_dir is not None:
-            from coldfusion_p2p.checkpoints import ensure_writable_dir
-
             ensure_writable_dir(Path(settings.archive_dir), "--archive-dir")  # fail before joining anything
         self.dht = start_dht(self.config.network, self.keys, identity_path=identity)
         if settings.archive_dir is not None:  # before announcing: peers leaving early must already see it

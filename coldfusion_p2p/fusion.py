@@ -9,13 +9,18 @@ module wraps it for ColD Fusion:
 * the state it shares with newcomers (``get_current_state``) is a snapshot of the *last fused*
   body and its round, never the half-trained tensors of a round in progress;
 * every timeout hivemind leaves unset (all-reduce, sender, reducer, chunk) is set, and each wait
-  is bounded, so one stalled peer can never hang a round.
+  is bounded, so one stalled peer can never hang a round;
+* hivemind reports success even when a reducer failed (its slices fall back to each peer's own
+  values) or a sender was banned (its slices are averaged without it): each member checks its own
+  view of the all-reduce, publishes a signed verdict, and applies the average only if *every*
+  member of the group reported a complete all-reduce. Otherwise all keep their own body.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,11 +29,15 @@ from typing import Any
 import torch
 from hivemind import DHT
 from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.allreduce import AllReduceRunner
+from hivemind.averaging.partition import AllreduceException
 from hivemind.utils import get_dht_time
+from hivemind.utils.asyncio import as_aiter, azip
 
 from coldfusion_p2p.config import FusionConfig
 from coldfusion_p2p.model import copy_into
-from coldfusion_p2p.policy import group_bits
+from coldfusion_p2p.policy import group_bits, group_decision
+from coldfusion_p2p.records import RecordBoard, Verdict
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +103,30 @@ class FusedBodyAverager(DecentralizedAverager):
         metadata, tensors = self._snapshot
         return metadata, tensors, None
 
+    async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
+        """Like hivemind's, but all or nothing: apply the deltas only if no part failed or lost a sender."""
+        group_id = group_info.group_id if group_id is None else group_id
+        runner = AllReduceRunner(
+            p2p=self._p2p,
+            servicer_type=type(self),
+            prefix=self.prefix,
+            tensors=tensors,
+            group_id=group_id,
+            ordered_peer_ids=group_info.peer_ids,
+            **kwargs,
+        )
+        self._running_groups[group_id].set_result(runner)
+        deltas = [update async for _, update in azip(as_aiter(*tensors), runner)]
+        failed = runner.tensor_part_container.failed_size
+        if failed or runner.banned_senders:
+            raise AllreduceException(
+                f"incomplete all-reduce: {failed} values fell back to local ones, "
+                f"{len(runner.banned_senders)} sender(s) dropped"
+            )
+        for tensor, delta in zip(tensors, deltas, strict=True):
+            tensor.add_(delta, alpha=self._averaging_alpha)
+        self.last_updated = get_dht_time()
+
 
 class BodyFusion:
     """Fuses one peer's body with its group, round after round.
@@ -103,8 +136,10 @@ class BodyFusion:
     >>> result.fused, result.group_size
     """
 
-    def __init__(self, dht: DHT, body: Sequence[torch.Tensor], *, prefix: str, config: FusionConfig):
-        self.config = config
+    def __init__(
+        self, dht: DHT, body: Sequence[torch.Tensor], *, prefix: str, config: FusionConfig, board: RecordBoard
+    ):
+        self.config, self.board = config, board
         self.averager = FusedBodyAverager(body, dht, prefix=prefix, config=config)
 
     @property
@@ -124,6 +159,8 @@ class BodyFusion:
         only on success. ``info`` is gathered from every member (it must include ``round``)."""
         started = time.perf_counter()
         config = self.config
+        nonce = secrets.token_hex(8)  # tells this attempt from any earlier one of the same round
+        info = {**info, "nonce": nonce}
         matchmaking_deadline = (
             max(scheduled_time, get_dht_time() + config.matchmaking_time) + 2 * config.request_timeout
         )
@@ -143,17 +180,22 @@ class BodyFusion:
             gathered = control.result(timeout=wait_seconds)
         except Exception as error:  # hivemind raises several types; all mean "no fusion this round"
             control.cancel()
-            reason = _short_reason(error)
-            return self._not_fused(started, reason)
+            return self._not_fused(started, round_number, nonce, _short_reason(error))
         if not gathered:
-            return self._not_fused(started, "no group formed")
+            return self._not_fused(started, round_number, nonce, "no group formed")
         members = {peer.to_base58(): data if isinstance(data, dict) else {} for peer, data in gathered.items()}
         rounds = {member.get("round") for member in members.values()}
         if rounds != {round_number}:
-            return self._not_fused(started, f"group disagreed on the round ({sorted(map(str, rounds))})")
+            reason = f"group disagreed on the round ({sorted(map(str, rounds))})"
+            return self._not_fused(started, round_number, nonce, reason)
         with self.averager.get_tensors() as buffers:
             if not all(torch.isfinite(tensor).all() for tensor in buffers):
-                return self._not_fused(started, "the average has NaN or Inf values")
+                return self._not_fused(started, round_number, nonce, "the average has NaN or Inf values")
+        self._publish_verdict(round_number, nonce, ok=True)
+        refusal = self._group_verdict(round_number, members)
+        if refusal is not None:
+            return self._not_fused(started, round_number, nonce, refusal, publish=False)
+        with self.averager.get_tensors() as buffers:
             copy_into(list(body), list(buffers))
         return FusionResult(
             fused=True,
@@ -163,7 +205,30 @@ class BodyFusion:
             gathered=members,
         )
 
-    def _not_fused(self, started: float, reason: str) -> FusionResult:
+    def _group_verdict(self, round_number: int, members: dict[str, dict[str, Any]]) -> str | None:
+        """Wait (bounded) for every member's verdict; None if all report a complete all-reduce."""
+        deadline = time.monotonic() + self.config.allreduce_timeout
+        while True:
+            decision = group_decision(self.peer_id, members, self.board.fetch_verdicts(round_number))
+            if decision is not None:
+                return None if decision == "apply" else decision
+            if time.monotonic() > deadline:
+                return "rolled back: a group member never confirmed the all-reduce"
+            time.sleep(0.1)
+
+    def _publish_verdict(self, round_number: int, nonce: str, ok: bool) -> None:
+        verdict = Verdict(peer_id=self.peer_id, round=round_number, nonce=nonce, ok=ok, time=get_dht_time())
+        try:
+            self.board.publish_verdict(verdict, ttl=max(60.0, 2 * self.config.allreduce_timeout))
+        except Exception as error:  # the others then time out and roll back: safe
+            logger.debug("publishing the verdict failed: %r", error)
+
+    def _not_fused(
+        self, started: float, round_number: int, nonce: str, reason: str, publish: bool = True
+    ) -> FusionResult:
+        """Keep our own body; tell the group (if any formed) not to apply this round's average."""
+        if publish:
+            self._publish_verdict(round_number, nonce, ok=False)
         return FusionResult(False, 1, (self.peer_id,), time.perf_counter() - started, reason=reason)
 
     def publish_fused(self, round_number: int, body: Sequence[torch.Tensor], metadata: dict[str, Any]) -> None:

@@ -145,7 +145,9 @@ class Peer:
         self._resume_local_checkpoint()
         self.dht = start_dht(config.network, self.keys)
         self.board = RecordBoard(self.dht, self.keys)
-        self.fusion = BodyFusion(self.dht, self.body, prefix=self.keys.averager_prefix, config=config.fusion)
+        self.fusion = BodyFusion(
+            self.dht, self.body, prefix=self.keys.averager_prefix, config=config.fusion, board=self.board
+        )
         self.fusion.publish_fused(self._progress.fused_round, self.body, self._snapshot_metadata())
         self.console.joined(self.fusion.peer_id, self.dht.get_visible_maddrs(), self.data, self.keys.run_id)
         self._publisher = threading.Thread(target=self._publish_periodically, name="record-publisher", daemon=True)

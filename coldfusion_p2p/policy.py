@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from coldfusion_p2p.records import ARCHIVER, PeerRecord
+from coldfusion_p2p.records import ARCHIVER, PeerRecord, Verdict
 
 GROUP_BITS = 16  # rounds are told apart in the group key modulo 2**16
 READY_STATUSES = ("ready", "fusing")
@@ -104,3 +104,21 @@ def fusion_weight(weighting: str, num_examples: int) -> float:
 def rounds_done(fused_round: int, target_rounds: int | None) -> bool:
     """``--rounds N`` stops a peer once it holds the swarm's fused round N."""
     return target_rounds is not None and fused_round >= target_rounds
+
+
+def group_decision(own_peer_id: str, members: dict[str, dict], verdicts: dict[str, Verdict]) -> str | None:
+    """Apply an all-reduce only when every other member confirmed a complete one (two-phase commit).
+
+    Returns ``"apply"``, ``None`` (keep waiting) or the reason to roll back. Only verdicts carrying
+    the nonce a member sent to this group count, so a verdict on an earlier attempt is ignored.
+    """
+    others = set(members) - {own_peer_id}
+    current = {
+        peer: verdict
+        for peer, verdict in verdicts.items()
+        if peer in others and verdict.nonce == members[peer].get("nonce")
+    }
+    refused = [peer for peer, verdict in current.items() if not verdict.ok]
+    if refused:
+        return f"rolled back: the all-reduce was incomplete for {len(refused)} group member(s)"
+    return "apply" if others <= set(current) else None

@@ -22,7 +22,7 @@ from hivemind import DHT
 from hivemind.dht.schema import BytesWithPublicKey, RSASignatureValidator, SchemaValidator
 from hivemind.utils import ValueWithExpiration, get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
-from pydantic.v1 import BaseModel, StrictFloat, StrictStr, confloat, conint, constr
+from pydantic.v1 import BaseModel, StrictBool, StrictFloat, StrictStr, confloat, conint, constr
 
 Status = Literal["starting", "downloading", "training", "ready", "fusing", "idle", "stopped", "archiving"]
 ARCHIVER = "archiving"  # the status of a bootstrap node's archiver: not a contributor
@@ -56,6 +56,10 @@ class RunKeys:
     def records_key(self) -> str:
         return f"{self.prefix}_peers"
 
+    @property
+    def verdicts_key(self) -> str:
+        return f"{self.prefix}_verdicts"
+
 
 class PeerRecord(BaseModel):
     """What a peer tells the swarm about itself; never its data or its head."""
@@ -82,8 +86,19 @@ class PeerRecord(BaseModel):
     time: StrictFloat  # DHT time of publication
 
 
+class Verdict(BaseModel):
+    """A group member's word on a finished all-reduce: did every part of *its* view succeed?"""
+
+    peer_id: StrictStr
+    round: conint(ge=0, strict=True)
+    nonce: constr(strict=True, max_length=32)  # this member's random nonce of the attempt, shared in the group
+    ok: StrictBool
+    time: StrictFloat
+
+
 class SwarmSchema(BaseModel):
     peers: dict[BytesWithPublicKey, PeerRecord | None]
+    verdicts: dict[BytesWithPublicKey, Verdict | None]
 
 
 def swarm_validators(keys: RunKeys, private_key: RSAPrivateKey | None = None) -> list:
@@ -120,19 +135,37 @@ class RecordBoard:
 
     def fetch(self, timeout: float | None = 5.0) -> dict[bytes, PeerRecord]:
         """Fresh, well-formed records by subkey; malformed ones are skipped, never fatal."""
-        future = self.dht.get(self.keys.records_key, latest=True, return_future=True)
+        return self._fetch(self.keys.records_key, PeerRecord, timeout)
+
+    def publish_verdict(self, verdict: Verdict, ttl: float = 120.0) -> bool:
+        return bool(
+            self.dht.store(
+                self.keys.verdicts_key,
+                subkey=self.subkey,
+                value=verdict.dict(),
+                expiration_time=get_dht_time() + ttl,
+            )
+        )
+
+    def fetch_verdicts(self, round_number: int, timeout: float | None = 5.0) -> dict[str, Verdict]:
+        """Verdicts on ``round_number``, by the libp2p peer id they name."""
+        verdicts = self._fetch(self.keys.verdicts_key, Verdict, timeout).values()
+        return {verdict.peer_id: verdict for verdict in verdicts if verdict.round == round_number}
+
+    def _fetch(self, key: str, model: type[BaseModel], timeout: float | None) -> dict:
+        future = self.dht.get(key, latest=True, return_future=True)
         try:
             found = future.result(timeout=timeout)
         except Exception:  # a slow DHT must not stop training: no news is an empty board
             return {}
         if found is None or not isinstance(found.value, dict):
             return {}
-        records = {}
+        parsed = {}
         for subkey, entry in found.value.items():
             if not isinstance(entry, ValueWithExpiration) or entry.value is None:
                 continue
             try:
-                records[subkey] = PeerRecord.parse_obj(entry.value)
+                parsed[subkey] = model.parse_obj(entry.value)
             except ValueError:
                 continue
-        return records
+        return parsed

@@ -75,3 +75,17 @@ def test_weights_and_stopping():
     with pytest.raises(ValueError):
         policy.fusion_weight("median", 1)
     assert policy.rounds_done(3, 3) and not policy.rounds_done(2, 3) and not policy.rounds_done(10**6, None)
+
+
+def test_an_all_reduce_is_applied_only_when_every_member_confirms_it():
+    from coldfusion_p2p.records import Verdict
+
+    def verdict(peer, ok=True, nonce=None):
+        return Verdict(peer_id=peer, round=1, nonce=nonce or f"n-{peer}", ok=ok, time=0.0)
+
+    members = {peer: {"nonce": f"n-{peer}"} for peer in ("me", "a", "b")}
+    assert policy.group_decision("me", members, {"a": verdict("a")}) is None, "b has not confirmed yet"
+    assert policy.group_decision("me", members, {"a": verdict("a"), "b": verdict("b")}) == "apply"
+    assert "incomplete" in policy.group_decision("me", members, {"a": verdict("a"), "b": verdict("b", ok=False)})
+    stale = {"a": verdict("a"), "b": verdict("b", nonce="an-earlier-attempt")}
+    assert policy.group_decision("me", members, stale) is None, "a verdict on another attempt does not count"
