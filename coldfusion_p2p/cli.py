@@ -13,11 +13,12 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from coldfusion_p2p import __version__
 from coldfusion_p2p.config import (
     BootstrapConfig,
+    EvaluateConfig,
     MonitorConfig,
     PeerConfig,
     build_config,
@@ -32,15 +33,17 @@ EXIT_OK, EXIT_USER_ERROR, EXIT_INTERRUPTED = 0, 2, 130
 
 def add_config_flags(parser: argparse.ArgumentParser, config_type: type = PeerConfig) -> None:
     """One flag per config field; unset flags stay absent so the config file and defaults apply."""
-    for _, name, hint in config_fields(config_type):
+    section_types = get_type_hints(config_type)
+    for section, name, hint in config_fields(config_type):
         flag = "--" + name.replace("_", "-")
-        options: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": field_help(name)}
+        help_text = field_help(name, section_types[section])
+        options: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
         optional_args = [arg for arg in get_args(hint) if arg is not type(None)]
         base = optional_args[0] if type(None) in get_args(hint) else hint  # X | None -> X
         if base is bool:
             options["action"] = argparse.BooleanOptionalAction
         elif get_origin(base) is list:
-            options.update(action="extend", nargs="+", metavar="MULTIADDR")
+            options.update(action="extend", nargs="+", metavar="MULTIADDR" if section == "network" else "VALUE")
         elif get_origin(base) is Literal:
             options["choices"] = list(get_args(base))
         parser.add_argument(flag, **options)
@@ -74,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     monitor.add_argument("--config", help="TOML or YAML file whose keys mirror these flags (flags win)")
     add_config_flags(monitor, MonitorConfig)
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="compare base models (e.g. original vs fused) by finetuning and linear probing on seen/unseen datasets",
+        description="ColD Fusion's evaluation: finetune and linear-probe every --base on every dataset and seed, "
+        "with the same budget, and report accuracy on held-out test splits (seen and unseen datasets apart).",
+    )
+    evaluate.add_argument("--config", help="TOML or YAML file whose keys mirror these flags (flags win)")
+    add_config_flags(evaluate, EvaluateConfig)
     return parser
 
 
@@ -161,10 +172,18 @@ def run_monitor(config: MonitorConfig) -> int:
     return EXIT_OK
 
 
+def run_evaluate(config: EvaluateConfig) -> int:
+    from coldfusion_p2p.evaluate import run_evaluation
+
+    run_evaluation(config)
+    return EXIT_OK
+
+
 COMMANDS = {
     "join": (PeerConfig, run_join),
     "bootstrap": (BootstrapConfig, run_bootstrap),
     "monitor": (MonitorConfig, run_monitor),
+    "evaluate": (EvaluateConfig, run_evaluate),
 }
 
 

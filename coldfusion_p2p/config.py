@@ -110,6 +110,29 @@ class MonitorSettings:
     drop_after: float = 60.0  # ... and dropped after this long
 
 
+EVALUATION_METHODS = ("finetune", "linear_probe")
+
+
+@dataclass
+class EvaluationSettings:
+    base: list[str] = field(default_factory=list)  # model to compare (repeat): PATH, LABEL=PATH, or bundled
+    dataset: list[str] = field(default_factory=list)  # seen dataset (the swarm trained on it): file or train/test folder
+    unseen: list[str] = field(default_factory=list)  # unseen dataset (the swarm never saw it): file or train/test folder
+    seeds: int = 1  # repeat every run with seeds 0..seeds-1
+    finetune_steps: int = 50  # AdamW steps of full finetuning per run
+    probe_steps: int = 100  # AdamW steps of the linear probe (frozen body) per run
+    lr: float = 2e-4  # peak learning rate of full finetuning
+    probe_lr: float = 1e-3  # peak learning rate of the linear probe
+    batch_size: int = 16  # examples per step
+    max_length: int = 64  # tokens per example after truncation
+    max_train_examples: int = 1000  # train on a seeded subsample of at most this many examples
+    max_test_examples: int = 500  # test on a seeded subsample of at most this many examples
+    test_fraction: float = 0.2  # test split carved from a single dataset file (never trained on)
+    methods: list[str] = field(default_factory=lambda: list(EVALUATION_METHODS))  # finetune and/or linear_probe
+    report_dir: str = "evaluation"  # where results.csv, summary.csv, results.json and evaluation.png go
+    torch_threads: int | None = None  # torch intra-op threads (default: torch's choice)
+
+
 class SectionedConfig:
     """A config made of section dataclasses whose field names are unique: flat keys in, flat keys out."""
 
@@ -165,18 +188,31 @@ def _field_index(config_type: type) -> dict[str, tuple[str, str, Any]]:
     return {name: (section, name, hint) for section, name, hint in config_fields(config_type)}
 
 
-def field_help(name: str) -> str:
-    """The trailing ``# comment`` of a field in this file: the single source of flag help texts."""
-    return _field_comments().get(name, "")
+def field_help(name: str, section_type: type | None = None) -> str:
+    """The trailing ``# comment`` of a field in this file: the single source of flag help texts.
+
+    Two config classes may each have a field of the same name (``lr`` of training and of
+    evaluation): pass the field's section class to get its own comment.
+    """
+    comments = _field_comments()
+    if section_type is not None and (section_type.__name__, name) in comments:
+        return comments[section_type.__name__, name]
+    return comments.get(name, "")
 
 
 @functools.cache
-def _field_comments() -> dict[str, str]:
-    comments = {}
+def _field_comments() -> dict[str | tuple[str, str], str]:
+    """``{name: comment}`` (first definition wins) and ``{(class name, name): comment}``."""
+    comments: dict[str | tuple[str, str], str] = {}
+    owner = ""
     for line in Path(__file__).read_text().splitlines():
+        if line.startswith("class "):
+            owner = line[len("class ") :].split("(")[0].split(":")[0].strip()
         code, _, comment = line.partition("  # ")
         if comment and ":" in code and "=" in code and code.startswith("    "):
-            comments[code.split(":")[0].strip()] = comment.strip()
+            name = code.split(":")[0].strip()
+            comments.setdefault(name, comment.strip())
+            comments[owner, name] = comment.strip()
     return comments
 
 
@@ -256,6 +292,12 @@ class MonitorConfig(SectionedConfig):
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
+@dataclass
+class EvaluateConfig(SectionedConfig):
+    evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
 def build_config(
     file_values: dict[str, Any] | None = None,
     overrides: dict[str, Any] | None = None,
@@ -282,8 +324,43 @@ def validate(config: SectionedConfig) -> None:
         if not config.network.initial_peers:
             raise UserError("the monitor needs a swarm to watch", "pass --initial-peers of a peer or bootstrap node")
         _validate_run_id(config.network.run_id)
+    elif isinstance(config, EvaluateConfig):
+        _validate_evaluate(config)
     else:
         _validate_peer(config)
+
+
+def _validate_evaluate(config: EvaluateConfig) -> None:
+    settings = config.evaluation
+    if not settings.base:
+        raise UserError("no base model to evaluate", "pass --base at least once (e.g. --base original=bundled)")
+    if not settings.dataset and not settings.unseen:
+        raise UserError("no dataset to evaluate on", "pass --dataset (seen) and/or --unseen at least once")
+    if not settings.methods:
+        raise UserError("no evaluation method given", f"pass --methods with {' and/or '.join(EVALUATION_METHODS)}")
+    unknown = [method for method in settings.methods if method not in EVALUATION_METHODS]
+    if unknown:
+        raise UserError(f"unknown method(s) {', '.join(unknown)}", f"pass --methods {' '.join(EVALUATION_METHODS)}")
+    settings.methods = list(dict.fromkeys(settings.methods))
+    positive = {
+        name: getattr(settings, name)
+        for name in (
+            "seeds",
+            "finetune_steps",
+            "probe_steps",
+            "lr",
+            "probe_lr",
+            "batch_size",
+            "max_length",
+            "max_train_examples",
+            "max_test_examples",
+        )
+    }
+    if settings.torch_threads is not None:
+        positive["torch_threads"] = settings.torch_threads
+    _require_positive(positive)
+    if not 0.0 < settings.test_fraction < 1.0:
+        raise UserError("test_fraction must be between 0 and 1", "pass e.g. --test-fraction 0.2")
 
 
 def _require_positive(values: dict[str, float | int]) -> None:

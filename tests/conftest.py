@@ -20,6 +20,10 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+# hivemind switches torch to the "file_system" sharing strategy, whose torch_shm_manager helper dies
+# with the children this session reaps, aborting the test process on a later garbage collection.
+# The test process itself (its in-process DHT entry point) shares by file descriptors instead.
+os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")
 
 from tiny_models import build_tiny_model, sentiment_rows, write_csv
 
@@ -70,6 +74,7 @@ def tiny_datasets(tmp_path_factory) -> list[Path]:
 
 def peer_environment() -> dict[str, str]:
     environment = dict(os.environ)
+    environment.pop("HIVEMIND_MEMORY_SHARING_STRATEGY", None)  # peers run exactly as users run them
     environment.update(
         OMP_NUM_THREADS="1",
         MKL_NUM_THREADS="1",
@@ -185,6 +190,12 @@ class LocalSwarm:
         self.initial_peers = [str(address) for address in self.dht.get_visible_maddrs()]
         self.peers: list[PeerProcess] = []
 
+    def start_bootstrap(self, name: str, **settings) -> BootstrapProcess:
+        """A bootstrap node of this swarm's run, killed with the swarm at the end of the test."""
+        node = BootstrapProcess(name, self.workdir, **{"run_id": self.run_id, **settings})
+        self.peers.append(node)
+        return node
+
     def start_peer(self, name: str, dataset: Path, model: Path, **overrides) -> PeerProcess:
         settings = {
             **FAST_SWARM_SETTINGS,
@@ -201,8 +212,11 @@ class LocalSwarm:
         return peer
 
     def wait_all(self, timeout: float = PROCESS_TIMEOUT) -> None:
+        """Wait for every peer (not bootstrap nodes, which run until stopped) to exit with code 0."""
         deadline = time.monotonic() + timeout
         for peer in self.peers:
+            if isinstance(peer, BootstrapProcess):
+                continue
             code = peer.wait(timeout=max(1.0, deadline - time.monotonic()))
             assert code == 0, f"peer {peer.name} exited with {code}:\n{peer.log()}"
 

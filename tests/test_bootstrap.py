@@ -14,7 +14,7 @@ import torch
 from coldfusion_p2p.checkpoints import load_body_state
 from coldfusion_p2p.cli import main
 
-from conftest import BootstrapProcess, wait_until
+from conftest import wait_until
 from test_cli import assert_one_line_error
 
 pytestmark = pytest.mark.swarm
@@ -22,14 +22,14 @@ pytestmark = pytest.mark.swarm
 
 def test_restart_with_the_same_identity_keeps_the_peer_id(tmp_path, local_swarm, tiny_model_dir, tiny_dataset):
     identity = tmp_path / "keys" / "bootstrap.key"
-    first = BootstrapProcess("boot-a", tmp_path, identity=str(identity), run_id=local_swarm.run_id)
+    first = local_swarm.start_bootstrap("boot-a", identity=str(identity))
     first.wait_ready()
     assert stat.S_IMODE(identity.stat().st_mode) & 0o077 == 0, "the private key must be readable by its owner only"
     peer_id = first.peer_id
     first.send_signal(signal.SIGTERM)
     assert first.wait(timeout=30) == 0, first.log()
 
-    second = BootstrapProcess("boot-b", tmp_path, identity=str(identity), run_id=local_swarm.run_id)
+    second = local_swarm.start_bootstrap("boot-b", identity=str(identity))
     initial_peers = second.wait_ready()
     assert second.peer_id == peer_id
     peer = local_swarm.start_peer(
@@ -43,10 +43,8 @@ def test_restart_with_the_same_identity_keeps_the_peer_id(tmp_path, local_swarm,
 
 def test_archive_holds_each_fused_round_with_its_contributors(tmp_path, local_swarm, tiny_model_dir, tiny_datasets):
     archive = tmp_path / "archive"
-    boot = BootstrapProcess(
+    boot = local_swarm.start_bootstrap(
         "boot",
-        tmp_path,
-        run_id=local_swarm.run_id,
         archive_dir=str(archive),
         base_model=str(tiny_model_dir),
         poll_period=0.2,
@@ -85,9 +83,9 @@ def test_archive_holds_each_fused_round_with_its_contributors(tmp_path, local_sw
 
 
 def test_swarm_keeps_fusing_when_one_of_two_bootstraps_dies(tmp_path, local_swarm, tiny_model_dir, tiny_datasets):
-    first = BootstrapProcess("boot-1", tmp_path, run_id=local_swarm.run_id)
+    first = local_swarm.start_bootstrap("boot-1")
     first_peers = first.wait_ready()
-    second = BootstrapProcess("boot-2", tmp_path, run_id=local_swarm.run_id, initial_peers=first_peers)
+    second = local_swarm.start_bootstrap("boot-2", initial_peers=first_peers)
     both = first_peers + second.wait_ready()
     peers = [
         local_swarm.start_peer(
