@@ -115,6 +115,22 @@ def save_checkpoint(
     return final
 
 
+HISTORY_FILE = "history.jsonl"
+
+
+def append_history(output_dir: str | Path, entry: dict[str, Any]) -> None:
+    """One JSON line per completed round: every round's metrics survive checkpoint pruning."""
+    with open(Path(output_dir) / HISTORY_FILE, "a") as handle:
+        handle.write(json.dumps(entry, sort_keys=True, default=str) + "\n")
+
+
+def read_history(output_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(output_dir) / HISTORY_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def ensure_writable_dir(folder: Path, flag: str) -> None:
     """Create ``folder`` if needed and prove it is writable now, not after a round of training."""
     try:

@@ -18,6 +18,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 from coldfusion_p2p import __version__
 from coldfusion_p2p.config import (
     BootstrapConfig,
+    DemoConfig,
     EvaluateConfig,
     MonitorConfig,
     PeerConfig,
@@ -179,11 +180,19 @@ def run_evaluate(config: EvaluateConfig) -> int:
     return EXIT_OK
 
 
+def run_demo_command(config: DemoConfig) -> int:
+    from coldfusion_p2p.demo import run_demo
+
+    run_demo(config)
+    return EXIT_OK
+
+
 COMMANDS = {
     "join": (PeerConfig, run_join),
     "bootstrap": (BootstrapConfig, run_bootstrap),
     "monitor": (MonitorConfig, run_monitor),
     "evaluate": (EvaluateConfig, run_evaluate),
+    "demo": (DemoConfig, run_demo_command),
 }
 
 

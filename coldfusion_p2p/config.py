@@ -116,8 +116,8 @@ EVALUATION_METHODS = ("finetune", "linear_probe")
 @dataclass
 class EvaluationSettings:
     base: list[str] = field(default_factory=list)  # model to compare (repeat): PATH, LABEL=PATH, or bundled
-    dataset: list[str] = field(default_factory=list)  # seen dataset (the swarm trained on it): file or train/test folder
-    unseen: list[str] = field(default_factory=list)  # unseen dataset (the swarm never saw it): file or train/test folder
+    dataset: list[str] = field(default_factory=list)  # seen dataset (swarm trained on it): file or train/test dir
+    unseen: list[str] = field(default_factory=list)  # unseen dataset (swarm never saw it): file or train/test dir
     seeds: int = 1  # repeat every run with seeds 0..seeds-1
     finetune_steps: int = 50  # AdamW steps of full finetuning per run
     probe_steps: int = 100  # AdamW steps of the linear probe (frozen body) per run
@@ -131,6 +131,25 @@ class EvaluationSettings:
     methods: list[str] = field(default_factory=lambda: list(EVALUATION_METHODS))  # finetune and/or linear_probe
     report_dir: str = "evaluation"  # where results.csv, summary.csv, results.json and evaluation.png go
     torch_threads: int | None = None  # torch intra-op threads (default: torch's choice)
+
+
+@dataclass
+class DemoSettings:
+    quick: bool = False  # the whole idea in about three minutes: fewer rounds, steps and examples
+    contributors: list[str] = field(default_factory=list)  # bundled peers that train (default: four of them)
+    unseen_datasets: list[str] = field(default_factory=list)  # bundled datasets kept for evaluation only
+    rounds: int | None = None  # fusion rounds (default 5; --quick 2)
+    local_steps: int | None = None  # steps per round (default 40; --quick 8)
+    batch_size: int | None = None  # examples per step (default 32; --quick 16)
+    model: str | None = None  # base model (default: the bundled all-MiniLM-L6-v2)
+    seeds: int = 1  # evaluation seeds
+    finetune_steps: int | None = None  # evaluation finetuning steps (default 50; --quick 15)
+    probe_steps: int | None = None  # evaluation linear-probe steps (default 200; --quick 60)
+    max_train_examples: int | None = None  # evaluation train examples per dataset (default 1000; --quick 200)
+    max_test_examples: int | None = None  # evaluation test examples per dataset (default 400; --quick 200)
+    report_dir: str = "demo-report"  # summary.md, CSV/JSON of every number, PNG plots
+    run_id: str = "coldfusion-demo"  # the demo swarm's run id
+    swarm_timeout: float = 3600.0  # give up on the swarm after this many seconds
 
 
 class SectionedConfig:
@@ -282,7 +301,17 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise UserError(f"config file {path} is malformed ({first_line})", "fix its syntax") from None
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must hold a mapping of keys to values", "write key = value lines")
-    return data
+    return {key: _relative_to(path.parent, key, value) for key, value in data.items()}
+
+
+FILE_RELATIVE_KEYS = ("dataset",)  # a relative path in a config file means "beside the config file"
+
+
+def _relative_to(folder: Path, key: str, value: Any) -> Any:
+    if normalize_key(key) not in FILE_RELATIVE_KEYS or not isinstance(value, str) or Path(value).is_absolute():
+        return value
+    candidate = folder / value
+    return str(candidate) if candidate.exists() else value
 
 
 @dataclass
@@ -295,6 +324,12 @@ class MonitorConfig(SectionedConfig):
 @dataclass
 class EvaluateConfig(SectionedConfig):
     evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+@dataclass
+class DemoConfig(SectionedConfig):
+    demo: DemoSettings = field(default_factory=DemoSettings)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -326,6 +361,13 @@ def validate(config: SectionedConfig) -> None:
         _validate_run_id(config.network.run_id)
     elif isinstance(config, EvaluateConfig):
         _validate_evaluate(config)
+    elif isinstance(config, DemoConfig):
+        settings = config.demo
+        optional = ("rounds", "local_steps", "batch_size", "finetune_steps", "probe_steps", "max_train_examples",
+                    "max_test_examples")
+        _require_positive({name: getattr(settings, name) for name in optional if getattr(settings, name) is not None})
+        _require_positive({"seeds": settings.seeds, "swarm_timeout": settings.swarm_timeout})
+        _validate_run_id(settings.run_id)
     else:
         _validate_peer(config)
 

@@ -28,6 +28,7 @@ from hivemind.utils import get_dht_time
 
 from coldfusion_p2p import __version__, policy
 from coldfusion_p2p.checkpoints import (
+    append_history,
     apply_body_state,
     latest_checkpoint,
     load_body_state,
@@ -382,6 +383,9 @@ class Peer:
             },
             keep=self.config.run.keep_checkpoints,
             extra_files=extra,
+        )
+        append_history(
+            self.config.run.output_dir, {"peer_id": self.fusion.peer_id, "dataset": self.data.name, **report.__dict__}
         )
         self._update(
             status="idle",

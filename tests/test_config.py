@@ -74,3 +74,14 @@ def test_malformed_and_missing_config_files(tmp_path):
 def test_to_dict_round_trips_through_build_config():
     config = build_config({"dataset": "x.csv", "rounds": 3, "initial_peers": ["/p"]})
     assert build_config(config.to_dict()).to_dict() == config.to_dict()
+
+
+def test_every_shipped_peer_config_is_valid_and_its_dataset_resolves():
+    from pathlib import Path
+
+    peers = sorted((Path(__file__).parent.parent / "peers").glob("*.toml"))
+    assert len(peers) >= 4
+    for path in peers:
+        config = build_config(read_config_file(path))
+        assert Path(config.data.dataset).is_file(), path
+        assert config.data.dataset_name and config.training.local_steps == 40
