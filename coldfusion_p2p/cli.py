@@ -50,6 +50,20 @@ def add_config_flags(parser: argparse.ArgumentParser, config_type: type = PeerCo
         parser.add_argument(flag, **options)
 
 
+def as_flags(values: dict[str, Any]) -> list[str]:
+    """The command-line flags that set ``values`` (the inverse of parsing; for spawning peers)."""
+    flags = []
+    for key, value in values.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif isinstance(value, (list, tuple)):
+            flags += [flag, *map(str, value)]
+        elif value is not None:
+            flags += [flag, str(value)]
+    return flags
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="coldfusion-peer",
@@ -57,35 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"coldfusion-p2p {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    join = commands.add_parser(
-        "join",
-        help="finetune on a private dataset and fuse the shared body with the swarm",
-        description="Join a swarm: finetune locally on --dataset, fuse body weights with the other peers each round.",
-    )
-    join.add_argument("--config", help="TOML or YAML file whose keys mirror these flags (flags win)")
-    add_config_flags(join, PeerConfig)
-    bootstrap = commands.add_parser(
-        "bootstrap",
-        help="run a long-lived DHT entry point (stable identity) that can archive every fused base",
-        description="Run a bootstrap node: no data, no training; prints the --initial-peers value for peers.",
-    )
-    bootstrap.add_argument("--config", help="TOML or YAML file whose keys mirror these flags (flags win)")
-    add_config_flags(bootstrap, BootstrapConfig)
-    monitor = commands.add_parser(
-        "monitor",
-        help="watch a live swarm in a terminal dashboard (q or Ctrl-C quits)",
-        description="Join as a DHT client and show peers, datasets, rounds, loss, accuracy and alerts.",
-    )
-    monitor.add_argument("--config", help="TOML or YAML file whose keys mirror these flags (flags win)")
-    add_config_flags(monitor, MonitorConfig)
-    evaluate = commands.add_parser(
-        "evaluate",
-        help="compare base models (e.g. original vs fused) by finetuning and linear probing on seen/unseen datasets",
-        description="ColD Fusion's evaluation: finetune and linear-probe every --base on every dataset and seed, "
-        "with the same budget, and report accuracy on held-out test splits (seen and unseen datasets apart).",
-    )
-    evaluate.add_argument("--config", help="TOML or YAML file whose keys mirror these flags (flags win)")
-    add_config_flags(evaluate, EvaluateConfig)
+    for name, (config_type, _, summary, description) in COMMANDS.items():
+        command = commands.add_parser(name, help=summary, description=description)
+        command.add_argument("--config", help="TOML or YAML file whose keys mirror these flags (flags win)")
+        add_config_flags(command, config_type)
     return parser
 
 
@@ -187,12 +176,39 @@ def run_demo_command(config: DemoConfig) -> int:
     return EXIT_OK
 
 
-COMMANDS = {
-    "join": (PeerConfig, run_join),
-    "bootstrap": (BootstrapConfig, run_bootstrap),
-    "monitor": (MonitorConfig, run_monitor),
-    "evaluate": (EvaluateConfig, run_evaluate),
-    "demo": (DemoConfig, run_demo_command),
+COMMANDS = {  # name: (config class, runner, one-line help, description)
+    "demo": (
+        DemoConfig,
+        run_demo_command,
+        "the main job: a local swarm on bundled data, a live dashboard, then evidence that fusion helps",
+        "Start a bootstrap node and one peer per bundled contributor on 127.0.0.1, run the rounds, then evaluate "
+        "the original and the fused base and write a report (Markdown, CSV/JSON, PNG).",
+    ),
+    "join": (
+        PeerConfig,
+        run_join,
+        "finetune on a private dataset and fuse the shared body with the swarm",
+        "Join a swarm: finetune locally on --dataset, fuse body weights with the other peers each round.",
+    ),
+    "bootstrap": (
+        BootstrapConfig,
+        run_bootstrap,
+        "run a long-lived DHT entry point (stable identity) that can archive every fused base",
+        "Run a bootstrap node: no data, no training; prints the --initial-peers value for peers.",
+    ),
+    "monitor": (
+        MonitorConfig,
+        run_monitor,
+        "watch a live swarm in a terminal dashboard (q or Ctrl-C quits)",
+        "Join as a DHT client and show peers, datasets, rounds, loss, accuracy and alerts.",
+    ),
+    "evaluate": (
+        EvaluateConfig,
+        run_evaluate,
+        "compare base models (e.g. original vs fused) by finetuning and linear probing on seen/unseen datasets",
+        "ColD Fusion's evaluation: finetune and linear-probe every --base on every dataset and seed, with the same "
+        "budget, and report accuracy on held-out test splits (seen and unseen datasets apart).",
+    ),
 }
 
 
@@ -200,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     arguments = parser.parse_args(argv)
     try:
-        config_type, run = COMMANDS[arguments.command]
+        config_type, run, _, _ = COMMANDS[arguments.command]
         config = parse_config(arguments, config_type)
         configure_logging(config.logging.verbose)
         return run(config)

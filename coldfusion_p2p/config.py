@@ -120,9 +120,9 @@ class EvaluationSettings:
     unseen: list[str] = field(default_factory=list)  # unseen dataset (swarm never saw it): file or train/test dir
     seeds: int = 1  # repeat every run with seeds 0..seeds-1
     finetune_steps: int = 50  # AdamW steps of full finetuning per run
-    probe_steps: int = 100  # AdamW steps of the linear probe (frozen body) per run
+    probe_steps: int = 300  # AdamW steps of the linear probe (frozen body; cheap: body outputs are cached)
     lr: float = 2e-4  # peak learning rate of full finetuning
-    probe_lr: float = 1e-3  # peak learning rate of the linear probe
+    probe_lr: float = 5e-2  # peak learning rate of the linear probe (measured: 1e-3 leaves it near chance)
     batch_size: int = 16  # examples per step
     max_length: int = 64  # tokens per example after truncation
     max_train_examples: int = 1000  # train on a seeded subsample of at most this many examples
@@ -143,10 +143,10 @@ class DemoSettings:
     batch_size: int | None = None  # examples per step (default 32; --quick 16)
     model: str | None = None  # base model (default: the bundled all-MiniLM-L6-v2)
     seeds: int = 1  # evaluation seeds
-    finetune_steps: int | None = None  # evaluation finetuning steps (default 50; --quick 15)
-    probe_steps: int | None = None  # evaluation linear-probe steps (default 200; --quick 60)
-    max_train_examples: int | None = None  # evaluation train examples per dataset (default 1000; --quick 200)
-    max_test_examples: int | None = None  # evaluation test examples per dataset (default 400; --quick 200)
+    finetune_steps: int | None = None  # evaluation finetuning steps (default 40; --quick 10)
+    probe_steps: int | None = None  # evaluation linear-probe steps (default 300)
+    max_train_examples: int | None = None  # evaluation train examples per dataset (default 800; --quick 200)
+    max_test_examples: int | None = None  # evaluation test examples per dataset (default 400; --quick 120)
     report_dir: str = "demo-report"  # summary.md, CSV/JSON of every number, PNG plots
     run_id: str = "coldfusion-demo"  # the demo swarm's run id
     swarm_timeout: float = 3600.0  # give up on the swarm after this many seconds
@@ -363,8 +363,15 @@ def validate(config: SectionedConfig) -> None:
         _validate_evaluate(config)
     elif isinstance(config, DemoConfig):
         settings = config.demo
-        optional = ("rounds", "local_steps", "batch_size", "finetune_steps", "probe_steps", "max_train_examples",
-                    "max_test_examples")
+        optional = (
+            "rounds",
+            "local_steps",
+            "batch_size",
+            "finetune_steps",
+            "probe_steps",
+            "max_train_examples",
+            "max_test_examples",
+        )
         _require_positive({name: getattr(settings, name) for name in optional if getattr(settings, name) is not None})
         _require_positive({"seeds": settings.seeds, "swarm_timeout": settings.swarm_timeout})
         _validate_run_id(settings.run_id)

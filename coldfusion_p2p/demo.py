@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.live import Live
 
 from coldfusion_p2p.checkpoints import read_history
+from coldfusion_p2p.cli import as_flags
 from coldfusion_p2p.config import DemoConfig, EvaluateConfig, NetworkConfig, build_config
 from coldfusion_p2p.errors import UserError
 from coldfusion_p2p.model import resolve_model_name
@@ -35,10 +36,21 @@ QUICK = {  # --quick: the whole idea in about three minutes on two cores
     "rounds": 2,
     "local_steps": 8,
     "batch_size": 16,
-    "finetune_steps": 15,
-    "probe_steps": 60,
+    "validation_examples": 100,
+    "finetune_steps": 10,
+    "probe_steps": 300,
     "max_train_examples": 200,
-    "max_test_examples": 200,
+    "max_test_examples": 120,
+}
+DEFAULTS = {
+    "rounds": 5,
+    "local_steps": 40,
+    "batch_size": 32,
+    "validation_examples": 200,
+    "finetune_steps": 40,
+    "probe_steps": 300,
+    "max_train_examples": 800,
+    "max_test_examples": 400,
 }
 
 
@@ -65,14 +77,11 @@ def bundled_contributors(names: list[str]) -> list[Contributor]:
 def effective(config: DemoConfig) -> dict[str, Any]:
     """The demo's settings after ``--quick``: explicit flags keep priority over the quick preset."""
     settings = dict(config.demo.__dict__)
-    if config.demo.quick:
-        for key, value in QUICK.items():
-            if settings.get(key) is None:
-                settings[key] = value
-    defaults = {"rounds": 5, "local_steps": 40, "batch_size": 32, "finetune_steps": 50, "probe_steps": 200,
-                "max_train_examples": 1000, "max_test_examples": 400}
-    return {key: (defaults[key] if settings.get(key) is None and key in defaults else value)
-            for key, value in settings.items()}
+    preset = QUICK if config.demo.quick else DEFAULTS
+    for key, value in preset.items():
+        if settings.get(key) is None:
+            settings[key] = value
+    return settings
 
 
 class Demo:
@@ -95,49 +104,87 @@ class Demo:
     # ------------------------------------------------------------------ swarm
     def _environment(self) -> dict[str, str]:
         environment = dict(os.environ)
-        environment.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-                           HF_HUB_OFFLINE=environment.get("HF_HUB_OFFLINE", "1"), PYTHONUNBUFFERED="1")
+        environment.update(
+            OMP_NUM_THREADS="1",
+            MKL_NUM_THREADS="1",
+            TOKENIZERS_PARALLELISM="false",
+            HF_HUB_OFFLINE=environment.get("HF_HUB_OFFLINE", "1"),
+            PYTHONUNBUFFERED="1",
+        )
         return environment
 
     def _spawn(self, name: str, arguments: list[str]) -> subprocess.Popen:
         log = open(self.work_dir / "logs" / f"{name}.log", "w")  # noqa: SIM115 (closed with the process)
-        process = subprocess.Popen([sys.executable, "-m", "coldfusion_p2p.cli", *arguments], stdout=log,
-                                   stderr=subprocess.STDOUT, env=self._environment(), start_new_session=True)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "coldfusion_p2p.cli", *arguments],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self._environment(),
+            start_new_session=True,
+        )
         self.processes.append(process)
         return process
 
     def start_bootstrap(self) -> list[str]:
         peers_file = self.work_dir / "initial_peers.txt"
         peers_file.unlink(missing_ok=True)
-        bootstrap = self._spawn("bootstrap", [
-            "bootstrap", "--run-id", self.settings["run_id"], "--host-maddrs", LOOPBACK,
-            "--peers-file", str(peers_file), "--archive-dir", str(self.work_dir / "archive"),
-            "--base-model", self.model, "--poll-period", "0.5", "--quiet",
-        ])
+        bootstrap = self._spawn(
+            "bootstrap",
+            [
+                "bootstrap",
+                *as_flags(
+                    {
+                        "run_id": self.settings["run_id"],
+                        "host_maddrs": [LOOPBACK],
+                        "peers_file": str(peers_file),
+                        "archive_dir": str(self.work_dir / "archive"),
+                        "base_model": self.model,
+                        "poll_period": 0.5,
+                        "quiet": True,
+                    }
+                ),
+            ],
+        )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if peers_file.exists() and peers_file.read_text().strip():
                 return peers_file.read_text().split()
             if bootstrap.poll() is not None:
-                raise UserError("the demo's bootstrap node failed to start",
-                                f"see {self.work_dir / 'logs' / 'bootstrap.log'}")
+                raise UserError(
+                    "the demo's bootstrap node failed to start", f"see {self.work_dir / 'logs' / 'bootstrap.log'}"
+                )
             time.sleep(0.2)
         raise UserError("the demo's bootstrap node did not start within 120 s", "see its log in the report folder")
 
     def start_peers(self, initial_peers: list[str]) -> dict[str, subprocess.Popen]:
         settings = self.settings
-        peers = {}
-        for contributor in self.contributors:
-            peers[contributor.name] = self._spawn(contributor.name, [
-                "join", "--config", str(contributor.config_path), "--run-id", settings["run_id"],
-                "--initial-peers", *initial_peers, "--host-maddrs", LOOPBACK, "--model", self.model,
-                "--rounds", str(settings["rounds"]), "--local-steps", str(settings["local_steps"]),
-                "--batch-size", str(settings["batch_size"]), "--torch-threads", "1",
-                "--min-group-size", str(len(self.contributors)), "--fusion-window", "120",
-                "--output-dir", str(self.work_dir / "peers" / contributor.name), "--keep-checkpoints", "1",
-                "--quiet",
-            ])
-        return peers
+        shared = {
+            "run_id": settings["run_id"],
+            "initial_peers": initial_peers,
+            "host_maddrs": [LOOPBACK],
+            "model": self.model,
+            "rounds": settings["rounds"],
+            "local_steps": settings["local_steps"],
+            "batch_size": settings["batch_size"],
+            "max_eval_examples": settings["validation_examples"],
+            "torch_threads": 1,  # one thread per peer: several peers share the cores
+            "min_group_size": len(self.contributors),  # every round fuses all contributors
+            "fusion_window": 120.0,
+            "keep_checkpoints": 1,  # history.jsonl keeps every round's numbers
+            "quiet": True,
+        }
+        return {
+            contributor.name: self._spawn(
+                contributor.name,
+                [
+                    "join",
+                    "--config",
+                    str(contributor.config_path),
+                    *as_flags({**shared, "output_dir": str(self.work_dir / "peers" / contributor.name)}),
+                ],
+            )
+            for contributor in self.contributors
+        }
 
     def watch(self, initial_peers: list[str], peers: dict[str, subprocess.Popen]) -> None:
         """The live dashboard while the peers run; bounded by ``swarm_timeout``."""
@@ -155,16 +202,20 @@ class Demo:
             with live if live is not None else _nothing():
                 while any(process.poll() is None for process in peers.values()):
                     if time.monotonic() > deadline:
-                        raise UserError(f"the swarm did not finish within {self.settings['swarm_timeout']:.0f} s",
-                                        "raise --swarm-timeout or lower --rounds")
+                        raise UserError(
+                            f"the swarm did not finish within {self.settings['swarm_timeout']:.0f} s",
+                            "raise --swarm-timeout or lower --rounds",
+                        )
                     view.update(board.fetch())
                     snapshot = view.snapshot()
                     if live is not None:
                         live.update(render(snapshot), refresh=True)
                     elif snapshot.swarm_round != last_round:
                         last_round = snapshot.swarm_round
-                        self.console.print(f"swarm round {snapshot.swarm_round}/{self.settings['rounds']}, "
-                                           f"{snapshot.live_peers} live peers")
+                        self.console.print(
+                            f"swarm round {snapshot.swarm_round}/{self.settings['rounds']}, "
+                            f"{snapshot.live_peers} live peers"
+                        )
                     time.sleep(1.0)
         finally:
             dht.shutdown()
@@ -176,8 +227,10 @@ class Demo:
         (self.work_dir / "logs").mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
         initial_peers = self.start_bootstrap()
-        self.console.print(f"bootstrap node up; starting {len(self.contributors)} peers "
-                           f"({', '.join(c.name for c in self.contributors)}) for {self.settings['rounds']} rounds")
+        self.console.print(
+            f"bootstrap node up; starting {len(self.contributors)} peers "
+            f"({', '.join(c.name for c in self.contributors)}) for {self.settings['rounds']} rounds"
+        )
         self.watch(initial_peers, self.start_peers(initial_peers))
         self.timings["swarm_seconds"] = time.perf_counter() - started
 
@@ -196,17 +249,20 @@ class Demo:
 
         started = time.perf_counter()
         settings = self.settings
-        config = build_config({
-            "base": [f"original={self.model}", f"fused={self.fused_base()}"],
-            "dataset": [str(c.data_dir) for c in self.contributors],
-            "unseen": [str(folder) for folder in self.unseen],
-            "seeds": settings["seeds"],
-            "finetune_steps": settings["finetune_steps"],
-            "probe_steps": settings["probe_steps"],
-            "max_train_examples": settings["max_train_examples"],
-            "max_test_examples": settings["max_test_examples"],
-            "report_dir": str(self.report_dir),
-        }, config_type=EvaluateConfig)
+        config = build_config(
+            {
+                "base": [f"original={self.model}", f"fused={self.fused_base()}"],
+                "dataset": [str(c.data_dir) for c in self.contributors],
+                "unseen": [str(folder) for folder in self.unseen],
+                "seeds": settings["seeds"],
+                "finetune_steps": settings["finetune_steps"],
+                "probe_steps": settings["probe_steps"],
+                "max_train_examples": settings["max_train_examples"],
+                "max_test_examples": settings["max_test_examples"],
+                "report_dir": str(self.report_dir),
+            },
+            config_type=EvaluateConfig,
+        )
         results = evaluate_bases(config, console=self.console)
         summary = summarize(results)
         self.console.print(results_table(summary))
@@ -219,10 +275,19 @@ class Demo:
         rows = []
         for contributor in self.contributors:
             for entry in read_history(self.work_dir / "peers" / contributor.name):
-                rows.append({"peer": contributor.name, "round": entry["round"], "outcome": entry["outcome"],
-                             "group_size": entry["group_size"], "accuracy_before": entry["accuracy_before"],
-                             "accuracy_after": entry["accuracy_after"], "train_loss": entry["train_loss"],
-                             "fusion_seconds": entry["fusion_seconds"], "train_seconds": entry["train_seconds"]})
+                rows.append(
+                    {
+                        "peer": contributor.name,
+                        "round": entry["round"],
+                        "outcome": entry["outcome"],
+                        "group_size": entry["group_size"],
+                        "accuracy_before": entry["accuracy_before"],
+                        "accuracy_after": entry["accuracy_after"],
+                        "train_loss": entry["train_loss"],
+                        "fusion_seconds": entry["fusion_seconds"],
+                        "train_seconds": entry["train_seconds"],
+                    }
+                )
         return rows
 
     def write_report(self, summary: list[dict[str, Any]], files: dict[str, Path]) -> Path:
@@ -233,11 +298,18 @@ class Demo:
             writer.writerows(rows)
         plot_rounds(rows, self.report_dir / "rounds.png")
         verdicts = verdict_lines(summary)
-        payload = {"settings": self.settings, "timings": self.timings, "rounds": rows, "summary": summary,
-                   "verdicts": verdicts, "files": {key: str(path) for key, path in files.items()}}
+        payload = {
+            "settings": self.settings,
+            "timings": self.timings,
+            "rounds": rows,
+            "summary": summary,
+            "verdicts": verdicts,
+            "files": {key: str(path) for key, path in files.items()},
+        }
         (self.report_dir / "demo.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
-        (self.report_dir / "summary.md").write_text(markdown_summary(self.settings, self.timings, rows, summary,
-                                                                     verdicts))
+        (self.report_dir / "summary.md").write_text(
+            markdown_summary(self.settings, self.timings, rows, summary, verdicts)
+        )
         return self.report_dir / "summary.md"
 
     def run(self) -> Path:
@@ -249,8 +321,9 @@ class Demo:
         path = self.write_report(summary, files)
         for line in verdict_lines(summary):
             self.console.print(line)
-        self.console.print(f"report: {path} (and CSV, JSON, PNG beside it); "
-                           f"wall time {self.timings['total_seconds'] / 60:.1f} min")
+        self.console.print(
+            f"report: {path} (and CSV, JSON, PNG beside it); wall time {self.timings['total_seconds'] / 60:.1f} min"
+        )
         return path
 
     def shutdown(self) -> None:
@@ -285,8 +358,10 @@ def verdict_lines(summary: list[dict[str, Any]]) -> list[str]:
         split = "unseen" if "unseen" in row["dataset"] else "seen"
         method = row["method"].replace("_", " ")
         direction = "better" if delta > 0 else "worse" if delta < 0 else "no different"
-        lines.append(f"{method} on {split} datasets: fused base {100 * row['mean']:.1f}% vs original "
-                     f"{100 * (row['mean'] - delta):.1f}% ({100 * delta:+.1f} points: {direction})")
+        lines.append(
+            f"{method} on {split} datasets: fused base {100 * row['mean']:.1f}% vs original "
+            f"{100 * (row['mean'] - delta):.1f}% ({100 * delta:+.1f} points: {direction})"
+        )
     return lines
 
 
@@ -301,8 +376,14 @@ def plot_rounds(rows: list[dict[str, Any]], path: Path) -> None:
         points = sorted((row for row in rows if row["peer"] == peer), key=lambda row: row["round"])
         color = f"C{index}"
         rounds = [row["round"] for row in points]
-        axis.plot(rounds, [row["accuracy_before"] for row in points], "--o", color=color, alpha=0.6,
-                  label=f"{peer} before fusion")
+        axis.plot(
+            rounds,
+            [row["accuracy_before"] for row in points],
+            "--o",
+            color=color,
+            alpha=0.6,
+            label=f"{peer} before fusion",
+        )
         axis.plot(rounds, [row["accuracy_after"] for row in points], "-s", color=color, label=f"{peer} after fusion")
     axis.set_xlabel("round")
     axis.set_ylabel("validation accuracy")
@@ -315,24 +396,46 @@ def plot_rounds(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def markdown_summary(settings, timings, rows, summary, verdicts) -> str:
-    lines = ["# ColD Fusion demo report", "",
-             f"{len({r['peer'] for r in rows})} peers, {settings['rounds']} rounds x {settings['local_steps']} local "
-             f"steps (batch {settings['batch_size']}); swarm {timings.get('swarm_seconds', 0) / 60:.1f} min, "
-             f"evaluation {timings.get('evaluation_seconds', 0) / 60:.1f} min, "
-             f"total {timings.get('total_seconds', 0) / 60:.1f} min.", "", "## Verdict", ""]
+    lines = [
+        "# ColD Fusion demo report",
+        "",
+        f"{len({r['peer'] for r in rows})} peers, {settings['rounds']} rounds x {settings['local_steps']} local "
+        f"steps (batch {settings['batch_size']}); swarm {timings.get('swarm_seconds', 0) / 60:.1f} min, "
+        f"evaluation {timings.get('evaluation_seconds', 0) / 60:.1f} min, "
+        f"total {timings.get('total_seconds', 0) / 60:.1f} min.",
+        "",
+        "## Verdict",
+        "",
+    ]
     lines += [f"- {line}" for line in verdicts] or ["- no comparison available"]
-    lines += ["", "## Rounds (validation accuracy of each peer, before -> after fusion)", "",
-              "| peer | round | outcome | group | before | after |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Rounds (validation accuracy of each peer, before -> after fusion)",
+        "",
+        "| peer | round | outcome | group | before | after |",
+        "|---|---|---|---|---|---|",
+    ]
     for row in sorted(rows, key=lambda r: (r["peer"], r["round"])):
-        lines.append(f"| {row['peer']} | {row['round']} | {row['outcome']} | {row['group_size']} | "
-                     f"{_pct(row['accuracy_before'])} | {_pct(row['accuracy_after'])} |")
-    lines += ["", "![rounds](rounds.png)", "", "## Evaluation (test accuracy, mean ± std over seeds)", "",
-              "| dataset | split | method | base | mean | std | delta vs original |", "|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {row['peer']} | {row['round']} | {row['outcome']} | {row['group_size']} | "
+            f"{_pct(row['accuracy_before'])} | {_pct(row['accuracy_after'])} |"
+        )
+    lines += [
+        "",
+        "![rounds](rounds.png)",
+        "",
+        "## Evaluation (test accuracy, mean ± std over seeds)",
+        "",
+        "| dataset | split | method | base | mean | std | delta vs original |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for row in summary:
         delta = row.get("delta_vs_first_base")
-        lines.append(f"| {row['dataset']} | {'seen' if row['seen'] else 'unseen'} | {row['method']} | "
-                     f"{row['base_label']} | {_pct(row['mean'])} | {_pct(row.get('std'))} | "
-                     f"{'-' if delta is None else f'{100 * delta:+.1f}'} |")
+        lines.append(
+            f"| {row['dataset']} | {'seen' if row['seen'] else 'unseen'} | {row['method']} | "
+            f"{row['base_label']} | {_pct(row['mean'])} | {_pct(row.get('std'))} | "
+            f"{'-' if delta is None else f'{100 * delta:+.1f}'} |"
+        )
     lines += ["", "![evaluation](evaluation.png)", ""]
     return "\n".join(lines)
 
@@ -347,4 +450,3 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> Path:
         return demo.run()
     finally:
         demo.shutdown()
-

@@ -25,6 +25,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 # The test process itself (its in-process DHT entry point) shares by file descriptors instead.
 os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")
 
+from coldfusion_p2p.cli import as_flags
+
 from tiny_models import build_tiny_model, sentiment_rows, write_csv
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -90,19 +92,6 @@ def peer_command(*arguments: str) -> list[str]:
     return [sys.executable, "-m", "coldfusion_p2p.cli", *arguments]
 
 
-def settings_to_flags(settings: dict) -> list[str]:
-    flags = []
-    for key, value in settings.items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            flags.append(flag if value else "--no-" + key.replace("_", "-"))
-        elif isinstance(value, list):
-            flags += [flag, *map(str, value)]
-        else:
-            flags += [flag, str(value)]
-    return flags
-
-
 class PeerProcess:
     """A ``coldfusion-peer <command>`` child process (``join`` by default) with its output in a log file."""
 
@@ -112,7 +101,7 @@ class PeerProcess:
         self.log_path = workdir / f"{name}.log"
         self._log = open(self.log_path, "w")  # noqa: SIM115 (lives as long as the process)
         self.process = subprocess.Popen(
-            peer_command(command, *settings_to_flags(settings)),
+            peer_command(command, *as_flags(settings)),
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=peer_environment(),
