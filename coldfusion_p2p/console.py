@@ -85,6 +85,15 @@ class PeerConsole:
             task = progress.add_task("train", total=total_steps, loss="-")
             yield lambda step, loss: progress.update(task, completed=step, loss=f"{loss:.3f}")
 
+    @contextlib.contextmanager
+    def fusing(self, round_number: int) -> Iterator[Callable[[str], None]]:
+        """A spinner while the peer waits for its group and all-reduces; yields ``set_stage(text)``."""
+        if self.quiet or self.json or not self.console.is_terminal:
+            yield lambda stage: None
+            return
+        with self.console.status(f"round {round_number}: waiting for the other peers") as status:
+            yield lambda stage: status.update(f"round {round_number}: {stage}")
+
     def round_summary(self, report) -> None:
         before = _percent(report.accuracy_before)
         after = _percent(report.accuracy_after)

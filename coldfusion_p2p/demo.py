@@ -37,6 +37,7 @@ QUICK = {  # --quick: the whole idea in about three minutes on two cores
     "local_steps": 8,
     "batch_size": 16,
     "validation_examples": 100,
+    "evaluated_contributors": 2,  # seen datasets evaluated (all contributors train)
     "finetune_steps": 10,
     "probe_steps": 300,
     "max_train_examples": 200,
@@ -47,6 +48,7 @@ DEFAULTS = {
     "local_steps": 40,
     "batch_size": 32,
     "validation_examples": 200,
+    "evaluated_contributors": None,
     "finetune_steps": 40,
     "probe_steps": 300,
     "max_train_examples": 800,
@@ -170,6 +172,8 @@ class Demo:
             "torch_threads": 1,  # one thread per peer: several peers share the cores
             "min_group_size": len(self.contributors),  # every round fuses all contributors
             "fusion_window": 120.0,
+            "matchmaking_time": 2.0,  # loopback: groups form fast
+            "request_timeout": 1.0,
             "keep_checkpoints": 1,  # history.jsonl keeps every round's numbers
             "quiet": True,
         }
@@ -252,7 +256,7 @@ class Demo:
         config = build_config(
             {
                 "base": [f"original={self.model}", f"fused={self.fused_base()}"],
-                "dataset": [str(c.data_dir) for c in self.contributors],
+                "dataset": [str(c.data_dir) for c in self.contributors[: settings["evaluated_contributors"]]],
                 "unseen": [str(folder) for folder in self.unseen],
                 "seeds": settings["seeds"],
                 "finetune_steps": settings["finetune_steps"],

@@ -59,6 +59,7 @@ logger = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.2
 PRE_FUSION_FILE = "pre_fusion.safetensors"  # written with --save-local-body
+OUTCOME_REASONS = {"alone": "no other peer in the swarm", "missed": "the swarm fused this round without us"}
 
 
 @dataclass
@@ -204,9 +205,9 @@ class Peer:
         return self.stop_event.is_set() or policy.rounds_done(self._progress.fused_round, self.config.run.rounds)
 
     def run_round(self, round_number: int) -> RoundReport | None:
-        config = self.config
+        """Train, evaluate, fuse (or not), evaluate, checkpoint; None when stopped mid-round."""
         self._update(status="training", round=round_number, step=0, fuse_at=None)
-        with self.console.training(round_number, config.training.local_steps) as on_step:
+        with self.console.training(round_number, self.config.training.local_steps) as on_step:
             stats = self.trainer.train_round(
                 round_number, on_step=self._on_step(on_step), should_stop=self.stop_event.is_set
             )
@@ -218,51 +219,54 @@ class Peer:
             accuracy_before=before.accuracy,
             samples_per_second=stats.samples_per_second,
         )
-        pre_fusion = self._pre_fusion_audit() if config.run.save_local_body else None
+        pre_fusion = self._pre_fusion_audit() if self.config.run.save_local_body else None
 
         waited = time.perf_counter()
-        decision, scheduled_time = self.wait_for_fusion_window(round_number)
-        wait_seconds = time.perf_counter() - waited
-        if decision == "stop":
+        outcome, result = self.fuse_round(round_number)
+        if outcome == "stop":
             return None
-        result: FusionResult | None = None
-        if decision == "fuse":
+        if outcome in ("failed", "missed") and self.catch_up(f"round {round_number} {outcome}", round_number):
+            outcome = "synced"
+        fused = result is not None and result.fused
+        report = RoundReport(
+            round=round_number,
+            outcome=outcome,
+            group_size=result.group_size if fused else 1,
+            peer_ids=list(result.peer_ids) if fused else [self.fusion.peer_id],
+            train_loss=finite_or_nan(stats.loss),
+            accuracy_before=before.accuracy,
+            accuracy_after=self.trainer.evaluate().accuracy if outcome in ("fused", "synced") else before.accuracy,
+            train_seconds=stats.seconds,
+            wait_seconds=time.perf_counter() - waited - (result.seconds if result is not None else 0.0),
+            fusion_seconds=result.seconds if result is not None else 0.0,
+            samples_per_second=stats.samples_per_second,
+            reason=result.reason if result is not None else OUTCOME_REASONS.get(outcome, ""),
+            members=result.gathered if fused else {},
+        )
+        if outcome != "synced":  # a synced round already checkpointed the downloaded base
+            self._complete_round(round_number, report, pre_fusion)
+        return report
+
+    def fuse_round(self, round_number: int) -> tuple[str, FusionResult | None]:
+        """Wait for the round's fusion window, then all-reduce: ``(outcome, result)``.
+
+        Outcomes: ``fused``, ``failed`` (kept own body), ``alone``, ``missed`` (the swarm fused
+        without us), ``stop``.
+        """
+        with self.console.fusing(round_number) as set_stage:
+            decision, scheduled_time = self.wait_for_fusion_window(round_number)
+            if decision != "fuse":
+                return decision, None
+            set_stage("all-reducing the bodies")
             self._update(status="fusing")
             result = self.fusion.fuse(
                 self.body,
                 round_number=round_number,
                 scheduled_time=scheduled_time,
-                weight=policy.fusion_weight(config.fusion.weighting, len(self.data.train)),
+                weight=policy.fusion_weight(self.config.fusion.weighting, len(self.data.train)),
                 info={"round": round_number, "dataset": self.data.name, "examples": len(self.data.train)},
             )
-            outcome = "fused" if result.fused else "failed"
-        else:
-            outcome = decision  # "alone" or "missed"
-        if outcome in ("failed", "missed") and self.catch_up(
-            reason=f"round {round_number} {outcome}", min_round=round_number
-        ):
-            outcome = "synced"
-        after = self.trainer.evaluate() if outcome in ("fused", "synced") else before
-        report = RoundReport(
-            round=round_number,
-            outcome=outcome,
-            group_size=result.group_size if result is not None and result.fused else 1,
-            peer_ids=list(result.peer_ids) if result is not None and result.fused else [self.fusion.peer_id],
-            train_loss=finite_or_nan(stats.loss),
-            accuracy_before=before.accuracy,
-            accuracy_after=after.accuracy,
-            train_seconds=stats.seconds,
-            wait_seconds=wait_seconds,
-            fusion_seconds=result.seconds if result is not None else 0.0,
-            samples_per_second=stats.samples_per_second,
-            reason=result.reason
-            if result is not None
-            else ("no other peer in the swarm" if outcome == "alone" else ""),
-            members=result.gathered if result is not None else {},
-        )
-        if outcome != "synced":  # a synced round already checkpointed the downloaded base
-            self._complete_round(round_number, report, pre_fusion)
-        return report
+        return ("fused" if result.fused else "failed"), result
 
     def wait_for_fusion_window(self, round_number: int) -> tuple[str, float]:
         """Publish readiness, then wait for the round's fusion time (see :mod:`policy`).
