@@ -30,7 +30,7 @@ from coldfusion_p2p.checkpoints import (
     save_body_folder,
 )
 from coldfusion_p2p.config import FusionConfig
-from coldfusion_p2p.fusion import FusedBodyAverager
+from coldfusion_p2p.fusion import FusedBodyAverager, download_fused
 from coldfusion_p2p.model import (
     body_fingerprint,
     body_parameters,
@@ -123,32 +123,12 @@ class RoundArchiver:
         target = max((record.fused_round for record in records), default=0)
         if target <= self.last_round:
             return None
-        loaded = self._download(target)
-        if loaded is None:
+        state = download_fused(self.averager, target, self.body, self.download_timeout)
+        if state is None:
             return None
-        metadata, tensors = loaded
-        archived = self._store(int(metadata["round"]), tensors, metadata, records)
+        archived = self._store(state.round, state.tensors, state.source, records)
         self.publish_progress()
         return archived
-
-    def _download(self, min_round: int) -> tuple[dict, list] | None:
-        future = self.averager.load_state_from_peers(wait=False, timeout=self.download_timeout)
-        try:
-            loaded = future.result(timeout=self.download_timeout)
-        except Exception as error:  # several hivemind error types: all mean "try again next poll"
-            logger.info("downloading the fused base failed: %r", error)
-            return None
-        if loaded is None:
-            return None
-        metadata, tensors = loaded
-        if not isinstance(metadata, dict) or not isinstance(metadata.get("round"), int):
-            return None
-        if metadata["round"] < min_round or len(tensors) != len(self.body):
-            return None  # the peer asked had not finished that round yet: next poll
-        if any(tensor.shape != own.shape for tensor, own in zip(tensors, self.body, strict=True)):
-            logger.warning("a peer served a body of another shape; is --base-model the run's model?")
-            return None
-        return metadata, list(tensors)
 
     def _store(self, round_number: int, tensors: list, source: dict, records: list[PeerRecord]) -> ArchivedRound:
         copy_into(self.body, tensors)

@@ -21,7 +21,7 @@ from coldfusion_p2p.checkpoints import ensure_writable_dir
 from coldfusion_p2p.config import BootstrapConfig
 from coldfusion_p2p.console import PeerConsole
 from coldfusion_p2p.errors import UserError
-from coldfusion_p2p.network import start_dht
+from coldfusion_p2p.network import shut_down, start_dht
 from coldfusion_p2p.records import RunKeys
 
 logger = logging.getLogger(__name__)
@@ -106,10 +106,4 @@ class BootstrapNode:
 
     def shutdown(self) -> None:
         self.stop_event.set()
-        for component in (self.archiver, self.dht):
-            if component is None:
-                continue
-            try:
-                component.shutdown()
-            except Exception as error:  # children may already be gone after Ctrl-C
-                logger.debug("shutdown of %s failed: %r", type(component).__name__, error)
+        shut_down(self.archiver, self.dht)

@@ -7,12 +7,13 @@ comment), so a flag and its ``--config`` key can never drift apart.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from coldfusion_p2p import __version__
@@ -126,32 +127,39 @@ def restore_handlers(previous: dict) -> None:
         signal.signal(signum, handler)
 
 
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+    """An event that SIGINT/SIGTERM set, with the previous handlers restored afterwards."""
+    stop_event = threading.Event()
+    previous_handlers = install_stop_handlers(stop_event)
+    try:
+        yield stop_event
+    finally:
+        restore_handlers(previous_handlers)
+
+
 def run_join(config: PeerConfig) -> int:
     from coldfusion_p2p.peer import Peer
 
-    stop_event = threading.Event()
-    previous_handlers = install_stop_handlers(stop_event)
-    peer = Peer(config, stop_event=stop_event)
-    try:
-        peer.run()
-    finally:
-        peer.shutdown()
-        restore_handlers(previous_handlers)
+    with stop_on_signals() as stop_event:
+        peer = Peer(config, stop_event=stop_event)
+        try:
+            peer.run()
+        finally:
+            peer.shutdown()
     return EXIT_OK
 
 
 def run_bootstrap(config: BootstrapConfig) -> int:
     from coldfusion_p2p.bootstrap import BootstrapNode
 
-    stop_event = threading.Event()
-    previous_handlers = install_stop_handlers(stop_event)
-    node = BootstrapNode(config, stop_event=stop_event)
-    try:
-        node.start()
-        node.run()
-    finally:
-        node.shutdown()
-        restore_handlers(previous_handlers)
+    with stop_on_signals() as stop_event:
+        node = BootstrapNode(config, stop_event=stop_event)
+        try:
+            node.start()
+            node.run()
+        finally:
+            node.shutdown()
     return EXIT_OK
 
 

@@ -235,30 +235,38 @@ class BodyFusion:
         self.averager.publish_fused(round_number, body, metadata)
 
     def download_fused(self, min_round: int, expected: Sequence[torch.Tensor], timeout: float) -> FusedState | None:
-        """The newest fused base a peer serves, if its round is at least ``min_round`` and shapes match."""
-        future = self.averager.load_state_from_peers(wait=False, timeout=timeout)
-        try:
-            loaded = future.result(timeout=timeout)
-        except Exception as error:
-            logger.info("state download failed: %s", _short_reason(error))
-            return None
-        if loaded is None:
-            return None
-        metadata, tensors = loaded
-        if not isinstance(metadata, dict) or not isinstance(metadata.get("round"), int):
-            return None
-        if metadata["round"] < min_round or len(tensors) != len(expected):
-            return None
-        if any(t.shape != e.shape for t, e in zip(tensors, expected, strict=True)):
-            return None
-        if not all(torch.isfinite(tensor).all() for tensor in tensors):
-            logger.warning("a peer served a fused base with NaN or Inf values; ignored")
-            return None
-        return FusedState(round=metadata["round"], tensors=list(tensors), source=metadata)
+        return download_fused(self.averager, min_round, expected, timeout)
 
     def shutdown(self) -> None:
         if self.averager.is_alive():
             self.averager.shutdown()
+
+
+def download_fused(
+    averager: FusedBodyAverager, min_round: int, expected: Sequence[torch.Tensor], timeout: float
+) -> FusedState | None:
+    """The fused base the best-placed peer serves, if its round is at least ``min_round``, its shapes
+    match ``expected`` and it is finite; None otherwise (callers retry, bounded)."""
+    future = averager.load_state_from_peers(wait=False, timeout=timeout)
+    try:
+        loaded = future.result(timeout=timeout)
+    except Exception as error:  # several hivemind error types: all mean "not this time"
+        logger.info("state download failed: %s", _short_reason(error))
+        return None
+    if loaded is None:
+        return None
+    metadata, tensors = loaded
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("round"), int):
+        return None
+    if metadata["round"] < min_round or len(tensors) != len(expected):
+        return None  # the peer asked had not finished that round yet
+    if any(tensor.shape != own.shape for tensor, own in zip(tensors, expected, strict=True)):
+        logger.warning("a peer served a body of other shapes (another model?); ignored")
+        return None
+    if not all(torch.isfinite(tensor).all() for tensor in tensors):
+        logger.warning("a peer served a fused base with NaN or Inf values; ignored")
+        return None
+    return FusedState(round=metadata["round"], tensors=list(tensors), source=metadata)
 
 
 def _detached_copy(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:

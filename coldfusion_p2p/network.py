@@ -115,3 +115,14 @@ def _daemon_error(config: NetworkConfig, error: P2PDaemonError) -> UserError:
         )
     reason = text.replace("Daemon failed to start:", "").strip().splitlines()[0] if text.strip() else "unknown"
     return UserError(f"could not start the p2p daemon ({reason[:200]})", "check --host-maddrs and --initial-peers")
+
+
+def shut_down(*components) -> None:
+    """Shut hivemind components (averagers, DHTs) down, tolerating ones already gone (after Ctrl-C)."""
+    for component in components:
+        if component is None:
+            continue
+        try:
+            component.shutdown()
+        except Exception as error:
+            logger.debug("shutdown of %s failed: %r", type(component).__name__, error)

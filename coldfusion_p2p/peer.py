@@ -51,7 +51,7 @@ from coldfusion_p2p.model import (
     load_tokenizer,
     resolve_model_name,
 )
-from coldfusion_p2p.network import check_network_config, start_dht
+from coldfusion_p2p.network import check_network_config, shut_down, start_dht
 from coldfusion_p2p.records import PeerRecord, RecordBoard, RunKeys
 from coldfusion_p2p.trainer import LocalTrainer
 
@@ -469,10 +469,4 @@ class Peer:
         if self.board is not None:
             self._update(status="stopped", fuse_at=None)
             self._publish()
-        for component in (self.fusion, self.dht):
-            if component is None:
-                continue
-            try:
-                component.shutdown()
-            except Exception as error:  # children may already be gone after Ctrl-C
-                logger.debug("shutdown of %s failed: %r", type(component).__name__, error)
+        shut_down(self.fusion, self.dht)
