@@ -20,7 +20,7 @@ from typing import Any
 from hivemind import DHT
 from hivemind.utils import get_dht_time
 
-from coldfusion_p2p import __version__
+from coldfusion_p2p import __version__, policy
 from coldfusion_p2p.checkpoints import (
     atomic_folder,
     ensure_writable_dir,
@@ -37,6 +37,7 @@ from coldfusion_p2p.model import (
     copy_into,
     load_classifier,
     load_tokenizer,
+    model_fingerprint,
     resolve_model_name,
 )
 from coldfusion_p2p.records import ARCHIVER, PeerRecord, RecordBoard, RunKeys
@@ -82,15 +83,17 @@ class RoundArchiver:
         self.tokenizer = load_tokenizer(self.model_name)
         self.model = load_classifier(self.model_name, ["0", "1"], seed=0)  # the head is never archived
         self.body = body_parameters(self.model)
+        self.model_fingerprint = model_fingerprint(self.model)
         # client mode: downloads state, never joins a group or serves a body of its own
         self.averager = FusedBodyAverager(
             self.body,
             dht,
-            prefix=keys.averager_prefix,
+            prefix=keys.averager_prefix(self.model_fingerprint),
             config=FusionConfig(next_chunk_timeout=min(30.0, download_timeout)),
             client_mode=True,
         )
         self.last_round = self._archived_round()
+        self._warned = False
         self.publish_progress()
 
     def publish_progress(self) -> None:
@@ -120,6 +123,11 @@ class RoundArchiver:
         """Archive the swarm's newest fused round if it is newer than the archive's; None otherwise."""
         self.publish_progress()
         records = [record for record in self.board.fetch().values() if record.status != ARCHIVER]
+        if policy.incompatible_swarm(records, self.model_fingerprint) is not None and not self._warned:
+            self._warned = True
+            logger.warning(
+                "the swarm fuses another model than --base-model %s: nothing can be archived", self.model_name
+            )
         target = max((record.fused_round for record in records), default=0)
         if target <= self.last_round:
             return None

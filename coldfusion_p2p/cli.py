@@ -180,7 +180,14 @@ def run_evaluate(config: EvaluateConfig) -> int:
 def run_demo_command(config: DemoConfig) -> int:
     from coldfusion_p2p.demo import run_demo
 
-    run_demo(config)
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt  # unwinds through the demo's finally, which stops its peers
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        run_demo(config)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return EXIT_OK
 
 

@@ -61,6 +61,7 @@ class FusionConfig:
     allreduce_timeout: float = 120.0  # the whole all-reduce must finish within this many seconds
     next_chunk_timeout: float = 10.0  # a silent sender is dropped after this many seconds
     state_download_timeout: float = 120.0  # bound on downloading the fused base from the swarm
+    max_update_ratio: float = 10.0  # reject a fused update this many times the typical one (poisoning guard)
 
 
 @dataclass
@@ -139,13 +140,13 @@ class DemoSettings:
     contributors: list[str] = field(default_factory=list)  # bundled peers that train (default: four of them)
     unseen_datasets: list[str] = field(default_factory=list)  # bundled datasets kept for evaluation only
     rounds: int | None = None  # fusion rounds (default 5; --quick 2)
-    local_steps: int | None = None  # steps per round (default 40; --quick 8)
+    local_steps: int | None = None  # steps per round (default 25; --quick 8)
     batch_size: int | None = None  # examples per step (default 32; --quick 16)
     model: str | None = None  # base model (default: the bundled all-MiniLM-L6-v2)
     seeds: int = 1  # evaluation seeds
     finetune_steps: int | None = None  # evaluation finetuning steps (default 40; --quick 10)
     probe_steps: int | None = None  # evaluation linear-probe steps (default 300)
-    max_train_examples: int | None = None  # evaluation train examples per dataset (default 800; --quick 200)
+    max_train_examples: int | None = None  # evaluation train examples per dataset (default 600; --quick 200)
     max_test_examples: int | None = None  # evaluation test examples per dataset (default 400; --quick 120)
     report_dir: str = "demo-report"  # summary.md, CSV/JSON of every number, PNG plots
     run_id: str = "coldfusion-demo"  # the demo swarm's run id
@@ -447,6 +448,7 @@ def _validate_peer(config: PeerConfig) -> None:
         "record_period": config.network.record_period,
         "keep_checkpoints": config.run.keep_checkpoints,
         "min_group_size": fusion.min_group_size,
+        "max_update_ratio": fusion.max_update_ratio,
     }
     _require_positive(positive)
     if config.run.rounds is not None and config.run.rounds < 1:

@@ -18,6 +18,7 @@ module wraps it for ColD Fusion:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import secrets
@@ -36,7 +37,7 @@ from hivemind.utils.asyncio import as_aiter, azip
 
 from coldfusion_p2p.config import FusionConfig
 from coldfusion_p2p.model import copy_into
-from coldfusion_p2p.policy import group_bits, group_decision
+from coldfusion_p2p.policy import group_bits, group_decision, poisoned_update
 from coldfusion_p2p.records import RecordBoard, Verdict
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ class FusionResult:
     seconds: float  # from entering matchmaking to the end of the all-reduce
     gathered: dict[str, dict[str, Any]] = field(default_factory=dict)  # what each member told the group
     reason: str = ""  # why the round did not fuse
+    rejected: bool = False  # the all-reduce worked but its result failed validation (e.g. poisoning)
 
 
 class FusedBodyAverager(DecentralizedAverager):
@@ -103,6 +105,10 @@ class FusedBodyAverager(DecentralizedAverager):
         metadata, tensors = self._snapshot
         return metadata, tensors, None
 
+    def last_fused_body(self) -> list[torch.Tensor]:
+        """The body this round started from (the last fused base); never modified in place."""
+        return self._snapshot[1]
+
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
         """Like hivemind's, but all or nothing: apply the deltas only if no part failed or lost a sender."""
         group_id = group_info.group_id if group_id is None else group_id
@@ -131,7 +137,7 @@ class FusedBodyAverager(DecentralizedAverager):
 class BodyFusion:
     """Fuses one peer's body with its group, round after round.
 
-    >>> fusion = BodyFusion(dht, body_parameters(model), prefix=keys.averager_prefix, config=config.fusion)
+    >>> fusion = BodyFusion(dht, body, prefix=keys.averager_prefix(fingerprint), config=config.fusion, board=board)
     >>> result = fusion.fuse(body, round_number=1, scheduled_time=t, weight=1.0, info={"round": 1})
     >>> result.fused, result.group_size
     """
@@ -160,7 +166,9 @@ class BodyFusion:
         started = time.perf_counter()
         config = self.config
         nonce = secrets.token_hex(8)  # tells this attempt from any earlier one of the same round
-        info = {**info, "nonce": nonce}
+        start = self.averager.last_fused_body()
+        own_norm = update_norm(body, start)
+        info = {**info, "nonce": nonce, "update_norm": own_norm}
         matchmaking_deadline = (
             max(scheduled_time, get_dht_time() + config.matchmaking_time) + 2 * config.request_timeout
         )
@@ -189,8 +197,14 @@ class BodyFusion:
             reason = f"group disagreed on the round ({sorted(map(str, rounds))})"
             return self._not_fused(started, round_number, nonce, reason)
         with self.averager.get_tensors() as buffers:
-            if not all(torch.isfinite(tensor).all() for tensor in buffers):
-                return self._not_fused(started, round_number, nonce, "the average has NaN or Inf values")
+            finite = all(torch.isfinite(tensor).all() for tensor in buffers)
+            fused_norm = update_norm(buffers, start) if finite else float("nan")
+        member_norms = [float(member.get("update_norm", float("nan"))) for member in members.values()]
+        if not finite:
+            return self._rejected(started, round_number, nonce, "the average has NaN or Inf values")
+        if poisoned_update(fused_norm, own_norm, member_norms, config.max_update_ratio):
+            reason = f"the fused update is {fused_norm / max(own_norm, 1e-12):.0f}x ours: a poisoned contribution?"
+            return self._rejected(started, round_number, nonce, reason)
         self._publish_verdict(round_number, nonce, ok=True)
         refusal = self._group_verdict(round_number, members)
         if refusal is not None:
@@ -216,6 +230,11 @@ class BodyFusion:
                 return "rolled back: a group member never confirmed the all-reduce"
             time.sleep(0.1)
 
+    def _rejected(self, started: float, round_number: int, nonce: str, reason: str) -> FusionResult:
+        """The group's average is unusable: keep our body and make every member roll back too."""
+        result = self._not_fused(started, round_number, nonce, f"rejected: {reason}")
+        return dataclasses.replace(result, rejected=True)
+
     def _publish_verdict(self, round_number: int, nonce: str, ok: bool) -> None:
         verdict = Verdict(peer_id=self.peer_id, round=round_number, nonce=nonce, ok=ok, time=get_dht_time())
         try:
@@ -240,6 +259,16 @@ class BodyFusion:
     def shutdown(self) -> None:
         if self.averager.is_alive():
             self.averager.shutdown()
+
+
+def update_norm(body: Sequence[torch.Tensor], start: Sequence[torch.Tensor]) -> float:
+    """L2 norm of ``body - start`` over all tensors (how far a round moved the body)."""
+    with torch.no_grad():
+        squares = (
+            float((tensor.float() - origin.float()).pow(2).sum()) for tensor, origin in zip(body, start, strict=True)
+        )
+        total = sum(squares)
+    return total**0.5
 
 
 def download_fused(

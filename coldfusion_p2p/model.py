@@ -177,6 +177,19 @@ def body_fingerprint(tensors: list[torch.Tensor]) -> str:
     return digest.hexdigest()[:12]
 
 
+def model_fingerprint(model: PreTrainedModel) -> str:
+    """Architecture, body shapes and starting body weights, hashed: peers fuse only with equal fingerprints.
+
+    Computed on the freshly loaded ``--model`` (before any checkpoint or download), so every peer
+    that starts from the same base agrees, whatever round it joins at.
+    """
+    digest = hashlib.sha256(f"{model.config.model_type}|{type(model.base_model).__name__}".encode())
+    for name, tensor in zip(split_body_head(model).body, body_parameters(model), strict=True):
+        digest.update(f"{name}:{tuple(tensor.shape)}".encode())
+    digest.update(body_fingerprint(body_parameters(model)).encode())
+    return digest.hexdigest()[:12]
+
+
 def forward_input_names(model: PreTrainedModel) -> frozenset[str]:
     """Which tokenizer outputs this model's ``forward`` takes (DistilBERT takes no token_type_ids)."""
     return frozenset(inspect.signature(model.forward).parameters)

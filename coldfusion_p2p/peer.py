@@ -17,6 +17,7 @@ only the record in :mod:`coldfusion_p2p.records` goes to the DHT.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ from coldfusion_p2p.model import (
     load_classifier,
     load_head_state,
     load_tokenizer,
+    model_fingerprint,
     resolve_model_name,
 )
 from coldfusion_p2p.network import check_network_config, shut_down, start_dht
@@ -101,6 +103,23 @@ class _Progress:
     last_reason: str = ""
 
 
+FAULT_SCALE_ENV = "COLDFUSION_FAULT_SCALE_UPDATE"  # fault injection for tests: scale this peer's update
+
+
+def inject_update_fault(body: list[torch.Tensor], start: list[torch.Tensor]) -> None:
+    """Test-only fault injection: with COLDFUSION_FAULT_SCALE_UPDATE=k the peer sends k times its
+    update ("nan" sends NaNs), to prove that the others reject a poisoned contribution."""
+    factor = os.environ.get(FAULT_SCALE_ENV)
+    if not factor:
+        return
+    with torch.no_grad():
+        for tensor, origin in zip(body, start, strict=True):
+            if factor == "nan":
+                tensor.fill_(float("nan"))
+            else:
+                tensor.copy_(origin + float(factor) * (tensor - origin))
+
+
 class Peer:
     """One volunteer in a ColD Fusion swarm.
 
@@ -134,6 +153,7 @@ class Peer:
         self.model_name = resolve_model_name(config.training.model)
         self.tokenizer = load_tokenizer(self.model_name)
         self.model = load_classifier(self.model_name, self.data.label_names, seed=config.training.seed)
+        self.model_fingerprint = model_fingerprint(self.model)  # of --model itself, before any resume
         self.body = body_parameters(self.model)
         self.trainer = LocalTrainer(
             self.model,
@@ -148,12 +168,27 @@ class Peer:
         self.dht = start_dht(config.network, self.keys)
         self.board = RecordBoard(self.dht, self.keys)
         self.fusion = BodyFusion(
-            self.dht, self.body, prefix=self.keys.averager_prefix, config=config.fusion, board=self.board
+            self.dht,
+            self.body,
+            prefix=self.keys.averager_prefix(self.model_fingerprint),
+            config=config.fusion,
+            board=self.board,
         )
         self.fusion.publish_fused(self._progress.fused_round, self.body, self._snapshot_metadata())
         self.console.joined(self.fusion.peer_id, self.dht.get_visible_maddrs(), self.data, self.keys.run_id)
         self._publisher = threading.Thread(target=self._publish_periodically, name="record-publisher", daemon=True)
         self._publisher.start()
+        self._check_compatible()
+
+    def _check_compatible(self) -> None:
+        """A newcomer with another model gets a clear error instead of silently forming its own swarm."""
+        theirs = policy.incompatible_swarm(policy.others(self.board.fetch(), self.board.subkey), self.model_fingerprint)
+        if theirs is not None:
+            raise UserError(
+                f"this swarm (run {self.keys.run_id!r}) fuses a different model (fingerprint {theirs}, "
+                f"yours {self.model_fingerprint}: another architecture, shapes or starting weights)",
+                "pass the --model the swarm started from, or another --run-id",
+            )
 
     def _resume_local_checkpoint(self) -> None:
         """With ``--resume``, start from our checkpoint; without it, refuse to overwrite one."""
@@ -250,8 +285,8 @@ class Peer:
     def fuse_round(self, round_number: int) -> tuple[str, FusionResult | None]:
         """Wait for the round's fusion window, then all-reduce: ``(outcome, result)``.
 
-        Outcomes: ``fused``, ``failed`` (kept own body), ``alone``, ``missed`` (the swarm fused
-        without us), ``stop``.
+        Outcomes: ``fused``, ``failed`` or ``rejected`` (kept own body; rejected: the average failed
+        validation), ``alone``, ``missed`` (the swarm fused without us), ``stop``.
         """
         with self.console.fusing(round_number) as set_stage:
             decision, scheduled_time = self.wait_for_fusion_window(round_number)
@@ -259,6 +294,7 @@ class Peer:
                 return decision, None
             set_stage("all-reducing the bodies")
             self._update(status="fusing")
+            inject_update_fault(self.body, self.fusion.averager.last_fused_body())
             result = self.fusion.fuse(
                 self.body,
                 round_number=round_number,
@@ -266,7 +302,7 @@ class Peer:
                 weight=policy.fusion_weight(self.config.fusion.weighting, len(self.data.train)),
                 info={"round": round_number, "dataset": self.data.name, "examples": len(self.data.train)},
             )
-        return ("fused" if result.fused else "failed"), result
+        return ("fused" if result.fused else "rejected" if result.rejected else "failed"), result
 
     def wait_for_fusion_window(self, round_number: int) -> tuple[str, float]:
         """Publish readiness, then wait for the round's fusion time (see :mod:`policy`).
@@ -440,6 +476,7 @@ class Peer:
                 last_outcome=progress.last_outcome,
                 last_reason=progress.last_reason,
                 body_fingerprint=progress.fingerprint,
+                model_fingerprint=self.model_fingerprint,
                 version=__version__,
                 time=get_dht_time(),
             )

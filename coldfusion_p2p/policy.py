@@ -122,3 +122,24 @@ def group_decision(own_peer_id: str, members: dict[str, dict], verdicts: dict[st
     if refused:
         return f"rolled back: the all-reduce was incomplete for {len(refused)} group member(s)"
     return "apply" if others <= set(current) else None
+
+
+def incompatible_swarm(other_records: Iterable[PeerRecord], model_fingerprint: str) -> str | None:
+    """The swarm's model fingerprint when every live contributor runs another model than ours, else None."""
+    fingerprints = {record.model_fingerprint for record in other_records if record.model_fingerprint}
+    if fingerprints and model_fingerprint not in fingerprints:
+        return sorted(fingerprints)[0]
+    return None
+
+
+def poisoned_update(fused_norm: float, own_norm: float, member_norms: Iterable[float], max_ratio: float) -> bool:
+    """Whether the fused update is implausibly large: more than ``max_ratio`` times the typical update.
+
+    The mean of honest updates is never longer than the longest of them; one peer sending a 100x
+    update makes the average about 100/N times the typical one. "Typical" is the larger of our own
+    update and the median the members reported (a liar can only make the check stricter for itself).
+    """
+    norms = sorted(norm for norm in member_norms if norm == norm and norm >= 0)
+    median = norms[len(norms) // 2] if norms else 0.0
+    reference = max(own_norm, median, 1e-12)
+    return not fused_norm <= max_ratio * reference  # NaN counts as poisoned

@@ -48,9 +48,9 @@ class RunKeys:
         digest = hashlib.sha256(run_id.encode()).hexdigest()[:10]
         return cls(run_id=run_id, prefix=f"cf_{readable}_{digest}")
 
-    @property
-    def averager_prefix(self) -> str:
-        return f"{self.prefix}_body"
+    def averager_prefix(self, model_fingerprint: str) -> str:
+        """Averagers of different models never meet: the model's fingerprint is part of the key."""
+        return f"{self.prefix}_body_{model_fingerprint}"
 
     @property
     def records_key(self) -> str:
@@ -82,6 +82,7 @@ class PeerRecord(BaseModel):
     last_reason: constr(strict=True, max_length=200) = ""  # why the last round did not fuse, if it did not
     fuse_at: StrictFloat | None = None  # proposed DHT time for the all-reduce of ``round``
     body_fingerprint: constr(strict=True, max_length=32) = ""  # short hash of the fused body
+    model_fingerprint: constr(strict=True, max_length=32) = ""  # architecture, shapes and starting weights
     version: constr(strict=True, max_length=32) = ""
     time: StrictFloat  # DHT time of publication
 

@@ -150,3 +150,39 @@ def test_resume_continues_from_the_local_checkpoint(local_swarm, tiny_model_dir,
     original = AutoModel.from_pretrained(tiny_model_dir).state_dict()
     original_gap = max((original[name] - round_one[name]).abs().max().item() for name in round_one if name in original)
     assert start_gap < original_gap
+
+
+def test_a_peer_with_another_model_gets_a_clear_error_and_nobody_crashes(
+    local_swarm, tiny_model_dir, tiny_datasets, tmp_path
+):
+    from tiny_models import build_tiny_model
+
+    other_model = build_tiny_model(tmp_path / "other-model", "distilbert")
+    settings = dict(rounds=30, local_steps=100, fusion_window=5.0)
+    member = local_swarm.start_peer("member", tiny_datasets[0], tiny_model_dir, **settings)
+    wait_until(lambda: 1 in member.rounds_written(), timeout=120, message="the member's first round")
+    stranger = local_swarm.start_peer("stranger", tiny_datasets[1], other_model, **settings)
+    assert stranger.wait(timeout=120) == 2, stranger.log()
+    assert "fuses a different model" in stranger.log() and "Traceback" not in stranger.log()
+    assert member.process.poll() is None, "the member must keep running"
+
+
+@pytest.mark.parametrize("fault", ["100", "nan"])
+def test_a_poisoned_contribution_is_rejected_by_everyone(
+    local_swarm, tiny_model_dir, tiny_datasets, fault, monkeypatch
+):
+    settings = dict(rounds=1, min_group_size=3, save_local_body=True)
+    honest = [
+        local_swarm.start_peer(f"honest{i}", tiny_datasets[i], tiny_model_dir, seed=i, **settings) for i in (0, 1)
+    ]
+    monkeypatch.setenv("COLDFUSION_FAULT_SCALE_UPDATE", fault)
+    attacker = local_swarm.start_peer("attacker", tiny_datasets[2], tiny_model_dir, seed=2, **settings)
+    monkeypatch.delenv("COLDFUSION_FAULT_SCALE_UPDATE")
+    local_swarm.wait_all()
+    for peer in honest:
+        report = peer.round_info(1)["report"]
+        assert report["outcome"] == "rejected", report
+        kept = load_body_state(round_dir(peer, 1))
+        trained = pre_fusion(peer, 1, "body")
+        assert all(torch.isfinite(kept[name]).all() and torch.equal(kept[name], trained[name]) for name in trained)
+    assert attacker.round_info(1)["report"]["outcome"] in ("rejected", "failed")

@@ -89,3 +89,12 @@ def test_an_all_reduce_is_applied_only_when_every_member_confirms_it():
     assert "incomplete" in policy.group_decision("me", members, {"a": verdict("a"), "b": verdict("b", ok=False)})
     stale = {"a": verdict("a"), "b": verdict("b", nonce="an-earlier-attempt")}
     assert policy.group_decision("me", members, stale) is None, "a verdict on another attempt does not count"
+
+
+def test_a_fused_update_far_larger_than_the_typical_one_is_poisoned():
+    honest = [1.0, 1.2, 0.9]
+    assert not policy.poisoned_update(1.0, own_norm=1.0, member_norms=honest, max_ratio=10)
+    assert not policy.poisoned_update(1.1, own_norm=0.01, member_norms=honest, max_ratio=10), "a tiny own update"
+    assert policy.poisoned_update(25.0, own_norm=1.0, member_norms=[*honest, 100.0], max_ratio=10)
+    assert policy.poisoned_update(float("nan"), own_norm=1.0, member_norms=honest, max_ratio=10)
+    assert policy.poisoned_update(25.0, own_norm=1.0, member_norms=[float("nan")] * 4, max_ratio=10)

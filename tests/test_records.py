@@ -58,7 +58,7 @@ def owner():
 
 def test_run_keys_are_safe_for_any_printable_run_id():
     keys = RunKeys.from_run_id("my.run / 2 ✓")
-    assert "." not in keys.averager_prefix and " " not in keys.prefix
+    assert "." not in keys.averager_prefix("abc123") and " " not in keys.prefix
     assert RunKeys.from_run_id("a.b").prefix != RunKeys.from_run_id("a_b").prefix
 
 
