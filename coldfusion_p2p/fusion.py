@@ -21,7 +21,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import secrets
+import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,6 +43,8 @@ from coldfusion_p2p.policy import group_bits, group_decision, poisoned_update
 from coldfusion_p2p.records import RecordBoard, Verdict
 
 logger = logging.getLogger(__name__)
+
+FAULT_CRASH_ENV = "COLDFUSION_FAULT_CRASH_IN_ALLREDUCE"  # fault injection for tests: SIGKILL mid all-reduce
 
 
 @dataclass(frozen=True)
@@ -122,7 +126,11 @@ class FusedBodyAverager(DecentralizedAverager):
             **kwargs,
         )
         self._running_groups[group_id].set_result(runner)
-        deltas = [update async for _, update in azip(as_aiter(*tensors), runner)]
+        deltas = []
+        async for _, update in azip(as_aiter(*tensors), runner):
+            deltas.append(update)
+            if os.environ.get(FAULT_CRASH_ENV) == "1":  # test-only: die like a machine mid all-reduce
+                os.killpg(os.getpgid(0), signal.SIGKILL)
         failed = runner.tensor_part_container.failed_size
         if failed or runner.banned_senders:
             raise AllreduceException(

@@ -186,3 +186,35 @@ def test_a_poisoned_contribution_is_rejected_by_everyone(
         trained = pre_fusion(peer, 1, "body")
         assert all(torch.isfinite(kept[name]).all() and torch.equal(kept[name], trained[name]) for name in trained)
     assert attacker.round_info(1)["report"]["outcome"] in ("rejected", "failed")
+
+
+def test_a_peer_killed_mid_all_reduce_leaves_no_half_averaged_body_and_rejoins(
+    local_swarm, tiny_model_dir, tiny_datasets, monkeypatch
+):
+    settings = dict(rounds=3, min_group_size=3, save_local_body=True, keep_checkpoints=5, fusion_window=10.0)
+    survivors = [
+        local_swarm.start_peer(f"survivor{i}", tiny_datasets[i], tiny_model_dir, seed=i, **settings) for i in (0, 1)
+    ]
+    monkeypatch.setenv("COLDFUSION_FAULT_CRASH_IN_ALLREDUCE", "1")
+    victim = local_swarm.start_peer("victim", tiny_datasets[2], tiny_model_dir, seed=2, **settings)
+    monkeypatch.delenv("COLDFUSION_FAULT_CRASH_IN_ALLREDUCE")
+    assert victim.wait(timeout=120) == -9, victim.log()
+    wait_until(lambda: all(1 in peer.rounds_written() for peer in survivors), timeout=90, message="survivors' round 1")
+
+    reports = [peer.round_info(1)["report"] for peer in survivors]
+    bodies = [load_body_state(round_dir(peer, 1)) for peer in survivors]
+    assert all(torch.isfinite(t).all() for body in bodies for t in body.values())
+    if reports[0]["outcome"] == "fused" or reports[1]["outcome"] == "fused":  # then both, on one body
+        assert [r["outcome"] for r in reports] == ["fused", "fused"], reports
+        assert all(torch.allclose(bodies[0][n], bodies[1][n], atol=1e-6) for n in bodies[0])
+    else:  # or both kept exactly their own trained body: never a half-averaged mix
+        for peer, body in zip(survivors, bodies, strict=True):
+            trained = pre_fusion(peer, 1, "body")
+            assert all(torch.equal(body[name], trained[name]) for name in trained), peer.name
+
+    rejoined = local_swarm.start_peer(
+        "victim", tiny_datasets[2], tiny_model_dir, seed=2, resume=True, **{**settings, "min_group_size": 2}
+    )
+    local_swarm.wait_all()
+    later = [rejoined.round_info(r)["report"] for r in rejoined.rounds_written() if r >= 2]
+    assert any(report["outcome"] in ("fused", "synced") for report in later), later
