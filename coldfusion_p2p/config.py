@@ -62,6 +62,7 @@ class FusionConfig:
     next_chunk_timeout: float = 10.0  # a silent sender is dropped after this many seconds
     state_download_timeout: float = 120.0  # bound on downloading the fused base from the swarm
     max_update_ratio: float = 10.0  # reject a fused update this many times the typical one (poisoning guard)
+    compression: Literal["none", "fp16"] = "none"  # fp16 halves the bytes each peer sends per round
 
 
 @dataclass

@@ -374,6 +374,7 @@ def plot_rounds(rows: list[dict[str, Any]], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     figure, axis = plt.subplots(figsize=(8, 4.5))
     for index, peer in enumerate(sorted({row["peer"] for row in rows})):
@@ -389,6 +390,7 @@ def plot_rounds(rows: list[dict[str, Any]], path: Path) -> None:
             label=f"{peer} before fusion",
         )
         axis.plot(rounds, [row["accuracy_after"] for row in points], "-s", color=color, label=f"{peer} after fusion")
+    axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     axis.set_xlabel("round")
     axis.set_ylabel("validation accuracy")
     axis.set_title("Each peer's validation accuracy before and after fusion")

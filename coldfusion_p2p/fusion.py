@@ -18,9 +18,11 @@ module wraps it for ColD Fusion:
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import logging
 import math
+import multiprocessing as mp
 import os
 import secrets
 import signal
@@ -32,8 +34,10 @@ from typing import Any
 import torch
 from hivemind import DHT
 from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging import allreduce as allreduce_module
 from hivemind.averaging.allreduce import AllReduceRunner
 from hivemind.averaging.partition import AllreduceException
+from hivemind.compression import CompressionBase, Float16Compression, NoCompression
 from hivemind.utils import get_dht_time
 from hivemind.utils.asyncio import as_aiter, azip
 
@@ -65,6 +69,60 @@ class FusionResult:
     gathered: dict[str, dict[str, Any]] = field(default_factory=dict)  # what each member told the group
     reason: str = ""  # why the round did not fuse
     rejected: bool = False  # the all-reduce worked but its result failed validation (e.g. poisoning)
+    bytes_sent: int = 0  # serialized bytes this peer sent in the all-reduce
+
+
+COMPRESSIONS = {"none": NoCompression, "fp16": Float16Compression}
+
+
+class CountingCompression(CompressionBase):
+    """Wraps a compression to count the bytes of every part this peer serializes to send.
+
+    hivemind keeps no byte counters; parts a peer sends as a sender go through ``compress``, and
+    the averaged parts it returns as a reducer through ``serialize_torch_tensor`` of the all-reduce
+    module, which :func:`count_reducer_bytes` wraps. The counter lives in shared memory because the
+    all-reduce runs in the averager's own process.
+    """
+
+    def __init__(self, inner: CompressionBase, counter):
+        self.inner, self.counter = inner, counter
+        self.compression_type = inner.compression_type
+
+    def compress(self, tensor, info, allow_inplace=False):
+        serialized = self.inner.compress(tensor, info, allow_inplace)
+        with self.counter.get_lock():
+            self.counter.value += serialized.ByteSize()
+        return serialized
+
+    def extract(self, serialized_tensor):
+        return self.inner.extract(serialized_tensor)
+
+    def estimate_compression_ratio(self, info):
+        return self.inner.estimate_compression_ratio(info)
+
+
+_reducer_counter: list = [None]  # the counter of the averager process about to be forked
+
+
+def count_reducer_bytes(counter) -> None:
+    """Count the averaged parts this process returns as a reducer (see :class:`CountingCompression`).
+
+    Call it right before an averager forks its process: the child keeps the counter set here.
+    """
+    _reducer_counter[0] = counter
+    original = allreduce_module.serialize_torch_tensor
+    if getattr(original, "counted", False):
+        return
+
+    def counted(*args, **kwargs):
+        serialized = original(*args, **kwargs)
+        if _reducer_counter[0] is not None:
+            with _reducer_counter[0].get_lock():
+                _reducer_counter[0].value += serialized.ByteSize()
+        return serialized
+
+    counted.counted = True
+    allreduce_module.serialize_torch_tensor = counted
 
 
 class FusedBodyAverager(DecentralizedAverager):
@@ -79,6 +137,8 @@ class FusedBodyAverager(DecentralizedAverager):
         self, body: Sequence[torch.Tensor], dht: DHT, *, prefix: str, config: FusionConfig, client_mode: bool = False
     ):
         self._snapshot: tuple[dict[str, Any], list[torch.Tensor]] = ({"round": 0}, _detached_copy(body))
+        self.bytes_sent = mp.Value(ctypes.c_uint64, 0)  # every serialized part this peer sends
+        count_reducer_bytes(self.bytes_sent)  # before the averager process forks
         super().__init__(
             averaged_tensors=_detached_copy(body),
             dht=dht,
@@ -95,6 +155,7 @@ class FusedBodyAverager(DecentralizedAverager):
             reducer_timeout=2 * config.next_chunk_timeout,  # hivemind requires reducer > sender
             declare_state_period=max(2.0, min(30.0, config.matchmaking_time * 2)),
             client_mode=client_mode,
+            compression=CountingCompression(COMPRESSIONS[config.compression](), self.bytes_sent),
             shutdown_timeout=3,
         )
         self.run_in_background(await_ready=True, timeout=60)
@@ -173,6 +234,7 @@ class BodyFusion:
         only on success. ``info`` is gathered from every member (it must include ``round``)."""
         started = time.perf_counter()
         config = self.config
+        bytes_before = self.averager.bytes_sent.value
         nonce = secrets.token_hex(8)  # tells this attempt from any earlier one of the same round
         start = self.averager.last_fused_body()
         own_norm = update_norm(body, start)
@@ -225,6 +287,7 @@ class BodyFusion:
             peer_ids=tuple(sorted(members)),
             seconds=time.perf_counter() - started,
             gathered=members,
+            bytes_sent=self.averager.bytes_sent.value - bytes_before,
         )
 
     def _group_verdict(self, round_number: int, members: dict[str, dict[str, Any]]) -> str | None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import threading
 import time
 from dataclasses import dataclass, field
@@ -81,6 +82,8 @@ class RoundReport:
     samples_per_second: float
     reason: str = ""
     members: dict[str, dict[str, Any]] = field(default_factory=dict)
+    bytes_sent: int = 0  # serialized bytes this peer sent in the all-reduce
+    peak_rss_mb: float = 0.0  # peak resident memory of this peer's main process so far
 
 
 @dataclass
@@ -176,13 +179,14 @@ class Peer:
         )
         self.fusion.publish_fused(self._progress.fused_round, self.body, self._snapshot_metadata())
         self.console.joined(self.fusion.peer_id, self.dht.get_visible_maddrs(), self.data, self.keys.run_id)
+        self._check_compatible()  # before publishing anything: a stranger must not disturb the swarm
         self._publisher = threading.Thread(target=self._publish_periodically, name="record-publisher", daemon=True)
         self._publisher.start()
-        self._check_compatible()
 
     def _check_compatible(self) -> None:
         """A newcomer with another model gets a clear error instead of silently forming its own swarm."""
-        theirs = policy.incompatible_swarm(policy.others(self.board.fetch(), self.board.subkey), self.model_fingerprint)
+        everyone_else = policy.others(self.board.fetch(), self.board.subkey)
+        theirs = policy.incompatible_swarm(everyone_else, self.model_fingerprint)
         if theirs is not None:
             raise UserError(
                 f"this swarm (run {self.keys.run_id!r}) fuses a different model (fingerprint {theirs}, "
@@ -277,6 +281,8 @@ class Peer:
             samples_per_second=stats.samples_per_second,
             reason=result.reason if result is not None else OUTCOME_REASONS.get(outcome, ""),
             members=result.gathered if fused else {},
+            bytes_sent=result.bytes_sent if result is not None else 0,
+            peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         )
         if outcome != "synced":  # a synced round already checkpointed the downloaded base
             self._complete_round(round_number, report, pre_fusion)
@@ -316,7 +322,7 @@ class Peer:
         self._publish()
         while not self.stop_event.is_set():
             records = self.board.fetch()
-            others = policy.others(records, self.board.subkey)
+            others = policy.others(records, self.board.subkey, self.model_fingerprint)
             if policy.missed_round(round_number, others):
                 return "missed", 0.0
             everyone = [*others, self._record()]
@@ -343,7 +349,7 @@ class Peer:
         """
         deadline = time.monotonic() + self.config.fusion.state_download_timeout
         while not self.stop_event.is_set() and time.monotonic() < deadline:
-            others = policy.others(self.board.fetch(), self.board.subkey)
+            others = policy.others(self.board.fetch(), self.board.subkey, self.model_fingerprint)
             if min_round is None:
                 target = policy.swarm_fused_round(others)
                 if target <= self._progress.fused_round:

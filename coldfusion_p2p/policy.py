@@ -35,9 +35,18 @@ def swarm_fused_round(records: Iterable[PeerRecord]) -> int:
     return max((record.fused_round for record in records), default=0)
 
 
-def others(records: dict[bytes, PeerRecord], own_subkey: bytes) -> list[PeerRecord]:
-    """The other contributors' records (archivers follow the swarm but never fuse)."""
-    return [record for subkey, record in records.items() if subkey != own_subkey and record.status != ARCHIVER]
+def others(
+    records: dict[bytes, PeerRecord], own_subkey: bytes, model_fingerprint: str | None = None
+) -> list[PeerRecord]:
+    """The other contributors' records: not archivers (they never fuse), and, given our model's
+    fingerprint, not peers of another model (they can never be in our group)."""
+    return [
+        record
+        for subkey, record in records.items()
+        if subkey != own_subkey
+        and record.status != ARCHIVER
+        and (model_fingerprint is None or record.model_fingerprint in ("", model_fingerprint))
+    ]
 
 
 def archivers_behind(records: Iterable[PeerRecord], fused_round: int) -> bool:
