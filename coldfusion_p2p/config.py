@@ -141,11 +141,11 @@ class DemoSettings:
     contributors: list[str] = field(default_factory=list)  # bundled peers that train (default: four of them)
     unseen_datasets: list[str] = field(default_factory=list)  # bundled datasets kept for evaluation only
     rounds: int | None = None  # fusion rounds (default 5; --quick 2)
-    local_steps: int | None = None  # steps per round (default 25; --quick 8)
+    local_steps: int | None = None  # steps per round (default 8, as --quick; more specialises the body)
     batch_size: int | None = None  # examples per step (default 32; --quick 16)
     model: str | None = None  # base model (default: the bundled all-MiniLM-L6-v2)
     seeds: int = 1  # evaluation seeds
-    finetune_steps: int | None = None  # evaluation finetuning steps (default 40; --quick 10)
+    finetune_steps: int | None = None  # evaluation finetuning steps (default 30; --quick 10)
     probe_steps: int | None = None  # evaluation linear-probe steps (default 300)
     max_train_examples: int | None = None  # evaluation train examples per dataset (default 600; --quick 200)
     max_test_examples: int | None = None  # evaluation test examples per dataset (default 400; --quick 120)

