@@ -215,6 +215,7 @@ def test_a_peer_killed_mid_all_reduce_leaves_no_half_averaged_body_and_rejoins(
     rejoined = local_swarm.start_peer(
         "victim", tiny_datasets[2], tiny_model_dir, seed=2, resume=True, **{**settings, "min_group_size": 2}
     )
-    local_swarm.wait_all()
+    for peer in (*survivors, rejoined):
+        assert peer.wait() == 0, peer.log()
     later = [rejoined.round_info(r)["report"] for r in rejoined.rounds_written() if r >= 2]
     assert any(report["outcome"] in ("fused", "synced") for report in later), later
