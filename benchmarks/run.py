@@ -113,8 +113,9 @@ def _fusion_worker(index, shapes, n_peers, compression, trials, maddrs_queue, in
         next_chunk_timeout=30.0,
         compression=compression,
     )
-    generator = torch.Generator().manual_seed(index)
-    body = [torch.randn(shape, generator=generator) for shape in shapes]
+    shared_start = torch.Generator().manual_seed(0)  # every peer starts a round from the same fused body
+    body = [torch.randn(shape, generator=shared_start) for shape in shapes]
+    generator = torch.Generator().manual_seed(index + 1)  # ... and makes its own update
     fusion = BodyFusion(dht, body, prefix=keys.averager_prefix("bench"), config=config, board=RecordBoard(dht, keys))
     raw_bytes = mp.Value("Q", 0)
     count_reducer_bytes(raw_bytes)
@@ -159,7 +160,7 @@ def _fusion_worker(index, shapes, n_peers, compression, trials, maddrs_queue, in
                 result = fusion.fuse(
                     body, round_number=trial + 1, scheduled_time=scheduled, weight=1.0, info={"round": trial + 1}
                 )
-                measurements["fused"].append(result.fused)
+                measurements["fused"].append(result.fused or result.reason)
                 measurements["ours_bytes"].append(result.bytes_sent)
             else:
                 before = raw_bytes.value
@@ -176,7 +177,7 @@ def _fusion_worker(index, shapes, n_peers, compression, trials, maddrs_queue, in
 
 
 def bench_fusion(shapes: list[tuple[int, ...]], n_peers: int, compression: str, trials: int) -> dict:
-    context = mp.get_context("spawn")
+    context = mp.get_context("fork")  # hivemind forks its own processes inside the workers too
     queue, results = context.Queue(), context.Queue()
     barrier, start_at = context.Barrier(n_peers), context.Value("d", 0.0)
     first = context.Process(
@@ -209,7 +210,8 @@ def bench_fusion(shapes: list[tuple[int, ...]], n_peers: int, compression: str, 
         "compression": compression,
         "body_bytes": size_bytes,
         "trials": trials - 1,
-        "all_fused": all(all(peer["fused"]) for peer in collected),
+        "all_fused": all(all(fused is True for fused in peer["fused"]) for peer in collected),
+        "failures": sorted({str(f) for peer in collected for f in peer["fused"] if f is not True}),
         "ours_seconds_incl_matchmaking": mean("ours_total"),
         "raw_seconds_incl_matchmaking": mean("raw_total"),
         "ours_seconds_allreduce": mean("ours_allreduce"),
