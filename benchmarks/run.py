@@ -49,7 +49,7 @@ LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 
 
 # ----------------------------------------------------------------------------- training
-def bench_training(model_name: str, steps: int, batch_size: int = 32) -> dict:
+def bench_training(label: str, model_name: str, steps: int, batch_size: int = 32) -> dict:
     """Our LocalTrainer against a minimal loop on the same model, batches and optimizer."""
     data = load_task_data(DataConfig(dataset=str(DATA / "tweet_sentiment" / "train.csv")))
     tokenizer = load_tokenizer(model_name)
@@ -391,8 +391,8 @@ def main() -> None:
     print("training vs a plain loop ...", flush=True)
     torch.set_num_threads(os.cpu_count() or 1)
     results["training"] = [
-        bench_training(tiny, steps=200),
-        *([] if arguments.quick else [bench_training(models["minilm"], steps=8)]),
+        bench_training("tiny", tiny, steps=200),
+        *([] if arguments.quick else [bench_training("minilm", models["minilm"], steps=8)]),
     ]
 
     print("fusion vs raw hivemind, bytes vs butterfly ...", flush=True)

@@ -22,6 +22,7 @@ import resource
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -104,6 +105,17 @@ class _Progress:
     fingerprint: str = ""
     last_outcome: str = ""
     last_reason: str = ""
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM; unlike ru_maxrss it does not inherit the parent's)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 FAULT_SCALE_ENV = "COLDFUSION_FAULT_SCALE_UPDATE"  # fault injection for tests: scale this peer's update
@@ -282,7 +294,7 @@ class Peer:
             reason=result.reason if result is not None else OUTCOME_REASONS.get(outcome, ""),
             members=result.gathered if fused else {},
             bytes_sent=result.bytes_sent if result is not None else 0,
-            peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            peak_rss_mb=peak_rss_mb(),
         )
         if outcome != "synced":  # a synced round already checkpointed the downloaded base
             self._complete_round(round_number, report, pre_fusion)
