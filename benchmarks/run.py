@@ -82,7 +82,7 @@ def bench_training(label: str, model_name: str, steps: int, batch_size: int = 32
         optimizer.zero_grad()
     plain = steps * batch_size / (time.perf_counter() - started)
     return {
-        "model": Path(model_name).name,
+        "model": label,
         "steps": steps,
         "batch_size": batch_size,
         "ours_samples_per_second": ours,
