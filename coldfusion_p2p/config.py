@@ -13,7 +13,6 @@ TREC after one round.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import tomllib
@@ -466,14 +465,3 @@ def _validate_peer(config: PeerConfig) -> None:
             "lower --request-timeout or raise --matchmaking-time",
         )
     _validate_run_id(config.network.run_id)
-
-
-def replace(config: SectionedConfig, **changes: Any) -> SectionedConfig:
-    """A copy of ``config`` with flat keys changed (handy in tests and the demo)."""
-    copy = dataclasses.replace(
-        config, **{section.name: dataclasses.replace(getattr(config, section.name)) for section in fields(config)}
-    )
-    for key, value in changes.items():
-        copy.set(key, value)
-    validate(copy)
-    return copy

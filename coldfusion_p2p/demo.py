@@ -9,6 +9,7 @@ on ("unseen"), and writes a report folder: Markdown summary, CSV/JSON of every n
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -203,7 +204,7 @@ class Demo:
         last_round = -1
         try:
             live = Live(console=self.console, auto_refresh=False, transient=False) if self.console.is_terminal else None
-            with live if live is not None else _nothing():
+            with live if live is not None else contextlib.nullcontext():
                 while any(process.poll() is None for process in peers.values()):
                     if time.monotonic() > deadline:
                         raise UserError(
@@ -340,14 +341,6 @@ class Demo:
                 process.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 process.kill()
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def verdict_lines(summary: list[dict[str, Any]]) -> list[str]:

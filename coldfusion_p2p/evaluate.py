@@ -472,11 +472,14 @@ class EvalResult:
 METHODS = {"finetune": finetune_accuracy, "linear_probe": linear_probe_accuracy}
 
 
+def _repeated(names: Sequence[str]) -> list[str]:
+    return sorted({name for name in names if names.count(name) > 1})
+
+
 def load_bases(values: Sequence[str]) -> list[BaseSpec]:
     """Parse and check every ``--base``; labels must be distinct."""
     bases = [parse_base(value) for value in values]
-    labels = [base.label for base in bases]
-    duplicates = sorted({label for label in labels if labels.count(label) > 1})
+    duplicates = _repeated([base.label for base in bases])
     if duplicates:
         raise UserError(
             f"several bases are labelled {', '.join(map(repr, duplicates))}",
@@ -497,8 +500,7 @@ def load_tasks(config: EvaluateConfig) -> list[EvalTask]:
     )
     tasks = [load_eval_task(spec, seen=True, **options) for spec in settings.dataset]
     tasks += [load_eval_task(spec, seen=False, **options) for spec in settings.unseen]
-    names = [task.name for task in tasks]
-    duplicates = sorted({name for name in names if names.count(name) > 1})
+    duplicates = _repeated([task.name for task in tasks])
     if duplicates:
         raise UserError(
             f"several datasets are named {', '.join(map(repr, duplicates))} (a file's stem or a folder's name)",
