@@ -53,7 +53,15 @@ from coldfusion_p2p.model import (
     resolve_model_name,
     split_body_head,
 )
-from coldfusion_p2p.trainer import EVAL_BATCH_SIZE, EncodedSplit, LocalTrainer, batch_indices, collate, encode_split
+from coldfusion_p2p.trainer import (
+    EVAL_BATCH_SIZE,
+    EncodedSplit,
+    LocalTrainer,
+    batch_indices,
+    collate,
+    encode_split,
+    pad_token_id,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -290,7 +298,7 @@ def probe_model(
         parameter.requires_grad_(False)
     parameters = dict(model.named_parameters())
     head = [parameters[name] for name in split_body_head(model).head]
-    body = FrozenBody(model, pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    body = FrozenBody(model, pad_token_id(tokenizer))
     train = encode_split(tokenizer, task.train, max_length)
     test = encode_split(tokenizer, task.test, max_length)
     batches = [batch_indices(len(train), batch_size, seed, step) for step in range(steps)]
@@ -349,7 +357,7 @@ class FrozenBody:
         self.pad_token_id = pad_token_id
 
     def batch(self, feed: _Feed, indices) -> dict[str, torch.Tensor]:
-        batch = collate(feed.encoded, indices, self.input_names, self.pad_token_id)
+        batch = collate(feed.encoded, indices, self.input_names)
         for name, tensor in batch.items():
             if name != "labels" and tensor.dim() == 2 and tensor.shape[1] < feed.width:
                 pad_value = self.pad_token_id if name == "input_ids" else 0
@@ -376,8 +384,7 @@ class FrozenBody:
     def prepare(self, encoded: EncodedSplit, needed: np.ndarray, replay: bool = True) -> _Feed:
         """A feed for ``encoded``; caches the body outputs of the ``needed`` examples when replay works."""
         needed = np.asarray(needed, dtype=np.int64)
-        lengths = [len(encoded.features["input_ids"][index]) for index in needed]
-        feed = _Feed(encoded, width=max(lengths, default=1))
+        feed = _Feed(encoded, width=int(encoded.lengths[needed].max(initial=1)))
         if not replay or not len(needed):
             return feed
         try:
