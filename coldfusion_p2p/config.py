@@ -62,6 +62,8 @@ class FusionConfig:
     state_download_timeout: float = 120.0  # bound on downloading the fused base from the swarm
     max_update_ratio: float = 10.0  # reject a fused update this many times the typical one (poisoning guard)
     compression: Literal["none", "fp16"] = "none"  # fp16 halves the bytes each peer sends per round
+    aggregation: Literal["mean", "clipped_mean"] = "mean"  # clipped_mean: robust to a minority of bad updates
+    clip_ratio: float = 2.0  # clipped_mean caps each update's norm at this many times the group's median
 
 
 @dataclass
@@ -71,6 +73,10 @@ class NetworkConfig:
     host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"])  # where to listen
     announce_maddrs: list[str] = field(default_factory=list)  # public addresses to announce (NAT)
     record_period: float = 2.0  # seconds between refreshes of this peer's swarm record
+    identity: str | None = None  # private key file: a stable peer id across restarts (created if absent)
+    require_invite: bool = False  # moderated run: refuse DHT and averaging requests of nodes without a valid invite
+    invite: str | None = None  # this node's invite from the run owner (the token, or a file holding it)
+    owner_public_key: str | None = None  # the run owner's public key (ssh-rsa ... line or file) that signs invites
 
 
 @dataclass
@@ -91,7 +97,6 @@ class LoggingConfig:
 
 @dataclass
 class BootstrapSettings:
-    identity: str | None = None  # private key file: a stable peer id across restarts (created if absent)
     peers_file: str | None = None  # write the --initial-peers value here (default: initial_peers.txt)
     archive_dir: str | None = None  # keep every round's fused base here
     keep: int | None = None  # archived rounds to keep (default: all)
@@ -109,6 +114,21 @@ class MonitorSettings:
     settle: float = 3.0  # with --once: seconds spent collecting records before the snapshot
     stale_after: float = 10.0  # a peer silent this long is marked stale
     drop_after: float = 60.0  # ... and dropped after this long
+
+
+@dataclass
+class KeySettings:
+    identity: str | None = None  # private key file to show; created if absent (a peer's, a bootstrap's or the owner's)
+
+
+@dataclass
+class InviteSettings:
+    owner_key: str | None = None  # the run owner's private key file (create it with: coldfusion-peer identity)
+    public_key: str | None = None  # the invitee's public key (the ssh-rsa line its `identity` prints) or key file
+    name: str | None = None  # who the invite is for, shown in logs and errors (default: the invitee's peer id)
+    run_id: str = "coldfusion"  # the run the invite admits to (the peers' --run-id)
+    valid_days: float = 30.0  # the invite expires after this many days
+    output: str | None = None  # also write the token to this file (default: print it only)
 
 
 EVALUATION_METHODS = ("finetune", "linear_probe")
@@ -326,6 +346,18 @@ class MonitorConfig(SectionedConfig):
 
 
 @dataclass
+class IdentityConfig(SectionedConfig):
+    key: KeySettings = field(default_factory=KeySettings)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+@dataclass
+class InviteConfig(SectionedConfig):
+    invite: InviteSettings = field(default_factory=InviteSettings)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+@dataclass
 class EvaluateConfig(SectionedConfig):
     evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -362,7 +394,12 @@ def validate(config: SectionedConfig) -> None:
             raise UserError("drop_after must not be shorter than stale_after", "raise --drop-after")
         if not config.network.initial_peers:
             raise UserError("the monitor needs a swarm to watch", "pass --initial-peers of a peer or bootstrap node")
-        _validate_run_id(config.network.run_id)
+        _validate_network(config.network)
+    elif isinstance(config, InviteConfig):
+        _validate_invite(config.invite)
+    elif isinstance(config, IdentityConfig):
+        if not config.key.identity:
+            raise UserError("no key file given", "pass --identity FILE (created if absent)")
     elif isinstance(config, EvaluateConfig):
         _validate_evaluate(config)
     elif isinstance(config, DemoConfig):
@@ -432,12 +469,43 @@ def _validate_run_id(run_id: str) -> None:
         raise UserError("run_id must be a non-empty printable string", "pass e.g. --run-id my-swarm")
 
 
+def _validate_network(network: NetworkConfig) -> None:
+    _validate_run_id(network.run_id)
+    if network.require_invite:
+        missing = [name for name in ("identity", "invite", "owner_public_key") if not getattr(network, name)]
+        if missing:
+            flags = " and ".join("--" + name.replace("_", "-") for name in missing)
+            raise UserError(
+                f"a moderated run (--require-invite) needs {flags}",
+                "pass your --identity key file, the --invite the run owner made for it, and the owner's public key",
+            )
+    elif network.invite or network.owner_public_key:
+        raise UserError(
+            "--invite and --owner-public-key belong to a moderated run", "pass --require-invite too (on every node)"
+        )
+
+
+def _validate_invite(settings: InviteSettings) -> None:
+    if not settings.owner_key:
+        raise UserError(
+            "no owner key to sign the invite with",
+            "pass --owner-key OWNER.key (create it once with: coldfusion-peer identity --identity OWNER.key)",
+        )
+    if not settings.public_key:
+        raise UserError(
+            "no invitee given",
+            "pass --public-key with the ssh-rsa line the invitee's `coldfusion-peer identity` printed, or its key file",
+        )
+    _require_positive({"valid_days": settings.valid_days})
+    _validate_run_id(settings.run_id)
+
+
 def _validate_bootstrap(config: BootstrapConfig) -> None:
     settings = config.bootstrap
     _require_positive({"poll_period": settings.poll_period, "download_timeout": settings.download_timeout})
     if settings.keep is not None and settings.keep < 1:
         raise UserError(f"keep must be at least 1, got {settings.keep}", "pass --keep 1 or more, or omit it")
-    _validate_run_id(config.network.run_id)
+    _validate_network(config.network)
 
 
 def _validate_peer(config: PeerConfig) -> None:
@@ -457,6 +525,7 @@ def _validate_peer(config: PeerConfig) -> None:
         "keep_checkpoints": config.run.keep_checkpoints,
         "min_group_size": fusion.min_group_size,
         "max_update_ratio": fusion.max_update_ratio,
+        "clip_ratio": fusion.clip_ratio,
     }
     _require_positive(positive)
     if config.run.rounds is not None and config.run.rounds < 1:
@@ -472,4 +541,4 @@ def _validate_peer(config: PeerConfig) -> None:
             "request_timeout must be smaller than matchmaking_time (hivemind matchmaking can deadlock otherwise)",
             "lower --request-timeout or raise --matchmaking-time",
         )
-    _validate_run_id(config.network.run_id)
+    _validate_network(config.network)

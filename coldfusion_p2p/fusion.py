@@ -29,7 +29,7 @@ import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, AsyncIterator  # noqa: UP035 (hivemind finds streaming RPCs by typing's alias)
 
 import torch
 from hivemind import DHT
@@ -38,9 +38,13 @@ from hivemind.averaging import allreduce as allreduce_module
 from hivemind.averaging.allreduce import AllReduceRunner
 from hivemind.averaging.partition import AllreduceException
 from hivemind.compression import CompressionBase, Float16Compression, NoCompression
+from hivemind.p2p import P2PContext, PeerID
+from hivemind.proto import averaging_pb2
 from hivemind.utils import get_dht_time
 from hivemind.utils.asyncio import as_aiter, azip
 
+from coldfusion_p2p.aggregation import ClippedMeanReducer, reference_parts
+from coldfusion_p2p.auth import InviteGate
 from coldfusion_p2p.config import FusionConfig
 from coldfusion_p2p.model import copy_into
 from coldfusion_p2p.policy import group_bits, group_decision, poisoned_update
@@ -134,9 +138,25 @@ class FusedBodyAverager(DecentralizedAverager):
     """
 
     def __init__(
-        self, body: Sequence[torch.Tensor], dht: DHT, *, prefix: str, config: FusionConfig, client_mode: bool = False
+        self,
+        body: Sequence[torch.Tensor],
+        dht: DHT,
+        *,
+        prefix: str,
+        config: FusionConfig,
+        client_mode: bool = False,
+        gate: InviteGate | None = None,
     ):
+        self._gate = gate  # moderated runs: who may call our RPCs and share a group with us
         self._snapshot: tuple[dict[str, Any], list[torch.Tensor]] = ({"round": 0}, _detached_copy(body))
+        # clipped_mean reduces against the last fused base; shared memory, so the averager's own
+        # process (forked below) sees every publish_fused of this one
+        self._reference = (
+            [tensor.share_memory_() for tensor in _detached_copy(body)]
+            if config.aggregation == "clipped_mean"
+            else None
+        )
+        self._clip_ratio = config.clip_ratio
         self.bytes_sent = mp.Value(ctypes.c_uint64, 0)  # every serialized part this peer sends
         count_reducer_bytes(self.bytes_sent)  # before the averager process forks
         super().__init__(
@@ -163,6 +183,10 @@ class FusedBodyAverager(DecentralizedAverager):
     def publish_fused(self, round_number: int, body: Sequence[torch.Tensor], metadata: dict[str, Any]) -> None:
         """Make ``body`` (a fused base of ``round_number``) what newcomers download from this peer."""
         self._snapshot = ({**metadata, "round": round_number}, _detached_copy(body))
+        if self._reference is not None:
+            with torch.no_grad():
+                for reference, tensor in zip(self._reference, body, strict=True):
+                    reference.copy_(tensor)
         # newest rounds are asked first; among equals, bodies really averaged in a group
         self.state_sharing_priority = 2.0 * round_number + (2.0 if metadata.get("group_size", 0) >= 2 else 1.0)
 
@@ -173,6 +197,45 @@ class FusedBodyAverager(DecentralizedAverager):
     def last_fused_body(self) -> list[torch.Tensor]:
         """The body this round started from (the last fused base); never modified in place."""
         return self._snapshot[1]
+
+    # ---- moderated runs: hivemind's averager RPCs carry no auth, so each one checks the caller's
+    # (transport-authenticated) peer id against the run's invites; refusals use codes hivemind
+    # never sends itself for these requests, so a refused caller just moves on.
+    async def _refuses(self, context: P2PContext) -> bool:
+        return self._gate is not None and not await self._gate.admits(context.remote_id)
+
+    async def rpc_join_group(
+        self, request: averaging_pb2.JoinRequest, context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.MessageFromLeader]:
+        if await self._refuses(context):
+            yield averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
+            return
+        async for response in super().rpc_join_group(request, context):
+            yield response
+
+    async def rpc_aggregate_part(
+        self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.AveragingData]:
+        if await self._refuses(context):
+            yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
+            return
+        async for response in super().rpc_aggregate_part(stream, context):
+            yield response
+
+    async def rpc_download_state(
+        self, request: averaging_pb2.DownloadRequest, context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.DownloadData]:
+        if await self._refuses(context):
+            return  # as hivemind denies a download: the caller asks the next peer
+        async for response in super().rpc_download_state(request, context):
+            yield response
+
+    async def _aggregate_with_group(self, group_info, *args, **kwargs):
+        """Never send our parts to a group with an uninvited member (e.g. a leader that slipped in)."""
+        uninvited: list[PeerID] = [] if self._gate is None else await self._gate.uninvited(group_info.peer_ids)
+        if uninvited:
+            raise AllreduceException(f"group has {len(uninvited)} uninvited member(s): not averaging with it")
+        return await super()._aggregate_with_group(group_info, *args, **kwargs)
 
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
         """Like hivemind's, but all or nothing: apply the deltas only if no part failed or lost a sender."""
@@ -186,6 +249,13 @@ class FusedBodyAverager(DecentralizedAverager):
             ordered_peer_ids=group_info.peer_ids,
             **kwargs,
         )
+        if self._reference is not None:  # reduce our slice with the clipped mean instead of the mean
+            runner.tensor_part_reducer = ClippedMeanReducer(
+                tuple(part.shape for part in runner.parts_for_local_averaging),
+                len(runner.sender_peer_ids),
+                reference_parts(self._reference, runner.tensor_part_container, group_info.peer_ids.index(self.peer_id)),
+                self._clip_ratio,
+            )
         self._running_groups[group_id].set_result(runner)
         deltas = []
         async for _, update in azip(as_aiter(*tensors), runner):
@@ -212,10 +282,17 @@ class BodyFusion:
     """
 
     def __init__(
-        self, dht: DHT, body: Sequence[torch.Tensor], *, prefix: str, config: FusionConfig, board: RecordBoard
+        self,
+        dht: DHT,
+        body: Sequence[torch.Tensor],
+        *,
+        prefix: str,
+        config: FusionConfig,
+        board: RecordBoard,
+        gate: InviteGate | None = None,
     ):
         self.config, self.board = config, board
-        self.averager = FusedBodyAverager(body, dht, prefix=prefix, config=config)
+        self.averager = FusedBodyAverager(body, dht, prefix=prefix, config=config, gate=gate)
 
     @property
     def peer_id(self) -> str:
@@ -238,7 +315,7 @@ class BodyFusion:
         nonce = secrets.token_hex(8)  # tells this attempt from any earlier one of the same round
         start = self.averager.last_fused_body()
         own_norm = update_norm(body, start)
-        info = {**info, "nonce": nonce, "update_norm": own_norm}
+        info = {**info, "nonce": nonce, "update_norm": own_norm, "aggregation": config.aggregation}
         matchmaking_deadline = (
             max(scheduled_time, get_dht_time() + config.matchmaking_time) + 2 * config.request_timeout
         )
@@ -265,6 +342,12 @@ class BodyFusion:
         rounds = {member.get("round") for member in members.values()}
         if rounds != {round_number}:
             reason = f"group disagreed on the round ({sorted(map(str, rounds))})"
+            return self._not_fused(started, round_number, nonce, reason)
+        rules = {member.get("aggregation", "mean") for member in members.values()}
+        if rules != {config.aggregation}:
+            reason = (
+                f"group mixed aggregation rules ({', '.join(sorted(map(str, rules)))}): use one --aggregation per run"
+            )
             return self._not_fused(started, round_number, nonce, reason)
         with self.averager.get_tensors() as buffers:
             finite = all(torch.isfinite(tensor).all() for tensor in buffers)
