@@ -21,6 +21,7 @@ from hivemind import DHT
 from hivemind.utils import get_dht_time
 
 from coldfusion_p2p import __version__, policy
+from coldfusion_p2p.auth import Moderation
 from coldfusion_p2p.checkpoints import (
     atomic_folder,
     ensure_writable_dir,
@@ -73,8 +74,10 @@ class RoundArchiver:
         push_to_hub: str | None = None,
         download_timeout: float = 120.0,
         board: RecordBoard | None = None,
+        moderation: Moderation | None = None,
     ):
         self.archive_dir = Path(archive_dir)
+        self.invite = moderation.invite.encode() if moderation is not None else ""  # peers check it before serving
         ensure_writable_dir(self.archive_dir, "--archive-dir")
         self.keys, self.keep, self.push_to_hub = keys, keep, push_to_hub
         self.download_timeout = download_timeout
@@ -108,6 +111,7 @@ class RoundArchiver:
             step=0,
             total_steps=0,
             version=__version__,
+            invite=self.invite,
             time=get_dht_time(),
         )
         try:

@@ -13,45 +13,17 @@ import threading
 from pathlib import Path
 
 from hivemind import DHT
-from hivemind.p2p import PeerID
-from hivemind.p2p.p2p_daemon import P2P
 
 from coldfusion_p2p.archive import RoundArchiver
 from coldfusion_p2p.checkpoints import ensure_writable_dir
 from coldfusion_p2p.config import BootstrapConfig
 from coldfusion_p2p.console import PeerConsole
-from coldfusion_p2p.errors import UserError
-from coldfusion_p2p.network import shut_down, start_dht
+from coldfusion_p2p.network import network_moderation, shut_down, start_dht
 from coldfusion_p2p.records import RunKeys
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_PEERS_FILE = "initial_peers.txt"
-
-
-def prepare_identity(path: str | Path) -> PeerID:
-    """Create the private key on first run (readable by its owner only), or check the existing one."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            P2P.generate_identity(str(path))  # hivemind writes it with mode 0400
-        except (OSError, FileNotFoundError) as error:
-            raise UserError(
-                f"cannot create identity file {path} ({error})", "pass a writable --identity path"
-            ) from None
-    try:
-        return PeerID.from_identity(path.read_bytes())
-    except OSError as error:
-        raise UserError(
-            f"identity file {path} is unreadable ({error.strerror or error})",
-            "fix its permissions or pass another --identity",
-        ) from None
-    except Exception:  # protobuf/crypto errors of a truncated or foreign key file
-        raise UserError(
-            f"identity file {path} is corrupt (not a libp2p private key)",
-            "restore it from your backup, or move it away to create a new identity (the peer id will change)",
-        ) from None
 
 
 class BootstrapNode:
@@ -73,12 +45,10 @@ class BootstrapNode:
 
     def start(self) -> list[str]:
         settings = self.config.bootstrap
-        identity = str(Path(settings.identity).expanduser()) if settings.identity else None
-        if identity is not None:
-            prepare_identity(identity)
+        moderation = network_moderation(self.config.network)  # a bad invite fails before anything starts
         if settings.archive_dir is not None:
             ensure_writable_dir(Path(settings.archive_dir), "--archive-dir")  # fail before joining anything
-        self.dht = start_dht(self.config.network, self.keys, identity_path=identity)
+        self.dht = start_dht(self.config.network, self.keys, moderation=moderation)
         if settings.archive_dir is not None:  # before announcing: peers leaving early must already see it
             self.archiver = RoundArchiver(
                 self.dht,
@@ -86,6 +56,7 @@ class BootstrapNode:
                 archive_dir=settings.archive_dir,
                 model_name=settings.base_model,
                 keep=settings.keep,
+                moderation=moderation,
                 push_to_hub=settings.push_to_hub,
                 download_timeout=settings.download_timeout,
             )

@@ -21,6 +21,8 @@ from coldfusion_p2p.config import (
     BootstrapConfig,
     DemoConfig,
     EvaluateConfig,
+    IdentityConfig,
+    InviteConfig,
     MonitorConfig,
     PeerConfig,
     build_config,
@@ -170,6 +172,47 @@ def run_monitor(config: MonitorConfig) -> int:
     return EXIT_OK
 
 
+def run_identity(config: IdentityConfig) -> int:
+    from coldfusion_p2p.auth import load_identity, prepare_identity, public_key_text
+
+    path = config.key.identity
+    existed = os.path.exists(path)
+    prepare_identity(path)
+    peer_id, key = load_identity(path)
+    if not existed:
+        print(f"created {path} (keep it private and back it up)", file=sys.stderr)
+    print(f"peer id:    {peer_id.to_base58()}")
+    print(f"public key: {public_key_text(key)}")
+    return EXIT_OK
+
+
+def run_invite(config: InviteConfig) -> int:
+    from coldfusion_p2p.auth import issue_invite
+
+    settings = config.invite
+    invite = issue_invite(
+        owner_key=settings.owner_key,
+        public_key=settings.public_key,
+        run_id=settings.run_id,
+        name=settings.name,
+        valid_days=settings.valid_days,
+    )
+    token = invite.encode()
+    if settings.output:
+        try:
+            with open(os.open(settings.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as file:
+                file.write(token + "\n")
+        except OSError as error:
+            raise UserError(f"cannot write {settings.output} ({error.strerror})", "pass a writable --output") from None
+    print(
+        f"invite for {invite.name!r} (peer id {invite.peer_id.to_base58()}) to run {invite.run_id!r}, "
+        f"valid until {invite.expires_text}; the invitee passes it as --invite",
+        file=sys.stderr,
+    )
+    print(token)
+    return EXIT_OK
+
+
 def run_evaluate(config: EvaluateConfig) -> int:
     from coldfusion_p2p.evaluate import run_evaluation
 
@@ -216,6 +259,20 @@ COMMANDS = {  # name: (config class, runner, one-line help, description)
         run_monitor,
         "watch a live swarm in a terminal dashboard (q or Ctrl-C quits)",
         "Join as a DHT client and show peers, datasets, rounds, loss, accuracy and alerts.",
+    ),
+    "identity": (
+        IdentityConfig,
+        run_identity,
+        "create (if absent) a key file and print its peer id and public key: what the run owner needs to invite you",
+        "Every node's --identity, and the run owner's key that signs invites, are such key files.",
+    ),
+    "invite": (
+        InviteConfig,
+        run_invite,
+        "moderated runs: as the run owner, sign an invite for a peer's public key",
+        "Print (and with --output write) an invite token binding the invitee's public key (hence its peer id), "
+        "the run id and an expiry, signed with --owner-key. Nodes of a run started with --require-invite and "
+        "--owner-public-key refuse DHT and averaging requests of nodes without a valid one.",
     ),
     "evaluate": (
         EvaluateConfig,

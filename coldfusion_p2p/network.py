@@ -9,12 +9,14 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+from pathlib import Path
 
 from hivemind import DHT
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.multiaddr import Multiaddr
 
+from coldfusion_p2p.auth import InviteAuthorizer, Moderation, load_moderation, prepare_identity
 from coldfusion_p2p.config import NetworkConfig
 from coldfusion_p2p.errors import UserError
 from coldfusion_p2p.records import RunKeys, swarm_validators
@@ -73,17 +75,31 @@ def check_ports_free(host_maddrs: list[str]) -> None:
                 raise UserError(f"cannot listen on {address} ({error.strerror})", "check --host-maddrs") from None
 
 
+def network_moderation(config: NetworkConfig) -> Moderation | None:
+    """This node's moderation settings (None for an open run), checked: UserError when unusable."""
+    return load_moderation(
+        require_invite=config.require_invite,
+        run_id=config.run_id,
+        identity=config.identity,
+        invite=config.invite,
+        owner_public_key=config.owner_public_key,
+    )
+
+
 def start_dht(
     config: NetworkConfig,
     keys: RunKeys,
     *,
     client_mode: bool = False,
-    identity_path: str | None = None,
     private_key: RSAPrivateKey | None = None,
+    moderation: Moderation | None = None,
 ) -> DHT:
-    """Start this node's DHT with the run's record validators; UserError when it cannot join."""
+    """Start this node's DHT with the run's record validators (and, in a moderated run, its invite
+    checks); UserError when it cannot join."""
     check_network_config(config)
     check_ports_free(config.host_maddrs)
+    if moderation is None:
+        moderation = network_moderation(config)
     options = dict(
         initial_peers=list(config.initial_peers),
         host_maddrs=list(config.host_maddrs),
@@ -93,12 +109,35 @@ def start_dht(
         start=True,
         await_ready=True,
     )
-    if identity_path is not None:
-        options["identity_path"] = identity_path
+    if config.identity is not None:
+        identity = Path(config.identity).expanduser()
+        prepare_identity(identity)
+        options["identity_path"] = str(identity)
+    if moderation is not None:
+        options["authorizer"] = InviteAuthorizer(moderation)
     try:
         return DHT(**options)
     except P2PDaemonError as error:
         raise _daemon_error(config, error) from None
+    except RuntimeError as error:
+        if "none of the initial_peers responded" not in str(error):
+            raise
+        raise _refused_error(config, moderation) from None
+
+
+def _refused_error(config: NetworkConfig, moderation: Moderation | None) -> UserError:
+    """The initial peers are reachable but answered no DHT request: a moderated run refusing us."""
+    peers = ", ".join(config.initial_peers)
+    if moderation is None:
+        return UserError(
+            f"the initial peers ({peers}) refused this node: the run is moderated and this node has no invite",
+            "ask the run owner for an invite for your --identity's public key, then pass --require-invite, "
+            "--identity, --invite and --owner-public-key",
+        )
+    return UserError(
+        f"the initial peers ({peers}) refused this node's invite ({moderation.invite.name!r})",
+        "check --run-id and --owner-public-key against the run owner's, or ask the owner for a new invite",
+    )
 
 
 def _daemon_error(config: NetworkConfig, error: P2PDaemonError) -> UserError:

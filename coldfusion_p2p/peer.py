@@ -30,6 +30,7 @@ from hivemind import DHT
 from hivemind.utils import get_dht_time
 
 from coldfusion_p2p import __version__, policy
+from coldfusion_p2p.auth import InviteGate
 from coldfusion_p2p.checkpoints import (
     append_history,
     apply_body_state,
@@ -55,7 +56,7 @@ from coldfusion_p2p.model import (
     model_fingerprint,
     resolve_model_name,
 )
-from coldfusion_p2p.network import check_network_config, shut_down, start_dht
+from coldfusion_p2p.network import check_network_config, network_moderation, shut_down, start_dht
 from coldfusion_p2p.records import PeerRecord, RecordBoard, RunKeys
 from coldfusion_p2p.trainer import LocalTrainer
 
@@ -157,11 +158,13 @@ class Peer:
         self.board: RecordBoard | None = None
         self._publisher: threading.Thread | None = None
         self.reports: list[RoundReport] = []
+        self.moderation = None
 
     # ---------------------------------------------------------------- set-up
     def setup(self) -> None:
         config = self.config
         check_network_config(config.network)  # a typo in an address should not wait for model loading
+        self.moderation = network_moderation(config.network)  # ... nor a bad invite
         if config.training.torch_threads:
             torch.set_num_threads(config.training.torch_threads)
         self.data: TaskData = load_task_data(config.data)
@@ -180,7 +183,7 @@ class Peer:
             max_eval_examples=config.data.max_eval_examples,
         )
         self._resume_local_checkpoint()
-        self.dht = start_dht(config.network, self.keys)
+        self.dht = start_dht(config.network, self.keys, moderation=self.moderation)
         self.board = RecordBoard(self.dht, self.keys)
         self.fusion = BodyFusion(
             self.dht,
@@ -188,6 +191,7 @@ class Peer:
             prefix=self.keys.averager_prefix(self.model_fingerprint),
             config=config.fusion,
             board=self.board,
+            gate=None if self.moderation is None else InviteGate(self.dht, self.keys.records_key, self.moderation),
         )
         self.fusion.publish_fused(self._progress.fused_round, self.body, self._snapshot_metadata())
         self.console.joined(self.fusion.peer_id, self.dht.get_visible_maddrs(), self.data, self.keys.run_id)
@@ -496,6 +500,7 @@ class Peer:
                 body_fingerprint=progress.fingerprint,
                 model_fingerprint=self.model_fingerprint,
                 version=__version__,
+                invite=self.moderation.invite.encode() if self.moderation is not None else "",
                 time=get_dht_time(),
             )
 

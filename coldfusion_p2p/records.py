@@ -84,6 +84,7 @@ class PeerRecord(BaseModel):
     body_fingerprint: constr(strict=True, max_length=32) = ""  # short hash of the fused body
     model_fingerprint: constr(strict=True, max_length=32) = ""  # architecture, shapes and starting weights
     version: constr(strict=True, max_length=32) = ""
+    invite: constr(strict=True, max_length=4096) = ""  # moderated runs: the run owner's invite of this peer id
     time: StrictFloat  # DHT time of publication
 
 
