@@ -268,14 +268,16 @@ def run_swarm(model: str, n_peers: int, workdir: Path, **settings) -> list[dict]
                 "seed": 0,
                 **settings,
             }
-            processes.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "coldfusion_p2p.cli", "join", *as_flags(flags)],
-                    env=environment,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
+            workdir.mkdir(parents=True, exist_ok=True)
+            with open(workdir / f"peer{index}.log", "w") as log:
+                processes.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "coldfusion_p2p.cli", "join", *as_flags(flags)],
+                        env=environment,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                    )
                 )
-            )
         for process in processes:
             process.wait(timeout=1800)
     finally:
@@ -283,7 +285,11 @@ def run_swarm(model: str, n_peers: int, workdir: Path, **settings) -> list[dict]
             if process.poll() is None:
                 process.kill()
         entry.shutdown()
-    return [row for index in range(n_peers) for row in read_history(workdir / f"peer{index}")]
+    rows = [row for index in range(n_peers) for row in read_history(workdir / f"peer{index}")]
+    if not rows:
+        tail = (workdir / "peer0.log").read_text()[-2000:]
+        raise RuntimeError(f"the {n_peers}-peer swarm in {workdir} completed no round; peer0 said:\n{tail}")
+    return rows
 
 
 def swarm_summary(rows: list[dict], n_peers: int, model: str) -> dict:
