@@ -254,11 +254,16 @@ def _match(columns: Sequence[str], name: str) -> str | None:
     return folded[0] if folded else None
 
 
+MISSING_LABEL_TEXTS = ("nan", "-nan", "<na>")  # a missing number written out as text
+
+
 def canonical_label(value: Any) -> str | None:
     """A label as a string, or None when missing; raises ValueError for values that are not classes.
 
     Integers (and integral floats, which is what pandas makes of an integer column with a gap)
     become their decimal string, so ``1``, ``1.0`` and ``"1"`` are one class across formats.
+    ``"nan"`` and ``"<NA>"`` (how numpy and pandas write a missing number as text) are missing,
+    never a class of their own.
     """
     if isinstance(value, np.generic):
         value = value.item()
@@ -269,11 +274,14 @@ def canonical_label(value: Any) -> str | None:
     if isinstance(value, float):
         if math.isnan(value):
             return None
+        if math.isinf(value):
+            raise ValueError(f"{value} is infinite, not a class")
         if value.is_integer():
             return str(int(value))
         raise ValueError(f"{value} is a fraction, not a class")
     if isinstance(value, str):
-        return value.strip() or None
+        text = value.strip()
+        return None if text.lower() in MISSING_LABEL_TEXTS else text or None
     raise ValueError(f"{type(value).__name__} value {str(value)[:40]!r} is not a class")
 
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
+from pathlib import Path
 
 import pytest
 
+from coldfusion_p2p.checkpoints import save_checkpoint
 from coldfusion_p2p.cli import main
+from coldfusion_p2p.model import head_state, load_classifier, load_tokenizer
 
 from conftest import peer_command, peer_environment
 from tiny_models import write_csv
@@ -103,3 +107,79 @@ def test_the_installed_command_exits_2_with_one_line(tmp_path):
         timeout=120,
     )
     assert_one_line_error(result.returncode, result.stderr, "missing.jsonl")
+
+
+@pytest.mark.parametrize(
+    ("config_text", "fragments"),
+    [
+        ('dataset = "d.csv"\nlocal_steps = [unclosed\n', ("peer.toml is malformed", "fix its syntax")),
+        ('local_steps = "many"\n', ("bad value 'many' for 'local_steps'", "config file")),
+        ("rounds = 2.5\n", ("expected an integer",)),
+        ("[training]\nlr = 1e-3\n", ("unknown config key 'training'",)),
+    ],
+)
+def test_malformed_config_files(capsys, base_flags, tiny_dataset, tmp_path, config_text, fragments):
+    config = tmp_path / "peer.toml"
+    config.write_text(config_text)
+    code, err = run_join(capsys, "--config", str(config), "--dataset", str(tiny_dataset), *base_flags)
+    assert_one_line_error(code, err, *fragments)
+
+
+def write_checkpoint(output_dir: Path, model_dir: Path, label_names: list[str]) -> Path:
+    model = load_classifier(str(model_dir), label_names, seed=0)
+    return save_checkpoint(
+        output_dir,
+        round_number=3,
+        model=model,
+        tokenizer=load_tokenizer(str(model_dir)),
+        head=head_state(model),
+        label_names=label_names,
+        metadata={"group_size": 2},
+    )
+
+
+def folder_contents(folder: Path) -> dict[str, bytes | str]:
+    """Every file's bytes and every link's target under ``folder``: proof that nothing was touched."""
+    contents = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_symlink():
+            contents[str(path.relative_to(folder))] = os.readlink(path)
+        elif path.is_file():
+            contents[str(path.relative_to(folder))] = path.read_bytes()
+    return contents
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize(
+    ("damage", "fragments"),
+    [
+        (lambda round_dir: truncate(round_dir / "model.safetensors"), ("model.safetensors is corrupt", "backup")),
+        (lambda round_dir: truncate(round_dir / "head.safetensors"), ("head", "is corrupt", "backup")),
+        (lambda round_dir: (round_dir / "round.json").unlink(), ("is unreadable", "remove")),
+        (lambda round_dir: (round_dir / "round.json").write_text('{"round": '), ("is unreadable",)),
+        (lambda round_dir: (round_dir / "head.json").write_text("[]"), ("head", "is corrupt")),
+    ],
+    ids=["truncated-body", "truncated-head", "missing-round-json", "truncated-round-json", "bad-head-json"],
+)
+def test_resume_from_a_corrupt_checkpoint_fails_and_keeps_it(
+    capsys, base_flags, tiny_dataset, tiny_model_dir, tmp_path, damage, fragments
+):
+    round_dir = write_checkpoint(tmp_path / "out", tiny_model_dir, ["negative", "positive"])
+    damage(round_dir)
+    before = folder_contents(tmp_path / "out")
+    code, err = run_join(capsys, "--dataset", str(tiny_dataset), "--resume", *base_flags)
+    assert_one_line_error(code, err, *fragments)
+    assert folder_contents(tmp_path / "out") == before, "the damaged checkpoint must be left for the user to inspect"
+
+
+def test_resume_with_a_dataset_of_other_labels_is_refused(capsys, base_flags, tiny_dataset, tiny_model_dir, tmp_path):
+    """A head trained on other classes must never be mixed with this dataset's labels."""
+    write_checkpoint(tmp_path / "out", tiny_model_dir, ["bad", "good"])
+    before = folder_contents(tmp_path / "out")
+    code, err = run_join(capsys, "--dataset", str(tiny_dataset), "--resume", *base_flags)
+    assert_one_line_error(code, err, "['negative', 'positive'] differ from the checkpoint's ['bad', 'good']")
+    assert "fresh --output-dir" in err
+    assert folder_contents(tmp_path / "out") == before

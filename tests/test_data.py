@@ -263,10 +263,22 @@ def test_missing_labels_are_counted(tmp_path):
         load(write_rows(tmp_path / "holes.jsonl", nulls))
 
 
+def test_nan_labels_are_missing_never_a_class(tmp_path):
+    """A NaN label, whether a float or the text numpy and pandas write for it, is a missing label."""
+    for suffix, nan in ((".csv", "NaN"), (".csv", "nan"), (".tsv", "<NA>"), (".jsonl", float("nan"))):
+        rows = [*labelled_rows(8), {"text": "no label", "label": nan}]
+        with pytest.raises(UserError, match=r"1 of 9 rows of file .* have no label in column 'label'; fill in"):
+            load(write_rows(tmp_path / f"nan{suffix}", rows))
+    assert canonical_label("Nan ") is None and canonical_label("nano") == "nano"
+
+
 def test_bad_label_values(tmp_path):
     rows = [{"text": "a", "label": 0.5}, {"text": "b", "label": 1.5}]
     with pytest.raises(UserError, match="not a class label"):
         load(write_rows(tmp_path / "scores.jsonl", rows))
+    infinite = [*labelled_rows(4), {"text": "c", "label": float("inf")}]
+    with pytest.raises(UserError, match="infinite, not a class"):
+        load(write_rows(tmp_path / "inf.jsonl", infinite))
 
 
 def test_too_few_classes_or_rows(tmp_path):
