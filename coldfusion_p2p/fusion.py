@@ -47,7 +47,7 @@ from coldfusion_p2p.aggregation import ClippedMeanReducer, reference_parts
 from coldfusion_p2p.auth import InviteGate
 from coldfusion_p2p.config import FusionConfig
 from coldfusion_p2p.model import copy_into
-from coldfusion_p2p.policy import group_bits, group_decision, poisoned_update
+from coldfusion_p2p.policy import group_bits, group_decision, group_mismatch, poisoned_update
 from coldfusion_p2p.records import RecordBoard, Verdict
 
 logger = logging.getLogger(__name__)
@@ -230,6 +230,11 @@ class FusedBodyAverager(DecentralizedAverager):
         async for response in super().rpc_download_state(request, context):
             yield response
 
+    async def _step(self, **kwargs):
+        if self._gate is not None:  # learn the swarm's invites now, not while a joining peer waits
+            self._gate.refresh_soon()
+        return await super()._step(**kwargs)
+
     async def _aggregate_with_group(self, group_info, *args, **kwargs):
         """Never send our parts to a group with an uninvited member (e.g. a leader that slipped in)."""
         uninvited: list[PeerID] = [] if self._gate is None else await self._gate.uninvited(group_info.peer_ids)
@@ -339,16 +344,9 @@ class BodyFusion:
         if not gathered:
             return self._not_fused(started, round_number, nonce, "no group formed")
         members = {peer.to_base58(): data if isinstance(data, dict) else {} for peer, data in gathered.items()}
-        rounds = {member.get("round") for member in members.values()}
-        if rounds != {round_number}:
-            reason = f"group disagreed on the round ({sorted(map(str, rounds))})"
-            return self._not_fused(started, round_number, nonce, reason)
-        rules = {member.get("aggregation", "mean") for member in members.values()}
-        if rules != {config.aggregation}:
-            reason = (
-                f"group mixed aggregation rules ({', '.join(sorted(map(str, rules)))}): use one --aggregation per run"
-            )
-            return self._not_fused(started, round_number, nonce, reason)
+        mismatch = group_mismatch(members, round_number, config.aggregation)
+        if mismatch is not None:
+            return self._not_fused(started, round_number, nonce, mismatch)
         with self.averager.get_tensors() as buffers:
             finite = all(torch.isfinite(tensor).all() for tensor in buffers)
             fused_norm = update_norm(buffers, start) if finite else float("nan")

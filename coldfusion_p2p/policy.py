@@ -66,8 +66,17 @@ def fusion_time(records: Iterable[PeerRecord], round_number: int) -> float | Non
 
 def everyone_ready(records: Iterable[PeerRecord], round_number: int, min_group_size: int = 1) -> bool:
     """True when every live peer working on ``round_number`` is ready to fuse it, and they are at
-    least ``min_group_size`` (peers still starting up are not visible yet: this waits for them)."""
-    working = [record for record in records if record.round == round_number and record.status != "downloading"]
+    least ``min_group_size`` (peers still starting up are not visible yet: this waits for them).
+
+    A peer downloading a fused base from an earlier round is about to work on this one: waiting for
+    it (bounded by the fusion window) lets a peer that fell behind rejoin, instead of chasing a
+    swarm that closes every window just before it arrives.
+    """
+    working = [
+        record
+        for record in records
+        if record.round == round_number or (record.status == "downloading" and record.round < round_number)
+    ]
     ready = [record for record in working if record.status in READY_STATUSES]
     return len(ready) == len(working) and len(ready) >= min_group_size
 
@@ -131,6 +140,21 @@ def group_decision(own_peer_id: str, members: dict[str, dict], verdicts: dict[st
     if refused:
         return f"rolled back: the all-reduce was incomplete for {len(refused)} group member(s)"
     return "apply" if others <= set(current) else None
+
+
+def group_mismatch(members: dict[str, dict], round_number: int, aggregation: str) -> str | None:
+    """Why a formed group must not fuse (members of other rounds, mixed aggregation rules), or None.
+
+    Each reducer applies its own peer's rule to its slice, so a group mixing ``mean`` and
+    ``clipped_mean`` would be robust on some slices only.
+    """
+    rounds = {member.get("round") for member in members.values()}
+    if rounds != {round_number}:
+        return f"group disagreed on the round ({', '.join(sorted(map(str, rounds)))})"
+    rules = {member.get("aggregation", "mean") for member in members.values()}
+    if rules != {aggregation}:
+        return f"group mixed aggregation rules ({', '.join(sorted(map(str, rules)))}): use one --aggregation per run"
+    return None
 
 
 def incompatible_swarm(other_records: Iterable[PeerRecord], model_fingerprint: str) -> str | None:

@@ -46,7 +46,8 @@ def test_window_closes_early_only_when_every_peer_of_the_round_is_ready():
     assert not policy.everyone_ready([record("ready"), record("training")], 1)
     assert not policy.everyone_ready([record("ready"), record("starting")], 1)
     assert policy.everyone_ready([record("ready"), record("training", round=2)], 1)
-    assert policy.everyone_ready([record("ready"), record("downloading")], 1)
+    assert not policy.everyone_ready([record("ready", round=3), record("downloading", round=2)], 3), "about to join"
+    assert policy.everyone_ready([record("ready", round=3), record("downloading", round=4)], 3)
 
 
 def test_partners_are_live_peers_of_the_same_round():
@@ -98,3 +99,13 @@ def test_a_fused_update_far_larger_than_the_typical_one_is_poisoned():
     assert policy.poisoned_update(25.0, own_norm=1.0, member_norms=[*honest, 100.0], max_ratio=10)
     assert policy.poisoned_update(float("nan"), own_norm=1.0, member_norms=honest, max_ratio=10)
     assert policy.poisoned_update(25.0, own_norm=1.0, member_norms=[float("nan")] * 4, max_ratio=10)
+
+
+def test_a_group_mixing_rounds_or_aggregation_rules_does_not_fuse():
+    same = {"a": {"round": 3, "aggregation": "clipped_mean"}, "b": {"round": 3, "aggregation": "clipped_mean"}}
+    assert policy.group_mismatch(same, 3, "clipped_mean") is None
+    late = {"round": 2, "aggregation": "clipped_mean"}
+    assert "round" in policy.group_mismatch({**same, "c": late}, 3, "clipped_mean")
+    mixed = {**same, "c": {"round": 3}}  # an older peer sends no rule: the plain mean
+    assert "clipped_mean, mean" in policy.group_mismatch(mixed, 3, "clipped_mean")
+    assert policy.group_mismatch({"a": {"round": 1}}, 1, "mean") is None
