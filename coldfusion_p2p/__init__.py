@@ -11,6 +11,7 @@ Where things live:
 - ``policy.py``       pure decisions: fusion window, catch-up, weights
 - ``checkpoints.py``  atomic checkpoints of the fused base and the peer's head
 - ``network.py``      start_dht: address checks and clear join errors
+- ``auth.py``         Invite, InviteAuthorizer, InviteGate: moderated runs (who may join)
 - ``peer.py``         Peer: the daemon composing the pieces
 - ``console.py``      PeerConsole: progress bars and round summaries
 - ``cli.py``          the ``coldfusion-peer`` command

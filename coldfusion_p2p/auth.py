@@ -362,16 +362,16 @@ class InviteGate:
         self._admitted: dict[PeerID, Invite] = {moderation.invite.peer_id: moderation.invite}
         self._last_refresh = -math.inf
         self._refused_logged: set[PeerID] = set()
+        self._background: asyncio.Task | None = None
 
     def _is_admitted(self, peer_id: PeerID, now: float) -> bool:
         invite = self._admitted.get(peer_id)
         return invite is not None and invite.expires > now
 
-    async def admits(self, peer_id: PeerID) -> bool:
+    async def admits(self, peer_id: PeerID, *, refresh: bool = True) -> bool:
         if self._is_admitted(peer_id, time.time()):
             return True
-        if time.monotonic() - self._last_refresh >= self.refresh_period:
-            self._last_refresh = time.monotonic()
+        if refresh and time.monotonic() - self._last_refresh >= self.refresh_period:
             await self.refresh()
         if self._is_admitted(peer_id, time.time()):
             return True
@@ -380,8 +380,14 @@ class InviteGate:
             logger.warning("refused averaging requests from %s: no valid invite for this run", peer_id.to_base58())
         return False
 
+    def refresh_soon(self) -> None:
+        """Refresh in the background of the running event loop (at most one such refresh at a time)."""
+        if self._background is None or self._background.done():
+            self._background = asyncio.create_task(self.refresh())
+
     async def refresh(self) -> None:
         """Re-read the invites published in the swarm's records (bounded in time, never fatal)."""
+        self._last_refresh = time.monotonic()
         try:
             found = await asyncio.wait_for(
                 self.dht.get(self.records_key, latest=True, return_future=True), timeout=self.fetch_timeout
@@ -402,7 +408,10 @@ class InviteGate:
 
     async def uninvited(self, peer_ids: Iterable[PeerID]) -> list[PeerID]:
         """The members of a group that hold no valid invite (empty: everyone may take part)."""
-        return [peer_id for peer_id in peer_ids if not await self.admits(peer_id)]
+        peer_ids = list(peer_ids)
+        if not all(self._is_admitted(peer_id, time.time()) for peer_id in peer_ids):
+            await self.refresh()  # our own group, once per round: worth a lookup whatever the rate limit
+        return [peer_id for peer_id in peer_ids if not await self.admits(peer_id, refresh=False)]
 
 
 def published_tokens(found) -> list[str]:

@@ -363,6 +363,6 @@ def test_invited_peers_fuse_and_an_uninvited_peer_is_refused(local_swarm, tiny_m
     invited_ids = {load_identity(moderated[name]["identity"])[0].to_base58() for name in ("peer0", "peer1")}
     for peer in peers:
         report = peer.round_info(1)["report"]
-        assert report["outcome"] == "fused", report
+        assert report["outcome"] == "fused", (peer.name, report["reason"])
         assert report["group_size"] == 2 and set(report["peer_ids"]) == invited_ids
         assert json.loads(json.dumps(peer.round_info(1)["peer_id"])) in invited_ids
