@@ -157,7 +157,9 @@ class Peer:
         self.fusion: BodyFusion | None = None
         self.board: RecordBoard | None = None
         self._publisher: threading.Thread | None = None
+        self._watcher: threading.Thread | None = None
         self.reports: list[RoundReport] = []
+        self._swarm_fused_round = 0  # the newest round another peer fused, as last seen by the publisher
         self.moderation = None
 
     # ---------------------------------------------------------------- set-up
@@ -198,6 +200,9 @@ class Peer:
         self._check_compatible()  # before publishing anything: a stranger must not disturb the swarm
         self._publisher = threading.Thread(target=self._publish_periodically, name="record-publisher", daemon=True)
         self._publisher.start()
+        # apart from the publisher: a slow DHT read must never delay our record past its expiration
+        self._watcher = threading.Thread(target=self._watch_swarm, name="swarm-watcher", daemon=True)
+        self._watcher.start()
 
     def _check_compatible(self) -> None:
         """A newcomer with another model gets a clear error instead of silently forming its own swarm."""
@@ -259,12 +264,18 @@ class Peer:
     def _should_stop(self) -> bool:
         return self.stop_event.is_set() or policy.rounds_done(self._progress.fused_round, self.config.run.rounds)
 
+    def _behind_swarm(self, round_number: int) -> bool:
+        """Stop training early when asked to, or when the swarm already fused this round without us
+        (e.g. we were frozen): the round is lost anyway, and the sooner we catch up the sooner we
+        are back in the swarm's current round instead of chasing it one stale round after another."""
+        return self.stop_event.is_set() or self._swarm_fused_round >= round_number
+
     def run_round(self, round_number: int) -> RoundReport | None:
         """Train, evaluate, fuse (or not), evaluate, checkpoint; None when stopped mid-round."""
         self._update(status="training", round=round_number, step=0, fuse_at=None)
         with self.console.training(round_number, self.config.training.local_steps) as on_step:
             stats = self.trainer.train_round(
-                round_number, on_step=self._on_step(on_step), should_stop=self.stop_event.is_set
+                round_number, on_step=self._on_step(on_step), should_stop=lambda: self._behind_swarm(round_number)
             )
         if self.stop_event.is_set():
             return None
@@ -364,6 +375,9 @@ class Peer:
         for the others to finish it, and download only a base they really fused in a group.
         """
         deadline = time.monotonic() + self.config.fusion.state_download_timeout
+        if min_round is not None:  # no longer "fusing": the others must not wait for us while we wait for them
+            self._update(status="downloading", fuse_at=None)
+            self._publish()
         while not self.stop_event.is_set() and time.monotonic() < deadline:
             others = policy.others(self.board.fetch(), self.board.subkey, self.model_fingerprint)
             if min_round is None:
@@ -517,6 +531,16 @@ class Peer:
         while not self.stop_event.wait(self.config.network.record_period):
             self._publish()
 
+    def _watch_swarm(self) -> None:
+        """Keep ``_swarm_fused_round`` fresh, so that training notices when the swarm left us behind."""
+        while not self.stop_event.wait(self.config.network.record_period):
+            try:
+                others = policy.others(self.board.fetch(), self.board.subkey, self.model_fingerprint)
+            except Exception as error:  # like publishing: a DHT hiccup only delays the news
+                logger.debug("fetching the records failed: %r", error)
+                continue
+            self._swarm_fused_round = policy.swarm_fused_round(others)
+
     def _snapshot_metadata(self) -> dict[str, Any]:
         return {"group_size": 0, "peer_ids": [], "fingerprint": body_fingerprint(self.body)}
 
@@ -524,8 +548,9 @@ class Peer:
     def shutdown(self) -> None:
         """Leave the swarm: stop publishing, then shut the averager and the DHT down."""
         self.stop_event.set()
-        if self._publisher is not None:
-            self._publisher.join(timeout=5)
+        for thread in (self._publisher, self._watcher):
+            if thread is not None:
+                thread.join(timeout=5)
         if self.board is not None:
             self._update(status="stopped", fuse_at=None)
             self._publish()

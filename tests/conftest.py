@@ -122,6 +122,13 @@ class PeerProcess:
     def send_signal(self, signum: int) -> None:
         self.process.send_signal(signum)
 
+    def freeze(self) -> None:
+        """SIGSTOP the whole process group (peer, averager, DHT and p2pd): a peer cut off the network."""
+        os.killpg(self.process.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        os.killpg(self.process.pid, signal.SIGCONT)
+
     def kill(self) -> None:
         if self.process.poll() is None:
             with contextlib.suppress(ProcessLookupError):

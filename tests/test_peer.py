@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import time
 
 import pytest
 import torch
@@ -219,3 +220,76 @@ def test_a_peer_killed_mid_all_reduce_leaves_no_half_averaged_body_and_rejoins(
         assert peer.wait() == 0, peer.log()
     later = [rejoined.round_info(r)["report"] for r in rejoined.rounds_written() if r >= 2]
     assert any(report["outcome"] in ("fused", "synced") for report in later), later
+
+
+def assert_loadable_and_finite(peer) -> None:
+    for round_number in peer.rounds_written():
+        body = load_body_state(round_dir(peer, round_number))
+        assert all(torch.isfinite(tensor).all() for tensor in body.values()), (peer.name, round_number)
+        AutoModelForSequenceClassification.from_pretrained(round_dir(peer, round_number), num_labels=2)
+
+
+def test_a_peer_frozen_by_sigstop_is_dropped_then_catches_up_after_sigcont(local_swarm, tiny_model_dir, tiny_datasets):
+    """SIGSTOP on the whole process group (peer, averager, DHT node, p2pd) cuts a peer off mid-round
+    without closing a single connection. The others must fuse without it within the timeouts, on
+    exactly their two bodies; after SIGCONT it must notice the rounds it missed, download the fused
+    base instead of checkpointing its stale round, and fuse with the others again."""
+    settings = dict(rounds=8, min_group_size=2, fusion_window=15.0, save_local_body=True, keep_checkpoints=20)
+    # peer2 trains longest, so when it is frozen right after a checkpoint the others soon wait for it
+    steps = (40, 40, 120)
+    peers = [
+        local_swarm.start_peer(f"peer{i}", dataset, tiny_model_dir, seed=i, local_steps=steps[i], **settings)
+        for i, dataset in enumerate(tiny_datasets)
+    ]
+    running, frozen = peers[:2], peers[2]
+
+    def all_three_fused() -> bool:
+        rounds = frozen.rounds_written()
+        return bool(rounds) and frozen.round_info(rounds[-1])["report"]["group_size"] == 3
+
+    wait_until(all_three_fused, timeout=120, interval=0.05, message="a round fused by all three")
+    frozen.freeze()
+    frozen_at = time.time()
+    stopped_round = max(frozen.rounds_written()) + 1  # the round it was training when frozen
+    dropped = (stopped_round, stopped_round + 1)
+    wait_until(
+        lambda: all(dropped[-1] in peer.rounds_written() for peer in running),
+        timeout=90,
+        message=f"the two running peers to fuse rounds {dropped} without the frozen one",
+    )
+    assert frozen.process.poll() is None
+    dropped_after = running[0].round_info(dropped[0])["time"] - frozen_at
+    frozen.thaw()
+    thawed_at = time.time()
+    local_swarm.wait_all()
+
+    running_ids = {peer.round_info(1)["peer_id"] for peer in running}
+    for round_number in dropped:
+        reports = [peer.round_info(round_number)["report"] for peer in running]
+        for report in reports:
+            assert report["outcome"] == "fused" and report["group_size"] == 2, (round_number, report["reason"])
+            assert set(report["peer_ids"]) == running_ids
+        trained = [pre_fusion(peer, round_number, "body") for peer in running]
+        for peer in running:
+            fused = load_body_state(round_dir(peer, round_number))
+            for name in trained[0]:
+                mean = (trained[0][name] + trained[1][name]) / 2
+                assert torch.allclose(fused[name], mean, atol=1e-6), (peer.name, round_number, name)
+
+    history = {round_number: frozen.round_info(round_number) for round_number in frozen.rounds_written()}
+    after_thaw = {r: info for r, info in history.items() if info["time"] >= thawed_at}
+    synced = min(r for r, info in after_thaw.items() if info["report"]["outcome"] == "synced")
+    assert synced >= dropped[-1], history[synced]["report"]
+    assert not any(stopped_round <= r < synced for r in history), "the frozen peer checkpointed a stale round"
+    swarm_base = load_body_state(round_dir(running[0], synced))
+    downloaded = load_body_state(round_dir(frozen, synced))
+    assert all(torch.allclose(downloaded[name], swarm_base[name], atol=1e-6) for name in swarm_base)
+    rejoined = [r for r, info in after_thaw.items() if info["report"]["outcome"] == "fused"]
+    assert rejoined, {r: info["report"]["outcome"] for r, info in after_thaw.items()}
+    assert history[rejoined[0]]["report"]["group_size"] == 3, history[rejoined[0]]["report"]
+    for peer in peers:
+        assert_loadable_and_finite(peer)
+    print(
+        f"dropped after {dropped_after:.1f}s; caught up {history[synced]['time'] - thawed_at:.1f}s and fused "
+        f"with the others {history[rejoined[0]]['time'] - thawed_at:.1f}s after SIGCONT"
+    )
