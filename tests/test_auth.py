@@ -208,7 +208,7 @@ def test_averager_rpcs_from_an_uninvited_peer_id_are_refused_even_bypassing_the_
         )
         maddrs = dht.get_visible_maddrs()
 
-        async def call_all(identity_path: Path) -> dict[str, object]:
+        async def call_all(identity_path: Path, send_part: bool = True) -> dict[str, object]:
             p2p = await P2P.create(
                 identity_path=str(identity_path), host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=maddrs
             )
@@ -217,14 +217,14 @@ def test_averager_rpcs_from_an_uninvited_peer_id_are_refused_even_bypassing_the_
                 join = await stub.rpc_join_group(
                     averaging_pb2.JoinRequest(schema_hash=b"x", expiration=time.time() + 5)
                 )
-                part = averaging_pb2.AveragingData(code=averaging_pb2.PART_FOR_AVERAGING, group_id=b"none")
-                aggregate = await stub.rpc_aggregate_part(as_aiter(part))
+                answers = {"join": (await asyncio.wait_for(anext(join), 10)).code}
+                if send_part:  # (an invited sender with no running group would wait for one: not sent)
+                    part = averaging_pb2.AveragingData(code=averaging_pb2.PART_FOR_AVERAGING, group_id=b"none")
+                    aggregate = await stub.rpc_aggregate_part(as_aiter(part))
+                    answers["aggregate"] = (await asyncio.wait_for(anext(aggregate), 10)).code
                 download = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
-                return {
-                    "join": (await asyncio.wait_for(anext(join), 10)).code,
-                    "aggregate": (await asyncio.wait_for(anext(aggregate), 10)).code,
-                    "download": len([message async for message in download]),
-                }
+                answers["download"] = len([message async for message in download])
+                return answers
             finally:
                 await p2p.shutdown()
 
@@ -234,9 +234,8 @@ def test_averager_rpcs_from_an_uninvited_peer_id_are_refused_even_bypassing_the_
             "aggregate": averaging_pb2.PROTOCOL_VIOLATION,
             "download": 0,
         }
-        invited = asyncio.run(call_all(client_path))
+        invited = asyncio.run(call_all(client_path, send_part=False))
         assert invited["join"] == averaging_pb2.NOT_LOOKING_FOR_GROUP  # hivemind's own answer: past the gate
-        assert invited["aggregate"] == averaging_pb2.BAD_GROUP_ID
         assert invited["download"] > 0  # the fused snapshot was served
     finally:
         shut_down(averager, dht)
