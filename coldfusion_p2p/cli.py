@@ -141,9 +141,9 @@ def stop_on_signals() -> Iterator[threading.Event]:
 
 
 def run_join(config: PeerConfig) -> int:
-    from coldfusion_p2p.peer import Peer
+    with stop_on_signals() as stop_event:  # before the seconds of torch/hivemind imports: SIGTERM then still exits 0
+        from coldfusion_p2p.peer import Peer
 
-    with stop_on_signals() as stop_event:
         peer = Peer(config, stop_event=stop_event)
         try:
             peer.run()
@@ -284,13 +284,29 @@ COMMANDS = {  # name: (config class, runner, one-line help, description)
 }
 
 
+@contextlib.contextmanager
+def _stop_during_imports() -> Iterator[None]:
+    """SIGTERM while hivemind, torch and transformers load (seconds) is a clean stop with nothing
+    to save, not a default-action kill; each command installs its own handlers afterwards."""
+
+    def stop(signum, frame):
+        raise SystemExit(EXIT_OK)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     arguments = parser.parse_args(argv)
     try:
         config_type, run, _, _ = COMMANDS[arguments.command]
         config = parse_config(arguments, config_type)
-        configure_logging(config.logging.verbose)
+        with _stop_during_imports():
+            configure_logging(config.logging.verbose)
         return run(config)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
