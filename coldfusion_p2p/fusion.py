@@ -303,6 +303,13 @@ class BodyFusion:
     def peer_id(self) -> str:
         return self.averager.peer_id.to_base58()
 
+    def _start_sketch(self, start: list[torch.Tensor]) -> list[float]:
+        """The sketch of the body this round started from, computed once per fused base."""
+        cached = getattr(self, "_sketch_cache", None)
+        if cached is None or cached[0] is not start:
+            self._sketch_cache = (start, count_sketch(start))
+        return self._sketch_cache[1]
+
     def fuse(
         self,
         body: Sequence[torch.Tensor],
@@ -320,7 +327,14 @@ class BodyFusion:
         nonce = secrets.token_hex(8)  # tells this attempt from any earlier one of the same round
         start = self.averager.last_fused_body()
         own_norm = update_norm(body, start)
-        info = {**info, "nonce": nonce, "update_norm": own_norm, "aggregation": config.aggregation}
+        own_sketch = self._start_sketch(start)
+        info = {
+            **info,
+            "nonce": nonce,
+            "update_norm": own_norm,
+            "aggregation": config.aggregation,
+            "start_sketch": own_sketch,
+        }
         matchmaking_deadline = (
             max(scheduled_time, get_dht_time() + config.matchmaking_time) + 2 * config.request_timeout
         )
@@ -351,9 +365,10 @@ class BodyFusion:
             finite = all(torch.isfinite(tensor).all() for tensor in buffers)
             fused_norm = update_norm(buffers, start) if finite else float("nan")
         member_norms = [float(member.get("update_norm", float("nan"))) for member in members.values()]
+        start_gaps = [sketch_distance(own_sketch, member.get("start_sketch")) for member in members.values()]
         if not finite:
             return self._rejected(started, round_number, nonce, "the average has NaN or Inf values")
-        if poisoned_update(fused_norm, own_norm, member_norms, config.max_update_ratio):
+        if poisoned_update(fused_norm, own_norm, member_norms, config.max_update_ratio, start_gaps):
             reason = f"the fused update is {fused_norm / max(own_norm, 1e-12):.0f}x ours: a poisoned contribution?"
             return self._rejected(started, round_number, nonce, reason)
         self._publish_verdict(round_number, nonce, ok=True)
@@ -421,6 +436,36 @@ def update_norm(body: Sequence[torch.Tensor], start: Sequence[torch.Tensor]) -> 
         )
         total = sum(squares)
     return total**0.5
+
+
+SKETCH_SIZE = 256  # floats each member gathers about its start: ~9% error on distances between starts
+
+
+def count_sketch(tensors: Sequence[torch.Tensor], size: int = SKETCH_SIZE) -> list[float]:
+    """A CountSketch of the concatenated tensors: every value added, with a seeded random sign, to one
+    of ``size`` seeded random buckets. The sketch is linear, so the distance between two sketches
+    estimates the distance between two bodies (unbiased in its square) from ``size`` numbers each.
+    """
+    sketch = torch.zeros(size, dtype=torch.float32)
+    with torch.no_grad():
+        for index, tensor in enumerate(tensors):
+            values = tensor.detach().reshape(-1).float()
+            generator = torch.Generator().manual_seed(1_000_003 * (index + 1))
+            buckets = torch.randint(0, size, (values.numel(),), generator=generator)
+            signs = torch.randint(0, 2, (values.numel(),), generator=generator, dtype=torch.int8) * 2 - 1
+            sketch.index_add_(0, buckets, values * signs)
+    return sketch.tolist()
+
+
+def sketch_distance(own: Sequence[float], other: Any) -> float:
+    """Estimated distance between the bodies two sketches summarise (NaN for a missing or bad sketch)."""
+    try:
+        other_tensor = torch.tensor([float(value) for value in other], dtype=torch.float64)
+    except (TypeError, ValueError):
+        return float("nan")
+    if other_tensor.shape != (len(own),):
+        return float("nan")
+    return float((torch.tensor(own, dtype=torch.float64) - other_tensor).norm())
 
 
 def download_fused(

@@ -165,14 +165,28 @@ def incompatible_swarm(other_records: Iterable[PeerRecord], model_fingerprint: s
     return None
 
 
-def poisoned_update(fused_norm: float, own_norm: float, member_norms: Iterable[float], max_ratio: float) -> bool:
+def poisoned_update(
+    fused_norm: float,
+    own_norm: float,
+    member_norms: Iterable[float],
+    max_ratio: float,
+    start_gaps: Iterable[float] = (),
+) -> bool:
     """Whether the fused update is implausibly large: more than ``max_ratio`` times the typical update.
 
     The mean of honest updates is never longer than the longest of them; one peer sending a 100x
     update makes the average about 100/N times the typical one. "Typical" is the larger of our own
     update and the median the members reported (a liar can only make the check stricter for itself).
+
+    Members may have started the round from different bodies (after a round that failed, each kept
+    its own): the average then also moves by the gap between the starts, which the guard must not
+    take for poison or fusion would never resume. ``start_gaps`` are the estimated distances from
+    our start to each member's; their median (robust to one liar in groups of three or more)
+    widens "typical".
     """
     norms = sorted(norm for norm in member_norms if norm == norm and norm >= 0)
     median = norms[len(norms) // 2] if norms else 0.0
-    reference = max(own_norm, median, 1e-12)
+    gaps = sorted(gap for gap in start_gaps if gap == gap and gap >= 0)
+    start_gap = gaps[len(gaps) // 2] if gaps else 0.0
+    reference = max(own_norm, median, 1e-12) + start_gap
     return not fused_norm <= max_ratio * reference  # NaN counts as poisoned

@@ -109,3 +109,12 @@ def test_a_group_mixing_rounds_or_aggregation_rules_does_not_fuse():
     mixed = {**same, "c": {"round": 3}}  # an older peer sends no rule: the plain mean
     assert "clipped_mean, mean" in policy.group_mismatch(mixed, 3, "clipped_mean")
     assert policy.group_mismatch({"a": {"round": 1}}, 1, "mean") is None
+
+
+def test_a_gap_between_the_members_starts_is_not_taken_for_poison():
+    honest = [0.01, 0.012, 0.011]  # a converged model: tiny updates
+    # after a failed round every member kept its own body: the average also moves by the starts' gap
+    assert policy.poisoned_update(0.5, own_norm=0.01, member_norms=honest, max_ratio=10)
+    assert not policy.poisoned_update(0.5, own_norm=0.01, member_norms=honest, max_ratio=10, start_gaps=[0, 0.6, 0.7])
+    # one liar claiming a far-away start does not widen the bound (median of the gaps)
+    assert policy.poisoned_update(5.0, own_norm=0.01, member_norms=honest, max_ratio=10, start_gaps=[0, 0, 0, 1e6])
