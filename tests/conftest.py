@@ -116,7 +116,8 @@ class PeerProcess:
             raise AssertionError(f"peer {self.name} did not finish within {timeout}s:\n{self.log()}") from None
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text()
 
     def send_signal(self, signum: int) -> None:
