@@ -11,7 +11,7 @@ from coldfusion_p2p.errors import UserError
 
 def test_measured_defaults():
     config = PeerConfig()
-    assert (config.training.lr, config.training.local_steps, config.training.batch_size) == (2e-4, 40, 32)
+    assert (config.training.lr, config.training.local_steps, config.training.batch_size) == (5e-5, 40, 32)
     assert config.data.max_length == 64 and config.run.rounds is None
 
 

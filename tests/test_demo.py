@@ -94,8 +94,10 @@ def test_accuracy_curve_finds_the_first_round_with_a_gain():
         ("linear_probe", 15),
     ]
     assert curve_lines(curve, 15) == [
-        "finetune on unseen datasets: first gain over the original after 10 rounds",
-        "linear probe on unseen datasets: no gain over the original within 15 rounds",
+        "finetune on unseen datasets vs the original, by round (5: -4.0, 10: +1.0, 15: +2.0 points): "
+        "first ahead after 10 rounds",
+        "linear probe on unseen datasets vs the original, by round (5: -1.0, 10: -2.0, 15: -3.0 points): "
+        "never ahead within 15 rounds",
     ]
 
 
