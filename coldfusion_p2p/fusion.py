@@ -27,7 +27,8 @@ import os
 import secrets
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator  # noqa: UP035 (hivemind finds streaming RPCs by typing's alias)
 
@@ -295,8 +296,9 @@ class BodyFusion:
         config: FusionConfig,
         board: RecordBoard,
         gate: InviteGate | None = None,
+        should_stop: Callable[[], bool] = lambda: False,
     ):
-        self.config, self.board = config, board
+        self.config, self.board, self.should_stop = config, board, should_stop
         self.averager = FusedBodyAverager(body, dht, prefix=prefix, config=config, gate=gate)
 
     @property
@@ -351,7 +353,7 @@ class BodyFusion:
         )
         wait_seconds = max(0.0, matchmaking_deadline - get_dht_time()) + config.allreduce_timeout + 5.0
         try:
-            gathered = control.result(timeout=wait_seconds)
+            gathered = self._wait_for_group(control, time.monotonic() + wait_seconds)
         except Exception as error:  # hivemind raises several types; all mean "no fusion this round"
             control.cancel()
             return self._not_fused(started, round_number, nonce, _short_reason(error))
@@ -386,6 +388,21 @@ class BodyFusion:
             bytes_sent=self.averager.bytes_sent.value - bytes_before,
         )
 
+    def _wait_for_group(self, control, deadline: float):
+        """The step's result, waited for in slices so that SIGTERM never waits for a whole all-reduce.
+
+        Leaving mid all-reduce is safe for the others: they see an incomplete all-reduce (or our
+        missing verdict) and all keep their own bodies.
+        """
+        while True:
+            try:
+                return control.result(timeout=min(0.5, max(0.0, deadline - time.monotonic())))
+            except FutureTimeoutError:
+                if self.should_stop():
+                    raise InterruptedError("stopped by the user") from None
+                if time.monotonic() >= deadline:
+                    raise
+
     def _group_verdict(self, round_number: int, members: dict[str, dict[str, Any]]) -> str | None:
         """Wait (bounded) for every member's verdict; None if all report a complete all-reduce."""
         deadline = time.monotonic() + self.config.allreduce_timeout
@@ -393,6 +410,8 @@ class BodyFusion:
             decision = group_decision(self.peer_id, members, self.board.fetch_verdicts(round_number))
             if decision is not None:
                 return None if decision == "apply" else decision
+            if self.should_stop():
+                return "stopped by the user before every member confirmed"
             if time.monotonic() > deadline:
                 return "rolled back: a group member never confirmed the all-reduce"
             time.sleep(0.1)

@@ -194,6 +194,7 @@ class Peer:
             config=config.fusion,
             board=self.board,
             gate=None if self.moderation is None else InviteGate(self.dht, self.keys.records_key, self.moderation),
+            should_stop=self.stop_event.is_set,
         )
         self.fusion.publish_fused(self._progress.fused_round, self.body, self._snapshot_metadata())
         self.console.joined(self.fusion.peer_id, self.dht.get_visible_maddrs(), self.data, self.keys.run_id)

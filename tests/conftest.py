@@ -112,6 +112,9 @@ class PeerProcess:
         try:
             return self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(signal.SIGUSR1)  # the CLI dumps every thread's stack into the log
+                time.sleep(1.0)
             self.kill()
             raise AssertionError(f"peer {self.name} did not finish within {timeout}s:\n{self.log()}") from None
 

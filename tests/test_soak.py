@@ -63,6 +63,7 @@ def test_twenty_rounds_with_random_restarts(local_swarm: LocalSwarm, tiny_model_
     rng = random.Random(20261126)
     ports = [free_port() for _ in tiny_datasets]
     settings = dict(rounds=ROUNDS, min_group_size=2, fusion_window=8.0, keep_checkpoints=3, record_period=0.5)
+    settings.update(quiet=False, log_format="json")  # a log to read if a peer ever hangs
 
     def start(index: int, resume: bool) -> PeerProcess:
         return local_swarm.start_peer(
