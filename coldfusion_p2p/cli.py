@@ -302,7 +302,8 @@ def _stop_during_imports() -> Iterator[None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     # `kill -USR1 <pid>` prints every thread's stack to stderr: how to see where a node hangs
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    with contextlib.suppress(AttributeError, OSError, ValueError):  # stderr without a file descriptor
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     parser = build_parser()
     arguments = parser.parse_args(argv)
     try:
