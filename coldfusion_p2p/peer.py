@@ -16,11 +16,14 @@ only the record in :mod:`coldfusion_p2p.records` goes to the DHT.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import resource
+import signal
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,6 +122,24 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM back while hivemind starts its processes, then deliver them.
+
+    hivemind shares tensors through torch's shared-memory manager while it starts; a signal that
+    interrupts that call left the peer hanging for good (seen in the soak test). Deferred, the
+    signal is handled a moment later by the usual stop handlers.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
 FAULT_SCALE_ENV = "COLDFUSION_FAULT_SCALE_UPDATE"  # fault injection for tests: scale this peer's update
 
 
@@ -185,17 +206,11 @@ class Peer:
             max_eval_examples=config.data.max_eval_examples,
         )
         self._resume_local_checkpoint()
-        self.dht = start_dht(config.network, self.keys, moderation=self.moderation)
+        with signals_deferred():
+            self.dht = start_dht(config.network, self.keys, moderation=self.moderation)
         self.board = RecordBoard(self.dht, self.keys)
-        self.fusion = BodyFusion(
-            self.dht,
-            self.body,
-            prefix=self.keys.averager_prefix(self.model_fingerprint),
-            config=config.fusion,
-            board=self.board,
-            gate=None if self.moderation is None else InviteGate(self.dht, self.keys.records_key, self.moderation),
-            should_stop=self.stop_event.is_set,
-        )
+        with signals_deferred():
+            self.fusion = self._start_fusion()
         self.fusion.publish_fused(self._progress.fused_round, self.body, self._snapshot_metadata())
         self.console.joined(self.fusion.peer_id, self.dht.get_visible_maddrs(), self.data, self.keys.run_id)
         self._check_compatible()  # before publishing anything: a stranger must not disturb the swarm
@@ -204,6 +219,18 @@ class Peer:
         # apart from the publisher: a slow DHT read must never delay our record past its expiration
         self._watcher = threading.Thread(target=self._watch_swarm, name="swarm-watcher", daemon=True)
         self._watcher.start()
+
+    def _start_fusion(self) -> BodyFusion:
+        config = self.config
+        return BodyFusion(
+            self.dht,
+            self.body,
+            prefix=self.keys.averager_prefix(self.model_fingerprint),
+            config=config.fusion,
+            board=self.board,
+            gate=None if self.moderation is None else InviteGate(self.dht, self.keys.records_key, self.moderation),
+            should_stop=self.stop_event.is_set,
+        )
 
     def _check_compatible(self) -> None:
         """A newcomer with another model gets a clear error instead of silently forming its own swarm."""
