@@ -82,6 +82,31 @@ def atomic_folder(final: Path) -> Iterator[Path]:
         raise
 
 
+def remove_abandoned_folders(folder: Path) -> list[Path]:
+    """Delete the ``.tmp-*``/``.stale-*`` folders that a process killed mid-write left in ``folder``.
+
+    Their names end in the writer's pid; folders of a live process (us included) are kept.
+    """
+    removed = []
+    for path in [*folder.glob(".tmp-*"), *folder.glob(".stale-*")]:
+        pid_text = path.name.rsplit("-", 1)[-1]
+        if not pid_text.isdigit() or int(pid_text) == os.getpid() or _process_alive(int(pid_text)):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def save_checkpoint(
     output_dir: str | Path,
     *,
@@ -102,6 +127,7 @@ def save_checkpoint(
     output_dir = Path(output_dir)
     rounds_dir = output_dir / ROUNDS_DIR
     ensure_writable_dir(rounds_dir, "--output-dir")
+    remove_abandoned_folders(rounds_dir)  # a crash mid-write left the previous incarnation's
     final = rounds_dir / round_dir_name(round_number)
     with atomic_folder(final) as folder:
         save_body_folder(model, tokenizer, folder)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,6 +18,7 @@ from coldfusion_p2p.checkpoints import (
     load_body_state,
     load_head,
     load_peer_classifier,
+    remove_abandoned_folders,
     save_checkpoint,
 )
 from coldfusion_p2p.errors import UserError
@@ -95,3 +99,15 @@ def test_corrupt_checkpoints_are_clear_errors(tmp_path, classifier):
     with pytest.raises(UserError, match="unreadable"):
         latest_checkpoint(tmp_path)
     assert latest_checkpoint(tmp_path / "empty") is None
+
+
+def test_folders_abandoned_by_a_killed_writer_are_removed_and_live_ones_kept(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    abandoned = tmp_path / f".tmp-round_00007-{dead_pid}"
+    stale = tmp_path / f".stale-round_00006-{dead_pid}"
+    ours = tmp_path / f".tmp-round_00008-{os.getpid()}"
+    for folder in (abandoned, stale, ours):
+        (folder / "part").mkdir(parents=True)
+    assert sorted(remove_abandoned_folders(tmp_path)) == sorted([abandoned, stale])
+    assert ours.is_dir() and not abandoned.exists() and not stale.exists()
