@@ -299,6 +299,7 @@ class BodyFusion:
         should_stop: Callable[[], bool] = lambda: False,
     ):
         self.config, self.board, self.should_stop = config, board, should_stop
+        self._sketch_cache: tuple[list[torch.Tensor], list[float]] | None = None  # (start, its sketch)
         self.averager = FusedBodyAverager(body, dht, prefix=prefix, config=config, gate=gate)
 
     @property
@@ -307,8 +308,7 @@ class BodyFusion:
 
     def _start_sketch(self, start: list[torch.Tensor]) -> list[float]:
         """The sketch of the body this round started from, computed once per fused base."""
-        cached = getattr(self, "_sketch_cache", None)
-        if cached is None or cached[0] is not start:
+        if self._sketch_cache is None or self._sketch_cache[0] is not start:
             self._sketch_cache = (start, count_sketch(start))
         return self._sketch_cache[1]
 
