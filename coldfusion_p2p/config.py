@@ -46,7 +46,14 @@ class TrainingConfig:
     lr: float = 5e-5  # peak learning rate of a fresh AdamW each round
     batch_size: int = 32  # examples per step
     weight_decay: float = 0.01  # AdamW weight decay
-    warmup_ratio: float = 0.0  # fraction of local steps with linear warm-up before linear decay
+    warmup_ratio: float = 0.1  # fraction of local steps with linear warm-up before the decay
+    schedule: Literal["linear", "cosine", "constant"] = "linear"  # learning-rate decay after the warm-up
+    gradient_accumulation: int = 1  # micro-batches of batch_size per optimizer step
+    length_bucketing: bool = True  # batch examples of similar length: short texts cost what they are
+    l2sp: float = 0.0  # L2-SP: pull the body toward the round's start with this penalty weight (0: off)
+    refit_steps: int = 100  # head-only steps on cached body outputs after each new fused body (0: off)
+    refit_lr: float = 5e-3  # learning rate of the head re-fit
+    refit_examples: int = 512  # training examples whose body outputs the re-fit caches
     seed: int = 0  # seeds head init, batch order and dropout
     torch_threads: int | None = None  # torch intra-op threads (default: torch's choice)
 
@@ -65,6 +72,9 @@ class FusionConfig:
     compression: Literal["none", "fp16"] = "none"  # fp16 halves the bytes each peer sends per round
     aggregation: Literal["mean", "clipped_mean"] = "mean"  # clipped_mean: robust to a minority of bad updates
     clip_ratio: float = 2.0  # clipped_mean caps each update's norm at this many times the group's median
+    outer_lr: float = 1.0  # outer optimizer (DiLoCo): step size on the averaged update (1 and no momentum: the mean)
+    outer_momentum: float = 0.0  # Nesterov momentum of the outer optimizer; its state travels with the fused base
+    anchor: float = 0.0  # WiSE-FT: move the fused base this fraction back toward the original weights
 
 
 @dataclass
@@ -527,8 +537,18 @@ def _validate_peer(config: PeerConfig) -> None:
         "min_group_size": fusion.min_group_size,
         "max_update_ratio": fusion.max_update_ratio,
         "clip_ratio": fusion.clip_ratio,
+        "gradient_accumulation": training.gradient_accumulation,
+        "refit_lr": training.refit_lr,
+        "refit_examples": training.refit_examples,
+        "outer_lr": fusion.outer_lr,
     }
     _require_positive(positive)
+    for name, value in (("l2sp", training.l2sp), ("refit_steps", training.refit_steps)):
+        if value < 0:
+            raise UserError(f"{name} must not be negative, got {value}", f"pass --{name.replace('_', '-')} 0 or more")
+    for name, value in (("outer_momentum", fusion.outer_momentum), ("anchor", fusion.anchor)):
+        if not 0.0 <= value < 1.0:
+            raise UserError(f"{name} must be in [0, 1), got {value}", f"pass e.g. --{name.replace('_', '-')} 0.5")
     if config.run.rounds is not None and config.run.rounds < 1:
         raise UserError(f"rounds must be at least 1, got {config.run.rounds}", "pass --rounds 1 or more, or omit it")
     if not 0.0 < data.validation_fraction < 1.0:

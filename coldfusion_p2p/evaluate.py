@@ -23,13 +23,12 @@ body in every step, which gives the same result more slowly.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -39,26 +38,21 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
-from transformers import AutoConfig, PreTrainedModel, get_linear_schedule_with_warmup
-from transformers.utils import ModelOutput
+from transformers import AutoConfig, PreTrainedModel
 
 from coldfusion_p2p.config import DataConfig, EvaluateConfig, SectionedConfig, TrainingConfig
 from coldfusion_p2p.data import FILE_FORMATS, TaskData, TextSplit, load_task_data
 from coldfusion_p2p.errors import UserError
+from coldfusion_p2p.head_fit import FrozenBody, head_accuracy, train_head
 from coldfusion_p2p.model import (
     body_parameters,
-    forward_input_names,
     load_classifier,
     load_tokenizer,
     resolve_model_name,
-    split_body_head,
 )
 from coldfusion_p2p.trainer import (
-    EVAL_BATCH_SIZE,
-    EncodedSplit,
     LocalTrainer,
     batch_indices,
-    collate,
     encode_split,
     pad_token_id,
 )
@@ -68,7 +62,6 @@ logger = logging.getLogger(__name__)
 METHOD_TITLES = {"finetune": "full finetuning", "linear_probe": "linear probe (frozen body)"}
 BUNDLED = "bundled"
 WEIGHT_DECAY = 0.01  # as TrainingConfig's default, for both methods
-CACHE_LIMIT_BYTES = 2 * 1024**3  # larger probe caches fall back to running the frozen body each step
 REPORT_FILES = ("results.csv", "summary.csv", "results.json", "evaluation.png")
 
 
@@ -296,8 +289,6 @@ def probe_model(
     """
     for parameter in body_parameters(model):
         parameter.requires_grad_(False)
-    parameters = dict(model.named_parameters())
-    head = [parameters[name] for name in split_body_head(model).head]
     body = FrozenBody(model, pad_token_id(tokenizer))
     train = encode_split(tokenizer, task.train, max_length)
     test = encode_split(tokenizer, task.test, max_length)
@@ -305,156 +296,8 @@ def probe_model(
     needed = np.unique(np.concatenate(batches)) if batches else np.arange(0)
     train_feed = body.prepare(train, needed, replay=replay)
     test_feed = body.prepare(test, np.arange(len(test)), replay=replay)
-
-    torch.manual_seed(seed * 1_000_003 + 1)  # head dropout, as LocalTrainer seeds round 1
-    optimizer = torch.optim.AdamW(head, lr=lr, weight_decay=WEIGHT_DECAY)
-    schedule = get_linear_schedule_with_warmup(optimizer, 0, steps)
-    model.train()
-    model.base_model.eval()  # a probe reads fixed features: no dropout inside the body
-    for indices in batches:
-        loss = body.forward(train_feed, indices).loss
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for start in range(0, len(test), EVAL_BATCH_SIZE):
-            indices = np.arange(start, min(start + EVAL_BATCH_SIZE, len(test)))
-            output = body.forward(test_feed, indices)
-            correct += (output.logits.argmax(-1) == test.labels[indices]).sum().item()
-    return correct / len(test)
-
-
-@dataclass
-class _Feed:
-    """A tokenized split and, when replaying, the cached body outputs of some of its examples."""
-
-    encoded: EncodedSplit
-    width: int  # every batch is padded to this many tokens, as when the cache was made
-    position: np.ndarray | None = None  # example index -> row of the cache (-1: not cached)
-    output_type: type | None = None
-    tensors: dict[str, torch.Tensor] | None = None
-
-    @property
-    def replays(self) -> bool:
-        return self.tensors is not None
-
-
-class FrozenBody:
-    """Runs a classifier whose body is frozen, replaying cached body outputs when it can.
-
-    ``prepare`` runs the body once per needed example (through the model's own forward, a hook
-    capturing what the body returns), checks that replaying reproduces the live logits, and
-    keeps the outputs; ``forward`` then swaps ``base_model.forward`` for a lookup, so only the
-    head's computation runs. Any surprise falls back to live forwards of the frozen body.
-    """
-
-    def __init__(self, model: PreTrainedModel, pad_token_id: int):
-        self.model, self.body = model, model.base_model
-        self.input_names = forward_input_names(model)
-        self.pad_token_id = pad_token_id
-
-    def batch(self, feed: _Feed, indices) -> dict[str, torch.Tensor]:
-        batch = collate(feed.encoded, indices, self.input_names)
-        for name, tensor in batch.items():
-            if name != "labels" and tensor.dim() == 2 and tensor.shape[1] < feed.width:
-                pad_value = self.pad_token_id if name == "input_ids" else 0
-                batch[name] = torch.nn.functional.pad(tensor, (0, feed.width - tensor.shape[1]), value=pad_value)
-        return batch
-
-    def forward(self, feed: _Feed, indices) -> Any:
-        batch = self.batch(feed, indices)
-        if not feed.replays:
-            return self.model(**batch)
-        rows = torch.as_tensor(feed.position[np.asarray(indices)])
-        outputs = feed.output_type(**{key: tensor[rows] for key, tensor in feed.tensors.items()})
-        with self._replaying(outputs):
-            return self.model(**batch)
-
-    @contextlib.contextmanager
-    def _replaying(self, outputs: ModelOutput) -> Iterator[None]:
-        self.body.forward = lambda *args, **kwargs: outputs
-        try:
-            yield
-        finally:
-            del self.body.forward  # the class's own forward again
-
-    def prepare(self, encoded: EncodedSplit, needed: np.ndarray, replay: bool = True) -> _Feed:
-        """A feed for ``encoded``; caches the body outputs of the ``needed`` examples when replay works."""
-        needed = np.asarray(needed, dtype=np.int64)
-        feed = _Feed(encoded, width=int(encoded.lengths[needed].max(initial=1)))
-        if not replay or not len(needed):
-            return feed
-        try:
-            cached = self._cache(feed, needed)
-        except Exception as error:  # an architecture whose forward does not fit the replay: run it live
-            logger.info("linear probe: replaying body outputs failed (%s); running the frozen body", error)
-            return feed
-        if cached is None:
-            return feed
-        return cached
-
-    def _cache(self, feed: _Feed, needed: np.ndarray) -> _Feed | None:
-        captured: list[Any] = []
-        handle = self.body.register_forward_hook(lambda module, args, output: captured.append(output))
-        chunks: dict[str, list[torch.Tensor]] = {}
-        output_type, reference = None, None
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                for start in range(0, len(needed), EVAL_BATCH_SIZE):
-                    indices = needed[start : start + EVAL_BATCH_SIZE]
-                    captured.clear()
-                    logits = self.model(**self.batch(feed, indices)).logits
-                    if len(captured) != 1 or not isinstance(captured[0], ModelOutput):
-                        return _give_up("the body ran other than once or returned no ModelOutput")
-                    output = captured[0]
-                    items = dict(output.items())
-                    if output_type is None:
-                        output_type, reference = type(output), (indices, logits)
-                        per_example = sum(_nbytes(value) for value in items.values()) / len(indices)
-                        if per_example * len(needed) > CACHE_LIMIT_BYTES:
-                            return _give_up(f"the cache would take {per_example * len(needed) / 1e9:.1f} GB")
-                    if type(output) is not output_type or set(items) != set(chunks or items):
-                        return _give_up("the body's outputs differ between batches")
-                    for key, value in items.items():
-                        if not torch.is_tensor(value) or value.dim() == 0 or value.shape[0] != len(indices):
-                            return _give_up(f"body output {key!r} is not one tensor row per example")
-                        chunks.setdefault(key, []).append(value)
-        finally:
-            handle.remove()
-            self.model.train(was_training)
-        position = np.full(len(feed.encoded), -1, dtype=np.int64)
-        position[needed] = np.arange(len(needed))
-        cached = _Feed(
-            feed.encoded,
-            feed.width,
-            position,
-            output_type,
-            {key: torch.cat(values) for key, values in chunks.items()},
-        )
-        indices, logits = reference
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                replayed = self.forward(cached, indices).logits
-        finally:
-            self.model.train(was_training)
-        if not torch.allclose(replayed, logits, atol=1e-5, rtol=1e-4):
-            return _give_up("replayed logits differ from the live ones")
-        return cached
-
-
-def _give_up(reason: str) -> None:
-    logger.info("linear probe: not replaying body outputs (%s); running the frozen body", reason)
-    return None
-
-
-def _nbytes(value: Any) -> int:
-    return value.numel() * value.element_size() if torch.is_tensor(value) else 0
+    train_head(body, train_feed, batches, lr=lr, seed=seed, weight_decay=WEIGHT_DECAY)
+    return head_accuracy(body, test_feed)
 
 
 # ---------------------------------------------------------------------------------------------

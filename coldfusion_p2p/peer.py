@@ -80,7 +80,7 @@ class RoundReport:
     peer_ids: list[str]
     train_loss: float | None
     accuracy_before: float | None
-    accuracy_after: float | None
+    accuracy_after: float | None  # after fusion and the head re-fit (the head this peer goes on with)
     train_seconds: float
     wait_seconds: float
     fusion_seconds: float
@@ -89,6 +89,8 @@ class RoundReport:
     members: dict[str, dict[str, Any]] = field(default_factory=dict)
     bytes_sent: int = 0  # serialized bytes this peer sent in the all-reduce
     peak_rss_mb: float = 0.0  # peak resident memory of this peer's main process so far
+    accuracy_after_old_head: float | None = None  # after fusion, before the head re-fit
+    majority_rate: float | None = None  # validation accuracy of always answering the most common label
 
 
 @dataclass
@@ -322,6 +324,10 @@ class Peer:
         if outcome in ("failed", "missed") and self.catch_up(f"round {round_number} {outcome}", round_number):
             outcome = "synced"
         fused = result is not None and result.fused
+        new_body = outcome in ("fused", "synced")
+        after_old_head = self.trainer.evaluate().accuracy if new_body else None
+        if new_body and outcome != "synced":  # a synced round was re-fitted when it was downloaded
+            self.trainer.refit_head(round_number)
         report = RoundReport(
             round=round_number,
             outcome=outcome,
@@ -329,7 +335,9 @@ class Peer:
             peer_ids=list(result.peer_ids) if fused else [self.fusion.peer_id],
             train_loss=finite_or_nan(stats.loss),
             accuracy_before=before.accuracy,
-            accuracy_after=self.trainer.evaluate().accuracy if outcome in ("fused", "synced") else before.accuracy,
+            accuracy_after=self.trainer.evaluate().accuracy if new_body else before.accuracy,
+            accuracy_after_old_head=after_old_head,
+            majority_rate=self.trainer.majority_rate(),
             train_seconds=stats.seconds,
             wait_seconds=time.perf_counter() - waited - (result.seconds if result is not None else 0.0),
             fusion_seconds=result.seconds if result is not None else 0.0,
@@ -426,6 +434,7 @@ class Peer:
                 self.stop_event.wait(POLL_SECONDS)
                 continue
             copy_into(self.body, state.tensors)
+            self.trainer.refit_head(state.round)  # our old head does not fit the downloaded base
             report = RoundReport(
                 round=state.round,
                 outcome="synced",

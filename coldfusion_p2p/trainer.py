@@ -1,14 +1,18 @@
 """Local finetuning and evaluation of one peer's model: pure PyTorch, no networking.
 
 A round of local work is ``local_steps`` AdamW steps from the current fused body with a fresh
-optimizer and a linear schedule (ColD Fusion restarts the optimizer every iteration, since the
-body it starts from is new). Batches come from an endless, seeded stream of epoch permutations,
+optimizer (ColD Fusion restarts the optimizer every iteration, since the body it starts from is
+new), a short linear warm-up and a decay, optionally with gradient accumulation and an L2-SP pull
+toward the round's start. Batches come from the seeded stream of :mod:`coldfusion_p2p.batches`,
 so a round's batches depend only on (seed, round) and a restarted peer resumes the same stream.
+
+After a new fused body arrives, :meth:`LocalTrainer.refit_head` re-aligns the peer's head with it
+by a few head-only steps on cached body outputs: the old head was trained on the peer's own
+pre-fusion body and does not fit the average.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from collections.abc import Callable
@@ -16,29 +20,45 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
+from transformers import (
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    get_constant_schedule_with_warmup,
+    get_cosine_schedule_with_warmup,
+    get_linear_schedule_with_warmup,
+)
 
+from coldfusion_p2p.batches import (  # re-exported: the evaluation and the benchmarks build batches the same way
+    EVAL_BATCH_SIZE,
+    EncodedSplit,
+    batch_indices,
+    collate,
+    encode_split,
+    pad_token_id,
+    stream_batch,
+)
 from coldfusion_p2p.config import TrainingConfig
 from coldfusion_p2p.data import TextSplit
-from coldfusion_p2p.model import forward_input_names
+from coldfusion_p2p.head_fit import FrozenBody, train_head
+from coldfusion_p2p.model import body_parameters, forward_input_names
 
-EVAL_BATCH_SIZE = 64
+__all__ = [
+    "EVAL_BATCH_SIZE",
+    "EncodedSplit",
+    "EvalStats",
+    "LocalTrainer",
+    "TrainStats",
+    "batch_indices",
+    "collate",
+    "encode_split",
+    "pad_token_id",
+]
 
-
-@dataclass(frozen=True)
-class EncodedSplit:
-    """A tokenized split: one right-padded int64 matrix per input name, true lengths, and labels.
-
-    Padding once to the longest example makes a batch two numpy slices instead of a Python loop
-    over rows, which matters for small models where a step takes milliseconds.
-    """
-
-    features: dict[str, np.ndarray]  # name -> (examples, longest) int64, padded on the right
-    lengths: np.ndarray  # tokens per example before padding
-    labels: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.labels)
+SCHEDULES = {
+    "linear": get_linear_schedule_with_warmup,
+    "cosine": get_cosine_schedule_with_warmup,
+    "constant": lambda optimizer, warmup, total: get_constant_schedule_with_warmup(optimizer, warmup),
+}
 
 
 @dataclass(frozen=True)
@@ -60,66 +80,13 @@ class EvalStats:
     examples: int
 
 
-def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    """The id that pads ``input_ids`` (0 for tokenizers that define none)."""
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
-
-def encode_split(tokenizer: PreTrainedTokenizerBase, split: TextSplit, max_length: int) -> EncodedSplit:
-    """Tokenize once up front; batches are later cut to their own longest example."""
-    if split.text_pairs is None:
-        encoded = tokenizer(split.texts, truncation=True, max_length=max_length)
-    else:
-        encoded = tokenizer(split.texts, split.text_pairs, truncation=True, max_length=max_length)
-    lengths = np.asarray([len(row) for row in encoded["input_ids"]], dtype=np.int64)
-    width = int(lengths.max(initial=1))
-    features = {}
-    for name, rows in encoded.items():
-        matrix = np.full((len(rows), width), pad_token_id(tokenizer) if name == "input_ids" else 0, dtype=np.int64)
-        for row_index, row in enumerate(rows):
-            matrix[row_index, : len(row)] = row
-        features[name] = matrix
-    return EncodedSplit(features, lengths, torch.tensor(split.labels, dtype=torch.long))
-
-
-def batch_indices(num_examples: int, batch_size: int, seed: int, batch_number: int) -> np.ndarray:
-    """Indices of batch ``batch_number`` in the endless stream of seeded epoch permutations."""
-    start = batch_number * batch_size
-    indices = []
-    while len(indices) < batch_size:
-        epoch, offset = divmod(start + len(indices), num_examples)
-        permutation = _epoch_permutation(num_examples, seed, epoch)
-        indices.extend(permutation[offset : offset + batch_size - len(indices)].tolist())
-    return np.asarray(indices)
-
-
-@functools.lru_cache(maxsize=4)
-def _epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(num_examples)
-
-
-def collate(encoded: EncodedSplit, indices, input_names: frozenset[str]) -> dict[str, torch.Tensor]:
-    """The chosen examples, cut to the longest of them, with only the inputs the model's forward accepts."""
-    indices = np.asarray(indices, dtype=np.int64)
-    width = int(encoded.lengths[indices].max(initial=1))
-    batch = {
-        name: torch.from_numpy(matrix[indices, :width])
-        for name, matrix in encoded.features.items()
-        if name in input_names
-    }
-    if "attention_mask" in input_names and "attention_mask" not in batch:
-        mask = np.arange(width)[None, :] < encoded.lengths[indices][:, None]
-        batch["attention_mask"] = torch.from_numpy(mask.astype(np.int64))
-    batch["labels"] = encoded.labels[indices]
-    return batch
-
-
 class LocalTrainer:
     """Finetunes one model on one peer's split; the peer owns the model and swaps its body between rounds.
 
     >>> trainer = LocalTrainer(model, tokenizer, train_split, validation_split, training_config, max_length=64)
     >>> stats = trainer.train_round(round_number=1)          # local_steps AdamW steps
     >>> trainer.evaluate().accuracy
+    >>> trainer.refit_head(round_number=1)                   # after a new fused body arrived
     """
 
     def __init__(
@@ -134,10 +101,16 @@ class LocalTrainer:
         max_eval_examples: int = 512,
     ):
         self.model, self.config = model, config
+        self.pad_token_id = pad_token_id(tokenizer)
         self.train_data = encode_split(tokenizer, train, max_length)
         self.validation_data = encode_split(tokenizer, validation, max_length)
         self.eval_indices = np.arange(min(len(self.validation_data), max_eval_examples))
         self.input_names = forward_input_names(model)
+
+    def batch(self, batch_number: int) -> np.ndarray:
+        """Indices of micro-batch ``batch_number`` of this peer's stream."""
+        config = self.config
+        return stream_batch(self.train_data, config.batch_size, config.seed, batch_number, config.length_bucketing)
 
     def train_round(
         self,
@@ -150,27 +123,32 @@ class LocalTrainer:
         ``should_stop`` is polled between steps so SIGTERM never waits for a whole round.
         """
         config, model = self.config, self.model
-        steps = config.local_steps
+        steps, accumulation = config.local_steps, config.gradient_accumulation
         torch.manual_seed(config.seed * 1_000_003 + round_number)  # dropout
-        optimizer = torch.optim.AdamW(
-            [parameter for parameter in model.parameters() if parameter.requires_grad],
-            lr=config.lr,
-            weight_decay=config.weight_decay,
-        )
-        schedule = get_linear_schedule_with_warmup(optimizer, math.floor(config.warmup_ratio * steps), steps)
+        trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+        schedule = SCHEDULES[config.schedule](optimizer, math.floor(config.warmup_ratio * steps), steps)
+        body = body_parameters(model)
+        start = [parameter.detach().clone() for parameter in body] if config.l2sp > 0 else None
         model.train()
-        losses, started = [], time.perf_counter()
-        first_batch = (round_number - 1) * steps
+        losses, examples, started = [], 0, time.perf_counter()
+        first_batch = (round_number - 1) * steps * accumulation
         for step in range(steps):
             if should_stop is not None and should_stop():
                 break
-            indices = batch_indices(len(self.train_data), config.batch_size, config.seed, first_batch + step)
-            loss = model(**collate(self.train_data, indices, self.input_names)).loss
-            loss.backward()
+            step_loss = 0.0
+            for micro in range(accumulation):
+                indices = self.batch(first_batch + step * accumulation + micro)
+                loss = model(**collate(self.train_data, indices, self.input_names)).loss
+                (loss / accumulation).backward()
+                step_loss += loss.item() / accumulation
+                examples += len(indices)
+            if start is not None:
+                pull_toward(body, start, config.l2sp)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
+            losses.append(step_loss)
             if on_step is not None:
                 on_step(step + 1, losses[-1])
         model.eval()
@@ -179,8 +157,33 @@ class LocalTrainer:
             steps=len(losses),
             loss=float(np.mean(losses)) if losses else float("nan"),
             seconds=seconds,
-            samples_per_second=len(losses) * config.batch_size / seconds if seconds > 0 else 0.0,
+            samples_per_second=examples / seconds if seconds > 0 else 0.0,
         )
+
+    def refit_head(self, round_number: int) -> list[float]:
+        """Re-fit the head to the current body: ``refit_steps`` head-only steps on cached body outputs.
+
+        The examples (at most ``refit_examples`` of the training split) and batches are seeded by
+        (seed, round), so the simulator and the swarm re-fit identically. Returns the step losses.
+        """
+        config = self.config
+        if config.refit_steps <= 0:
+            return []
+        rng = np.random.default_rng([config.seed, round_number, 11])
+        count = min(len(self.train_data), config.refit_examples)
+        needed = np.sort(rng.permutation(len(self.train_data))[:count])
+        batch_size = min(config.batch_size, count)
+        batches = [rng.choice(needed, size=batch_size, replace=False) for _ in range(config.refit_steps)]
+        body = FrozenBody(self.model, self.pad_token_id)
+        feed = body.prepare(self.train_data, needed)
+        return train_head(
+            body, feed, batches, lr=config.refit_lr, seed=config.seed + round_number, weight_decay=config.weight_decay
+        )
+
+    def majority_rate(self) -> float:
+        """Accuracy on the evaluated validation examples of always predicting their most common label."""
+        labels = self.validation_data.labels[self.eval_indices]
+        return float(torch.bincount(labels).max()) / max(len(labels), 1)
 
     @torch.no_grad()
     def evaluate(self) -> EvalStats:
@@ -195,3 +198,12 @@ class LocalTrainer:
             correct += (output.logits.argmax(-1) == batch["labels"]).sum().item()
         count = len(self.eval_indices)
         return EvalStats(accuracy=correct / count, loss=loss_sum / count, examples=count)
+
+
+def pull_toward(parameters: list[torch.nn.Parameter], anchor: list[torch.Tensor], weight: float) -> None:
+    """Add the gradient of the L2-SP penalty ``weight/2 * ||theta - anchor||^2`` to each parameter's grad."""
+    with torch.no_grad():
+        for parameter, origin in zip(parameters, anchor, strict=True):
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
+            parameter.grad.add_(parameter - origin, alpha=weight)

@@ -18,7 +18,6 @@ from coldfusion_p2p.errors import UserError
 from coldfusion_p2p.evaluate import (
     EvalResult,
     EvalTask,
-    FrozenBody,
     finetune_accuracy,
     linear_probe_accuracy,
     load_eval_task,
@@ -28,6 +27,7 @@ from coldfusion_p2p.evaluate import (
     summarize,
     write_report,
 )
+from coldfusion_p2p.head_fit import FrozenBody
 from coldfusion_p2p.model import body_parameters, load_classifier, load_tokenizer, split_body_head
 from coldfusion_p2p.trainer import LocalTrainer, encode_split
 
