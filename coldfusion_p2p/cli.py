@@ -26,6 +26,7 @@ from coldfusion_p2p.config import (
     InviteConfig,
     MonitorConfig,
     PeerConfig,
+    SimulateConfig,
     build_config,
     config_fields,
     field_help,
@@ -221,6 +222,13 @@ def run_evaluate(config: EvaluateConfig) -> int:
     return EXIT_OK
 
 
+def run_simulate(config: SimulateConfig) -> int:
+    from coldfusion_p2p.simulate import run_simulation
+
+    run_simulation(config)
+    return EXIT_OK
+
+
 def run_demo_command(config: DemoConfig) -> int:
     from coldfusion_p2p.demo import run_demo
 
@@ -274,6 +282,13 @@ COMMANDS = {  # name: (config class, runner, one-line help, description)
         "Print (and with --output write) an invite token binding the invitee's public key (hence its peer id), "
         "the run id and an expiry, signed with --owner-key. Nodes of a run started with --require-invite and "
         "--owner-public-key refuse DHT and averaging requests of nodes without a valid one.",
+    ),
+    "simulate": (
+        SimulateConfig,
+        run_simulate,
+        "run ColD Fusion in one process (no network): fast sweeps, or a try before running a swarm",
+        "Build every contributor from its peer config (bundled name or .toml), train them in turn, fuse their bodies "
+        "with the same rule as a swarm, re-fit each head; writes each fused base and rounds.csv/png.",
     ),
     "evaluate": (
         EvaluateConfig,

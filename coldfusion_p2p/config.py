@@ -187,6 +187,16 @@ class DemoSettings:
     swarm_timeout: float = 3600.0  # give up on the swarm after this many seconds
 
 
+@dataclass
+class SimulateSettings:
+    contributors: list[str] = field(default_factory=list)  # bundled peer names or .toml files (default: the demo's)
+    rounds: int = 5  # fusion rounds
+    peer_settings: list[str] = field(default_factory=list)  # KEY=VALUE for every contributor's config (lr=2e-4)
+    output_dir: str = "simulation"  # fused bases (Hugging Face folders), rounds.csv/png, simulation.json
+    save_every: int = 0  # also keep the fused base of every K-th round (0: the last round only)
+    torch_threads: int | None = None  # torch intra-op threads (default: torch's choice)
+
+
 class SectionedConfig:
     """A config made of section dataclasses whose field names are unique: flat keys in, flat keys out."""
 
@@ -375,6 +385,12 @@ class EvaluateConfig(SectionedConfig):
 
 
 @dataclass
+class SimulateConfig(SectionedConfig):
+    simulate: SimulateSettings = field(default_factory=SimulateSettings)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+@dataclass
 class DemoConfig(SectionedConfig):
     demo: DemoSettings = field(default_factory=DemoSettings)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -413,6 +429,14 @@ def validate(config: SectionedConfig) -> None:
             raise UserError("no key file given", "pass --identity FILE (created if absent)")
     elif isinstance(config, EvaluateConfig):
         _validate_evaluate(config)
+    elif isinstance(config, SimulateConfig):
+        settings = config.simulate
+        _require_positive({"rounds": settings.rounds})
+        if settings.save_every < 0:
+            raise UserError(f"save_every must be 0 or more, got {settings.save_every}", "pass --save-every 0 or K")
+        malformed = [item for item in settings.peer_settings if "=" not in item]
+        if malformed:
+            raise UserError(f"peer setting {malformed[0]!r} is not KEY=VALUE", "pass e.g. --peer-settings lr=2e-4")
     elif isinstance(config, DemoConfig):
         settings = config.demo
         optional = (

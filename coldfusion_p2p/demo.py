@@ -16,22 +16,19 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.live import Live
 
+from coldfusion_p2p.bundled import BUNDLED_PEERS, UNSEEN, resolve_contributors
 from coldfusion_p2p.checkpoints import read_history
 from coldfusion_p2p.cli import as_flags
 from coldfusion_p2p.config import DemoConfig, EvaluateConfig, NetworkConfig, build_config
 from coldfusion_p2p.errors import UserError
 from coldfusion_p2p.model import resolve_model_name
 
-BUNDLED_PEERS = Path(__file__).resolve().parent.parent / "peers"
-CONTRIBUTORS = ("trec_question_type", "tweet_sentiment", "rotten_tomatoes_snippets", "sms_spam")
-UNSEEN = ("bbc_news_topic", "health_tweet_source")
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 QUICK = {  # --quick: the whole idea in about three minutes on two cores
     "rounds": 2,
@@ -57,26 +54,6 @@ DEFAULTS = {  # ~12 minutes on two cores (four peers share them: ~4 s per step o
 }
 
 
-@dataclass
-class Contributor:
-    name: str  # folder of bundled data, e.g. trec_question_type
-    config_path: Path
-    data_dir: Path  # holds train.csv and test.csv
-
-
-def bundled_contributors(names: list[str]) -> list[Contributor]:
-    contributors = []
-    for name in names or CONTRIBUTORS:
-        config_path = BUNDLED_PEERS / f"{name}.toml"
-        if not config_path.is_file():
-            available = ", ".join(sorted(path.stem for path in BUNDLED_PEERS.glob("*.toml")))
-            raise UserError(f"no bundled peer named {name!r}", f"use one of: {available}")
-        contributors.append(Contributor(name, config_path, BUNDLED_PEERS / "data" / name))
-    if len(contributors) < 2:
-        raise UserError("a swarm needs at least two contributors", "pass --contributors with two or more names")
-    return contributors
-
-
 def effective(config: DemoConfig) -> dict[str, Any]:
     """The demo's settings after ``--quick``: explicit flags keep priority over the quick preset."""
     settings = dict(config.demo.__dict__)
@@ -95,7 +72,7 @@ class Demo:
         self.console = console or Console()
         self.report_dir = Path(self.settings["report_dir"]).resolve()
         self.work_dir = self.report_dir / "swarm"
-        self.contributors = bundled_contributors(self.settings["contributors"])
+        self.contributors = resolve_contributors(self.settings["contributors"])
         self.unseen = [BUNDLED_PEERS / "data" / name for name in (self.settings["unseen_datasets"] or UNSEEN)]
         for folder in self.unseen:
             if not (folder / "train.csv").is_file():
