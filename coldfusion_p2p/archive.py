@@ -4,8 +4,10 @@ The archiver watches the peers' records; when the swarm's fused round moves forw
 that round's fused body from a peer (hivemind state sharing, which serves the last *fused*
 snapshot, never a half-trained body), checks the round and shapes, and writes ``round_NNNNN/``:
 a Hugging Face model folder plus ``metadata.json`` (contributors, their public dataset names and
-metrics). Writes are atomic and ``latest`` points at the newest complete round. Optionally each
-round is pushed to the Hugging Face Hub; a failed push is a warning, never a crash.
+metrics, the fusion rule) and, with an outer momentum, the rule's state that goes with the base
+(``fusion_state.safetensors``, as in a peer's checkpoint). Writes are atomic and ``latest`` points
+at the newest complete round. Optionally each round is pushed to the Hugging Face Hub; a failed
+push is a warning, never a crash.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ from typing import Any
 
 from hivemind import DHT
 from hivemind.utils import get_dht_time
+from safetensors.torch import save_file
 
 from coldfusion_p2p import __version__, policy
 from coldfusion_p2p.auth import Moderation
 from coldfusion_p2p.checkpoints import (
+    FUSION_STATE_FILE,
     atomic_folder,
     ensure_writable_dir,
     point_latest,
@@ -35,12 +39,14 @@ from coldfusion_p2p.fusion import FusedBodyAverager, download_fused
 from coldfusion_p2p.model import (
     body_fingerprint,
     body_parameters,
+    body_state_names,
     copy_into,
     load_classifier,
     load_tokenizer,
     model_fingerprint,
     resolve_model_name,
 )
+from coldfusion_p2p.policy import PLAIN_MEAN_RULE
 from coldfusion_p2p.records import ARCHIVER, PeerRecord, RecordBoard, RunKeys
 
 logger = logging.getLogger(__name__)
@@ -138,16 +144,24 @@ class RoundArchiver:
         state = download_fused(self.averager, target, self.body, self.download_timeout)
         if state is None:
             return None
-        archived = self._store(state.round, state.tensors, state.source, records)
+        archived = self._store(state.round, state.tensors, state.source, records, state.state)
         self.publish_progress()
         return archived
 
-    def _store(self, round_number: int, tensors: list, source: dict, records: list[PeerRecord]) -> ArchivedRound:
+    def _store(
+        self, round_number: int, tensors: list, source: dict, records: list[PeerRecord], state: list = ()
+    ) -> ArchivedRound:
         copy_into(self.body, tensors)
         metadata = archive_metadata(round_number, source, records, body_fingerprint(self.body))
         final = self.archive_dir / round_dir_name(round_number)
         with atomic_folder(final) as folder:
             save_body_folder(self.model, self.tokenizer, folder)
+            if state:
+                names = body_state_names(self.model)
+                save_file(
+                    {name: tensor.contiguous() for name, tensor in zip(names, state, strict=True)},
+                    folder / FUSION_STATE_FILE,
+                )
             (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True, default=str) + "\n")
         point_latest(self.archive_dir, final)
         prune_rounds(self.archive_dir, self.keep, protect=final)
@@ -205,5 +219,6 @@ def archive_metadata(round_number: int, source: dict, records: list[PeerRecord],
         "group_size": source.get("group_size", len(peer_ids)),
         "contributors": contributors,
         "fingerprint": fingerprint,
+        "fusion_rule": source.get("fusion_rule", PLAIN_MEAN_RULE),
         "archived_at": time.time(),
     }

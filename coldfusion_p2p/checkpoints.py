@@ -8,6 +8,8 @@ Layout of ``--output-dir``::
         tokenizer files
         head.safetensors         this peer's private head (never shared with the swarm)
         head.json                its label names and tensor names
+        fusion_state.safetensors the fusion rule's state that goes with the base (outer momentum;
+                                 only with --outer-momentum)
         round.json               round, group, peer ids, timings, metrics, the run config
     latest -> rounds/round_00003 a symlink, swapped atomically
 
@@ -44,6 +46,7 @@ ROUND_FILE = "round.json"
 HEAD_WEIGHTS = "head.safetensors"
 HEAD_FILE = "head.json"
 BODY_WEIGHTS = "model.safetensors"
+FUSION_STATE_FILE = "fusion_state.safetensors"  # the fusion rule's state, keyed by body tensor names
 
 
 @dataclass(frozen=True)
@@ -118,10 +121,12 @@ def save_checkpoint(
     metadata: dict[str, Any],
     keep: int = 2,
     extra_files: dict[str, dict[str, torch.Tensor]] | None = None,
+    fusion_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write round ``round_number`` atomically and point ``latest`` at it; keep the newest ``keep``.
 
-    ``model``'s body is saved as the base; ``head`` (this peer's) is saved beside it.
+    ``model``'s body is saved as the base; ``head`` (this peer's) is saved beside it, and so is the
+    fusion rule's state that goes with the base, when there is one (``fusion_state``).
     ``extra_files`` maps file names to tensor dicts saved in the same folder (e.g. audits).
     """
     output_dir = Path(output_dir)
@@ -133,6 +138,8 @@ def save_checkpoint(
         save_body_folder(model, tokenizer, folder)
         save_file({name: tensor.contiguous() for name, tensor in head.items()}, folder / HEAD_WEIGHTS)
         _write_json(folder / HEAD_FILE, {"label_names": label_names, "tensors": sorted(head)})
+        if fusion_state:
+            save_file({name: tensor.contiguous() for name, tensor in fusion_state.items()}, folder / FUSION_STATE_FILE)
         for file_name, tensors in (extra_files or {}).items():
             save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, folder / file_name)
         _write_json(folder / ROUND_FILE, {"round": round_number, **metadata})
@@ -242,6 +249,22 @@ def load_head(checkpoint_path: str | Path) -> tuple[dict[str, torch.Tensor], lis
             f"checkpoint head in {path} is corrupt ({error})", "restore it from a backup or start a fresh --output-dir"
         ) from None
     return head, list(label_names)
+
+
+def load_fusion_state(checkpoint_path: str | Path, names: list[str], shapes: list[torch.Size]) -> list[torch.Tensor]:
+    """The fusion rule's state saved with a checkpoint, in the order of ``names`` (body tensor names)."""
+    path = Path(checkpoint_path) / FUSION_STATE_FILE
+    fix = "restore it from a backup, or resume with the run's --outer-momentum, or start a fresh --output-dir"
+    try:
+        saved = load_file(path)
+    except Exception as error:  # missing, truncated: safetensors raises its own error types
+        reason = "missing" if not path.exists() else f"corrupt ({error})"
+        raise UserError(f"checkpoint fusion state {path} is {reason}", fix) from None
+    state = [saved.get(name) for name in names]
+    for name, tensor, shape in zip(names, state, shapes, strict=True):
+        if tensor is None or tensor.shape != shape or not torch.isfinite(tensor).all():
+            raise UserError(f"checkpoint fusion state {path} does not fit this model's body ({name})", fix)
+    return state
 
 
 def apply_body_state(model: PreTrainedModel, state: dict[str, torch.Tensor]) -> None:

@@ -7,7 +7,11 @@ module wraps it for ColD Fusion:
   the all-reduce and the average is copied back only after it succeeded and passed checks, so a
   failed round leaves the peer's body exactly as it was (all or nothing, locally);
 * the state it shares with newcomers (``get_current_state``) is a snapshot of the *last fused*
-  body and its round, never the half-trained tensors of a round in progress;
+  body and its round, never the half-trained tensors of a round in progress, together with the
+  fusion rule's state (outer momentum) that belongs to that body;
+* the all-reduce result (the group's average) is what the checks below validate; only once every
+  member confirmed it does the run's :class:`~coldfusion_p2p.rules.FusionRule` turn it into the next
+  fused base (the plain mean: the average itself);
 * every timeout hivemind leaves unset (all-reduce, sender, reducer, chunk) is set, and each wait
   is bounded, so one stalled peer can never hang a round;
 * hivemind reports success even when a reducer failed (its slices fall back to each peer's own
@@ -48,8 +52,9 @@ from coldfusion_p2p.aggregation import ClippedMeanReducer, reference_parts
 from coldfusion_p2p.auth import InviteGate
 from coldfusion_p2p.config import FusionConfig
 from coldfusion_p2p.model import copy_into
-from coldfusion_p2p.policy import group_bits, group_decision, group_mismatch, poisoned_update
+from coldfusion_p2p.policy import group_bits, group_decision, group_mismatch, poisoned_update, same_start
 from coldfusion_p2p.records import RecordBoard, Verdict
+from coldfusion_p2p.rules import FusionRule
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +68,7 @@ class FusedState:
     round: int
     tensors: list[torch.Tensor]
     source: dict[str, Any] = field(default_factory=dict)
+    state: list[torch.Tensor] = field(default_factory=list)  # the fusion rule's state that goes with it
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,7 @@ class FusionResult:
     reason: str = ""  # why the round did not fuse
     rejected: bool = False  # the all-reduce worked but its result failed validation (e.g. poisoning)
     bytes_sent: int = 0  # serialized bytes this peer sent in the all-reduce
+    state: list[torch.Tensor] = field(default_factory=list)  # the fusion rule's state after a fusion
 
 
 COMPRESSIONS = {"none": NoCompression, "fp16": Float16Compression}
@@ -149,7 +156,12 @@ class FusedBodyAverager(DecentralizedAverager):
         gate: InviteGate | None = None,
     ):
         self._gate = gate  # moderated runs: who may call our RPCs and share a group with us
-        self._snapshot: tuple[dict[str, Any], list[torch.Tensor]] = ({"round": 0}, _detached_copy(body))
+        # (metadata, body, rule state): what newcomers download; the state is empty without momentum
+        self._snapshot: tuple[dict[str, Any], list[torch.Tensor], list[torch.Tensor]] = (
+            {"round": 0},
+            _detached_copy(body),
+            [],
+        )
         # clipped_mean reduces against the last fused base; shared memory, so the averager's own
         # process (forked below) sees every publish_fused of this one
         self._reference = (
@@ -181,9 +193,18 @@ class FusedBodyAverager(DecentralizedAverager):
         )
         self.run_in_background(await_ready=True, timeout=60)
 
-    def publish_fused(self, round_number: int, body: Sequence[torch.Tensor], metadata: dict[str, Any]) -> None:
-        """Make ``body`` (a fused base of ``round_number``) what newcomers download from this peer."""
-        self._snapshot = ({**metadata, "round": round_number}, _detached_copy(body))
+    def publish_fused(
+        self,
+        round_number: int,
+        body: Sequence[torch.Tensor],
+        metadata: dict[str, Any],
+        state: Sequence[torch.Tensor] = (),
+    ) -> None:
+        """Make ``body`` (a fused base of ``round_number``) and the fusion rule's ``state`` that goes
+        with it what newcomers download from this peer."""
+        if state:
+            metadata = {**metadata, "state_tensors": len(state)}
+        self._snapshot = ({**metadata, "round": round_number}, _detached_copy(body), _detached_copy(state))
         if self._reference is not None:
             with torch.no_grad():
                 for reference, tensor in zip(self._reference, body, strict=True):
@@ -192,12 +213,17 @@ class FusedBodyAverager(DecentralizedAverager):
         self.state_sharing_priority = 2.0 * round_number + (2.0 if metadata.get("group_size", 0) >= 2 else 1.0)
 
     def get_current_state(self):
-        metadata, tensors = self._snapshot
-        return metadata, tensors, None
+        """The snapshot: the body's tensors, then ``metadata["state_tensors"]`` tensors of rule state."""
+        metadata, body, state = self._snapshot
+        return metadata, [*body, *state] if state else body, None
 
     def last_fused_body(self) -> list[torch.Tensor]:
         """The body this round started from (the last fused base); never modified in place."""
         return self._snapshot[1]
+
+    def last_fused_state(self) -> list[torch.Tensor]:
+        """The fusion rule's state that belongs to :meth:`last_fused_body` (empty without momentum)."""
+        return self._snapshot[2]
 
     # ---- moderated runs: hivemind's averager RPCs carry no auth, so each one checks the caller's
     # (transport-authenticated) peer id against the run's invites; refusals use codes hivemind
@@ -297,8 +323,17 @@ class BodyFusion:
         board: RecordBoard,
         gate: InviteGate | None = None,
         should_stop: Callable[[], bool] = lambda: False,
+        rule: FusionRule | None = None,
+        original: Sequence[torch.Tensor] | None = None,
+        state: Sequence[torch.Tensor] | None = None,
     ):
         self.config, self.board, self.should_stop = config, board, should_stop
+        self.rule = rule or FusionRule()
+        if self.rule.needs_original and original is None:
+            raise ValueError("the anchor rule needs the original body")
+        self._original = list(original) if self.rule.needs_original else None  # the pretrained body (anchor)
+        # the rule's state that goes with the body this peer holds: published and checkpointed with it
+        self.state: list[torch.Tensor] = list(state) if state else self.rule.initial_state(body)
         self._sketch_cache: tuple[list[torch.Tensor], list[float]] | None = None  # (start, its sketch)
         self.averager = FusedBodyAverager(body, dht, prefix=prefix, config=config, gate=gate)
 
@@ -335,6 +370,7 @@ class BodyFusion:
             "nonce": nonce,
             "update_norm": own_norm,
             "aggregation": config.aggregation,
+            "fusion_rule": self.rule.signature(),
             "start_sketch": own_sketch,
         }
         matchmaking_deadline = (
@@ -360,7 +396,7 @@ class BodyFusion:
         if not gathered:
             return self._not_fused(started, round_number, nonce, "no group formed")
         members = {peer.to_base58(): data if isinstance(data, dict) else {} for peer, data in gathered.items()}
-        mismatch = group_mismatch(members, round_number, config.aggregation)
+        mismatch = group_mismatch(members, round_number, config.aggregation, self.rule.signature())
         if mismatch is not None:
             return self._not_fused(started, round_number, nonce, mismatch)
         with self.averager.get_tensors() as buffers:
@@ -377,8 +413,8 @@ class BodyFusion:
         refusal = self._group_verdict(round_number, members)
         if refusal is not None:
             return self._not_fused(started, round_number, nonce, refusal, publish=False)
-        with self.averager.get_tensors() as buffers:
-            copy_into(list(body), list(buffers))
+        starts = [member.get("start_sketch") for member in members.values()]
+        self._apply_rule(body, start, same_start(starts, member_norms))
         return FusionResult(
             fused=True,
             group_size=len(members),
@@ -386,7 +422,24 @@ class BodyFusion:
             seconds=time.perf_counter() - started,
             gathered=members,
             bytes_sent=self.averager.bytes_sent.value - bytes_before,
+            state=self.state,
         )
+
+    def _apply_rule(self, body: Sequence[torch.Tensor], start: list[torch.Tensor], starts_agree: bool) -> None:
+        """Write the next fused base into ``body``: the rule applied to the confirmed average.
+
+        Members that started from different bases (see :func:`policy.same_start`, decided alike by
+        all) take the plain mean and restart the rule's state, so they still end on one base.
+        """
+        with self.averager.get_tensors() as buffers:
+            if self.rule.is_plain_mean or not starts_agree:
+                copy_into(list(body), list(buffers))
+                self.state = self.rule.initial_state(start) if self.state else []
+                return
+            state = self.averager.last_fused_state() or self.rule.initial_state(start)
+            step = self.rule.apply(start, list(buffers), self._original, state)
+        copy_into(list(body), step.base)
+        self.state = step.state
 
     def _wait_for_group(self, control, deadline: float):
         """The step's result, waited for in slices so that SIGTERM never waits for a whole all-reduce.
@@ -437,10 +490,14 @@ class BodyFusion:
         return FusionResult(False, 1, (self.peer_id,), time.perf_counter() - started, reason=reason)
 
     def publish_fused(self, round_number: int, body: Sequence[torch.Tensor], metadata: dict[str, Any]) -> None:
-        self.averager.publish_fused(round_number, body, metadata)
+        """Serve ``body`` as the fused base of ``round_number``, with the rule's current :attr:`state`."""
+        if not self.rule.is_plain_mean:
+            metadata = {**metadata, "fusion_rule": self.rule.signature()}
+        self.averager.publish_fused(round_number, body, metadata, self.state)
 
     def download_fused(self, min_round: int, expected: Sequence[torch.Tensor], timeout: float) -> FusedState | None:
-        return download_fused(self.averager, min_round, expected, timeout)
+        """The swarm's fused base, with the rule state that goes with it (adopt both, see :attr:`state`)."""
+        return download_fused(self.averager, min_round, expected, timeout, rule=self.rule)
 
     def shutdown(self) -> None:
         if self.averager.is_alive():
@@ -488,10 +545,18 @@ def sketch_distance(own: Sequence[float], other: Any) -> float:
 
 
 def download_fused(
-    averager: FusedBodyAverager, min_round: int, expected: Sequence[torch.Tensor], timeout: float
+    averager: FusedBodyAverager,
+    min_round: int,
+    expected: Sequence[torch.Tensor],
+    timeout: float,
+    rule: FusionRule | None = None,
 ) -> FusedState | None:
     """The fused base the best-placed peer serves, if its round is at least ``min_round``, its shapes
-    match ``expected`` and it is finite; None otherwise (callers retry, bounded)."""
+    match ``expected`` and it is finite; None otherwise (callers retry, bounded).
+
+    The rule state served with it (``metadata["state_tensors"]`` tensors after the body) must be
+    shaped like the body and finite too. Given our ``rule``, a base fused with another rule (or
+    lacking the state ours needs) is refused; without one (the archiver) any rule is accepted."""
     future = averager.load_state_from_peers(wait=False, timeout=timeout)
     try:
         loaded = future.result(timeout=timeout)
@@ -503,15 +568,31 @@ def download_fused(
     metadata, tensors = loaded
     if not isinstance(metadata, dict) or not isinstance(metadata.get("round"), int):
         return None
-    if metadata["round"] < min_round or len(tensors) != len(expected):
+    state_count = metadata.get("state_tensors", 0)
+    if not isinstance(state_count, int) or state_count not in (0, len(expected)):
+        logger.warning("a peer served %r rule state tensors for a body of %d; ignored", state_count, len(expected))
+        return None
+    if metadata["round"] < min_round or len(tensors) != len(expected) + state_count:
         return None  # the peer asked had not finished that round yet
-    if any(tensor.shape != own.shape for tensor, own in zip(tensors, expected, strict=True)):
+    body, state = list(tensors[: len(expected)]), list(tensors[len(expected) :])
+    if rule is not None:
+        served_rule = metadata.get("fusion_rule", FusionRule().signature())
+        if served_rule != rule.signature() or (rule.has_state and not state):
+            logger.warning(
+                "a peer served a base fused with another rule (%s, ours %s); ignored", served_rule, rule.signature()
+            )
+            return None
+    if not _shapes_match(body, expected) or (state and not _shapes_match(state, expected)):
         logger.warning("a peer served a body of other shapes (another model?); ignored")
         return None
     if not all(torch.isfinite(tensor).all() for tensor in tensors):
         logger.warning("a peer served a fused base with NaN or Inf values; ignored")
         return None
-    return FusedState(round=metadata["round"], tensors=list(tensors), source=metadata)
+    return FusedState(round=metadata["round"], tensors=body, source=metadata, state=state)
+
+
+def _shapes_match(tensors: Sequence[torch.Tensor], expected: Sequence[torch.Tensor]) -> bool:
+    return all(tensor.shape == own.shape for tensor, own in zip(tensors, expected, strict=True))
 
 
 def _detached_copy(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -39,6 +39,7 @@ from coldfusion_p2p.checkpoints import (
     apply_body_state,
     latest_checkpoint,
     load_body_state,
+    load_fusion_state,
     load_head,
     save_checkpoint,
 )
@@ -61,6 +62,7 @@ from coldfusion_p2p.model import (
 )
 from coldfusion_p2p.network import check_network_config, network_moderation, shut_down, start_dht
 from coldfusion_p2p.records import PeerRecord, RecordBoard, RunKeys
+from coldfusion_p2p.rules import FusionRule
 from coldfusion_p2p.trainer import LocalTrainer
 
 logger = logging.getLogger(__name__)
@@ -198,6 +200,10 @@ class Peer:
         self.model = load_classifier(self.model_name, self.data.label_names, seed=config.training.seed)
         self.model_fingerprint = model_fingerprint(self.model)  # of --model itself, before any resume
         self.body = body_parameters(self.model)
+        self.rule = FusionRule.from_config(config.fusion)
+        # the anchor pulls toward --model's own body, whatever a resume or a download brings later
+        self._original_body = [tensor.detach().clone() for tensor in self.body] if self.rule.needs_original else None
+        self._resumed_state: list[torch.Tensor] | None = None  # the fusion rule's state from --resume
         self.trainer = LocalTrainer(
             self.model,
             self.tokenizer,
@@ -232,6 +238,9 @@ class Peer:
             board=self.board,
             gate=None if self.moderation is None else InviteGate(self.dht, self.keys.records_key, self.moderation),
             should_stop=self.stop_event.is_set,
+            rule=self.rule,
+            original=self._original_body,
+            state=self._resumed_state,
         )
 
     def _check_compatible(self) -> None:
@@ -261,9 +270,14 @@ class Peer:
                 f"the dataset's labels {self.data.label_names} differ from the checkpoint's {label_names}",
                 "use the dataset the checkpoint was trained on, or a fresh --output-dir",
             )
+        if self.rule.has_state:  # before touching the model: a refused resume leaves everything as it was
+            shapes = [tensor.shape for tensor in self.body]
+            self._resumed_state = load_fusion_state(checkpoint.path, body_state_names(self.model), shapes)
         apply_body_state(self.model, load_body_state(checkpoint.path))
         load_head_state(self.model, head)
-        self._update(fused_round=checkpoint.round, round=checkpoint.round + 1)
+        group_size = int((checkpoint.metadata.get("report") or {}).get("group_size", 0))
+        # announce the group size too: a peer that missed the round downloads only a base fused in a group
+        self._update(fused_round=checkpoint.round, round=checkpoint.round + 1, last_group_size=group_size)
         self.console.info(f"resumed from {checkpoint.path} (round {checkpoint.round})")
 
     # ---------------------------------------------------------------- the loop
@@ -434,6 +448,7 @@ class Peer:
                 self.stop_event.wait(POLL_SECONDS)
                 continue
             copy_into(self.body, state.tensors)
+            self.fusion.state = state.state  # the fusion rule's state (outer momentum) travels with the base
             self.trainer.refit_head(state.round)  # our old head does not fit the downloaded base
             report = RoundReport(
                 round=state.round,
@@ -476,6 +491,8 @@ class Peer:
         }
         self.fusion.publish_fused(round_number, self.body, metadata)
         extra = None if pre_fusion is None else {PRE_FUSION_FILE: pre_fusion}
+        names = body_state_names(self.model)
+        fusion_state = dict(zip(names, self.fusion.state, strict=True)) if self.fusion.state else None
         save_checkpoint(
             self.config.run.output_dir,
             round_number=round_number,
@@ -496,6 +513,7 @@ class Peer:
             },
             keep=self.config.run.keep_checkpoints,
             extra_files=extra,
+            fusion_state=fusion_state,
         )
         append_history(
             self.config.run.output_dir, {"peer_id": self.fusion.peer_id, "dataset": self.data.name, **report.__dict__}

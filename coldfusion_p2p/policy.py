@@ -142,11 +142,18 @@ def group_decision(own_peer_id: str, members: dict[str, dict], verdicts: dict[st
     return "apply" if others <= set(current) else None
 
 
-def group_mismatch(members: dict[str, dict], round_number: int, aggregation: str) -> str | None:
-    """Why a formed group must not fuse (members of other rounds, mixed aggregation rules), or None.
+PLAIN_MEAN_RULE = "outer_lr=1,momentum=0,anchor=0"  # FusionRule().signature(): what a peer sending none uses
+
+
+def group_mismatch(
+    members: dict[str, dict], round_number: int, aggregation: str, fusion_rule: str = PLAIN_MEAN_RULE
+) -> str | None:
+    """Why a formed group must not fuse (members of other rounds, mixed aggregation or fusion rules), or None.
 
     Each reducer applies its own peer's rule to its slice, so a group mixing ``mean`` and
-    ``clipped_mean`` would be robust on some slices only.
+    ``clipped_mean`` would be robust on some slices only. Each member turns the average into the
+    next base with its own fusion rule (outer optimizer, anchor), so a group mixing fusion rules
+    would end with different bases.
     """
     rounds = {member.get("round") for member in members.values()}
     if rounds != {round_number}:
@@ -154,7 +161,34 @@ def group_mismatch(members: dict[str, dict], round_number: int, aggregation: str
     rules = {member.get("aggregation", "mean") for member in members.values()}
     if rules != {aggregation}:
         return f"group mixed aggregation rules ({', '.join(sorted(map(str, rules)))}): use one --aggregation per run"
+    fusion_rules = {member.get("fusion_rule", PLAIN_MEAN_RULE) for member in members.values()}
+    if fusion_rules != {fusion_rule}:
+        return (
+            f"group mixed fusion rules ({'; '.join(sorted(map(str, fusion_rules)))}): "
+            "use the same --outer-lr, --outer-momentum and --anchor on every peer of a run"
+        )
     return None
+
+
+def same_start(sketches: Iterable, update_norms: Iterable[float], tolerance: float = 0.1) -> bool:
+    """Whether every member of a group started the round from the same fused base (up to rounding).
+
+    A fusion rule other than the plain mean steps from the round's start, so members with different
+    starts (after a round each fused alone) would compute different bases. Decided from the members'
+    gathered start sketches only, the same on every member: starts farther apart than ``tolerance``
+    times the median update (sketch error ~9%, rounding and fp16 far below) are different.
+    """
+    try:
+        vectors = [[float(value) for value in sketch] for sketch in sketches]
+    except (TypeError, ValueError):
+        return False
+    if not vectors or len({len(vector) for vector in vectors}) != 1:
+        return False
+    norms = sorted(norm for norm in update_norms if norm == norm and norm >= 0)
+    scale = max((sum(value * value for value in vector) ** 0.5 for vector in vectors), default=0.0)
+    limit = tolerance * (norms[len(norms) // 2] if norms else 0.0) + 1e-6 * scale
+    first = vectors[0]
+    return all(sum((a - b) ** 2 for a, b in zip(first, other, strict=True)) ** 0.5 <= limit for other in vectors[1:])
 
 
 def incompatible_swarm(other_records: Iterable[PeerRecord], model_fingerprint: str) -> str | None:

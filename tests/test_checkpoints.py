@@ -16,6 +16,7 @@ from coldfusion_p2p.checkpoints import (
     apply_body_state,
     latest_checkpoint,
     load_body_state,
+    load_fusion_state,
     load_head,
     load_peer_classifier,
     remove_abandoned_folders,
@@ -99,6 +100,35 @@ def test_corrupt_checkpoints_are_clear_errors(tmp_path, classifier):
     with pytest.raises(UserError, match="unreadable"):
         latest_checkpoint(tmp_path)
     assert latest_checkpoint(tmp_path / "empty") is None
+
+
+def test_the_fusion_state_is_saved_beside_the_base_and_loads_in_body_order(tmp_path, classifier):
+    from coldfusion_p2p.model import body_parameters, body_state_names
+
+    assert not (save(tmp_path / "plain", classifier, None, 1) / checkpoints.FUSION_STATE_FILE).exists()
+    names, body = body_state_names(classifier), body_parameters(classifier)
+    momentum = [torch.full_like(tensor, float(index)) for index, tensor in enumerate(body)]
+    path = save_checkpoint(
+        tmp_path,
+        round_number=1,
+        model=classifier,
+        tokenizer=None,
+        head=head_state(classifier),
+        label_names=["neg", "pos"],
+        metadata={},
+        fusion_state=dict(zip(names, momentum, strict=True)),
+    )
+    loaded = load_fusion_state(path, names, [tensor.shape for tensor in body])
+    assert all(torch.equal(got, want) for got, want in zip(loaded, momentum, strict=True))
+
+    with pytest.raises(UserError, match="does not fit"):
+        load_fusion_state(path, [*names[:-1], "missing.weight"], [tensor.shape for tensor in body])
+    (path / checkpoints.FUSION_STATE_FILE).write_bytes(b"\x00garbage")
+    with pytest.raises(UserError, match=r"fusion_state\.safetensors is corrupt.*--outer-momentum"):
+        load_fusion_state(path, names, [tensor.shape for tensor in body])
+    (path / checkpoints.FUSION_STATE_FILE).unlink()
+    with pytest.raises(UserError, match=r"fusion_state\.safetensors is missing"):
+        load_fusion_state(path, names, [tensor.shape for tensor in body])
 
 
 def test_folders_abandoned_by_a_killed_writer_are_removed_and_live_ones_kept(tmp_path):

@@ -111,6 +111,28 @@ def test_a_group_mixing_rounds_or_aggregation_rules_does_not_fuse():
     assert policy.group_mismatch({"a": {"round": 1}}, 1, "mean") is None
 
 
+def test_a_group_mixing_fusion_rules_does_not_fuse():
+    momentum = "outer_lr=0.7,momentum=0.9,anchor=0"
+    same = {peer: {"round": 2, "aggregation": "mean", "fusion_rule": momentum} for peer in "ab"}
+    assert policy.group_mismatch(same, 2, "mean", momentum) is None
+    mixed = {**same, "c": {"round": 2, "aggregation": "mean"}}  # an older peer sends no rule: the plain mean
+    reason = policy.group_mismatch(mixed, 2, "mean", momentum)
+    assert momentum in reason and policy.PLAIN_MEAN_RULE in reason and "--outer-momentum" in reason
+    assert policy.group_mismatch({"a": {"round": 1}}, 1, "mean") is None, "the default rule is the plain mean"
+    assert "fusion rules" in policy.group_mismatch({"a": {"round": 1, "fusion_rule": momentum}}, 1, "mean")
+
+
+def test_members_share_a_start_only_when_their_start_sketches_agree_up_to_rounding():
+    base = [3.0, -4.0, 12.0]
+    rounded = [value + 1e-7 for value in base]
+    updates = [0.5, 0.6, 0.4]
+    assert policy.same_start([base, rounded, base], updates)
+    assert not policy.same_start([base, [3.0, -4.0, 12.3]], updates), "a start 0.3 away, updates of 0.5"
+    assert not policy.same_start([base, None], updates), "a member that sent no sketch"
+    assert not policy.same_start([base, base[:2]], updates)
+    assert policy.same_start([base], [])
+
+
 def test_a_gap_between_the_members_starts_is_not_taken_for_poison():
     honest = [0.01, 0.012, 0.011]  # a converged model: tiny updates
     # after a failed round every member kept its own body: the average also moves by the starts' gap
