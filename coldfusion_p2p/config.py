@@ -142,7 +142,7 @@ class InviteSettings:
     output: str | None = None  # also write the token to this file (default: print it only)
 
 
-EVALUATION_METHODS = ("finetune", "linear_probe")
+EVALUATION_METHODS = ("finetune", "linear_probe", "finetune_few_shot")  # the first two run by default
 
 
 @dataclass
@@ -150,8 +150,15 @@ class EvaluationSettings:
     base: list[str] = field(default_factory=list)  # model to compare (repeat): PATH, LABEL=PATH, or bundled
     dataset: list[str] = field(default_factory=list)  # seen dataset (swarm trained on it): file or train/test dir
     unseen: list[str] = field(default_factory=list)  # unseen dataset (swarm never saw it): file or train/test dir
-    seeds: int = 1  # repeat every run with seeds 0..seeds-1
-    finetune_steps: int = 50  # AdamW steps of full finetuning per run
+    seeds: int = 1  # repeat every run with seeds 0..seeds-1; claims need 3 or more (the CI covers seeds then)
+    methods: list[str] = field(default_factory=lambda: list(EVALUATION_METHODS[:2]))  # and/or finetune_few_shot
+    finetune_epochs: int = 4  # most epochs of full finetuning, early-stopped on validation (0: fixed finetune_steps)
+    patience: int = 2  # stop finetuning after this many validations without a better one (the best is tested)
+    eval_every: int = 0  # validate the finetuning every this many steps (0: once per epoch)
+    validation_fraction: float = 0.15  # share of the train subsample held out (seeded) for the early stopping
+    finetune_steps: int = 50  # with --finetune-epochs 0: this many AdamW steps on the whole train split
+    few_shot_examples: int = 16  # finetune_few_shot: training examples per class (seeded, the same for every base)
+    few_shot_steps: int = 40  # finetune_few_shot: AdamW steps of full finetuning on those examples
     probe_steps: int = 300  # AdamW steps of the linear probe (frozen body; cheap: body outputs are cached)
     lr: float = 2e-4  # peak learning rate of full finetuning
     probe_lr: float = 5e-2  # peak learning rate of the linear probe (measured: 1e-3 leaves it near chance)
@@ -160,7 +167,7 @@ class EvaluationSettings:
     max_train_examples: int = 1000  # train on a seeded subsample of at most this many examples
     max_test_examples: int = 500  # test on a seeded subsample of at most this many examples
     test_fraction: float = 0.2  # test split carved from a single dataset file (never trained on)
-    methods: list[str] = field(default_factory=lambda: list(EVALUATION_METHODS))  # finetune and/or linear_probe
+    bootstrap_resamples: int = 2000  # bootstrap replicates (seeds and test examples) behind each 95 percent CI
     report_dir: str = "evaluation"  # where results.csv, summary.csv, results.json and evaluation.png go
     torch_threads: int | None = None  # torch intra-op threads (default: torch's choice)
 
@@ -476,7 +483,10 @@ def _validate_evaluate(config: EvaluateConfig) -> None:
         name: getattr(settings, name)
         for name in (
             "seeds",
+            "patience",
             "finetune_steps",
+            "few_shot_examples",
+            "few_shot_steps",
             "probe_steps",
             "lr",
             "probe_lr",
@@ -484,13 +494,19 @@ def _validate_evaluate(config: EvaluateConfig) -> None:
             "max_length",
             "max_train_examples",
             "max_test_examples",
+            "bootstrap_resamples",
         )
     }
     if settings.torch_threads is not None:
         positive["torch_threads"] = settings.torch_threads
     _require_positive(positive)
-    if not 0.0 < settings.test_fraction < 1.0:
-        raise UserError("test_fraction must be between 0 and 1", "pass e.g. --test-fraction 0.2")
+    for name in ("finetune_epochs", "eval_every"):
+        if getattr(settings, name) < 0:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{name} must be 0 or more, got {getattr(settings, name)}", f"pass {flag} 0 or more")
+    for name, example in (("test_fraction", 0.2), ("validation_fraction", 0.15)):
+        if not 0.0 < getattr(settings, name) < 1.0:
+            raise UserError(f"{name} must be between 0 and 1", f"pass e.g. --{name.replace('_', '-')} {example}")
 
 
 def _require_positive(values: dict[str, float | int]) -> None:
