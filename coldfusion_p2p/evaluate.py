@@ -1,68 +1,93 @@
 """ColD Fusion's evaluation protocol: is a fused base a better starting point than the original?
 
-The paper answers with two kinds of datasets and two ways of using a base:
+The paper answers with two kinds of datasets and several ways of using a base:
 
 - *seen* datasets are ones the swarm trained on, *unseen* ones it never saw; each is judged on a
   held-out test split that no run ever trains on (a folder's ``test`` file, or a seeded split
   carved from a single file with :func:`coldfusion_p2p.data.split_indices`).
-- *finetune*: a fresh head on the base, every weight trained for a fixed number of steps;
-  *linear_probe*: the body frozen, only the model's own classification head trained.
+- *finetune*: a fresh head on the base, every weight trained to convergence: epochs over the
+  train split less a seeded validation split carved from it, early stopping on that split's
+  accuracy, and the best validated weights tested (``finetune_epochs 0`` instead trains a fixed
+  ``finetune_steps``, the older protocol, which on hard tasks leaves bases at the majority class);
+  *finetune_few_shot*: the same from ``few_shot_examples`` examples per class for a fixed number
+  of steps; *linear_probe*: the body frozen, only the model's own classification head trained.
 
-Every base gets exactly the same datasets, subsamples, seeds, hyperparameters and step budget,
-so the accuracy differences are the bases' alone. :func:`evaluate_bases` runs the grid,
-:func:`summarize` reduces it to mean ± std over seeds with the difference to the first base,
-and :func:`write_report` leaves CSV, JSON and a bar chart behind.
+Every base gets exactly the same datasets, subsamples, validation splits, few-shot examples,
+seeds and hyperparameters, so the accuracy differences are the bases' alone. Each run records
+whether it got each test example right, so :func:`summarize` (in :mod:`coldfusion_p2p.report`)
+compares bases paired, with a bootstrap confidence interval over seeds and test examples and a
+verdict; a single seed shows only the test examples' share of the uncertainty, so claims need
+``--seeds 3`` or more. :func:`evaluate_bases` runs the grid, :func:`write_report` leaves CSV,
+JSON and plots behind.
 
 The linear probe computes the frozen body's outputs once per example and replays them into the
-model's own forward (the body's ``forward`` is swapped for a lookup), so every architecture's
-head (BERT's pooler path, RoBERTa's ``<s>`` dense head, DeBERTa's context pooler...) is trained
-exactly as it would be on a live body, at the cost of one body pass per example. When replaying
-is not possible (an exotic body output, or too large a cache) it falls back to running the frozen
-body in every step, which gives the same result more slowly.
+model's own forward (see :mod:`coldfusion_p2p.head_fit`), at the cost of one body pass per example.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
 from transformers import AutoConfig, PreTrainedModel
 
-from coldfusion_p2p.config import DataConfig, EvaluateConfig, SectionedConfig, TrainingConfig
-from coldfusion_p2p.data import FILE_FORMATS, TaskData, TextSplit, load_task_data
+from coldfusion_p2p.config import DataConfig, EvaluateConfig, EvaluationSettings, TrainingConfig
+from coldfusion_p2p.data import FILE_FORMATS, TaskData, TextSplit, load_task_data, split_indices
 from coldfusion_p2p.errors import UserError
-from coldfusion_p2p.head_fit import FrozenBody, head_accuracy, train_head
+from coldfusion_p2p.head_fit import FrozenBody, train_head
 from coldfusion_p2p.model import (
     body_parameters,
+    forward_input_names,
     load_classifier,
     load_tokenizer,
     resolve_model_name,
 )
+from coldfusion_p2p.report import (  # re-exported: the evaluation's public interface
+    METHOD_TITLES,
+    REPORT_FILES,
+    EvalResult,
+    plot_summary,
+    results_table,
+    summarize,
+    write_report,
+)
+from coldfusion_p2p.statistics import at_majority, encode_correct, majority_rate
 from coldfusion_p2p.trainer import (
+    EVAL_BATCH_SIZE,
+    SCHEDULES,
+    EncodedSplit,
     LocalTrainer,
     batch_indices,
+    collate,
     encode_split,
     pad_token_id,
 )
 
+__all__ = [
+    "METHOD_TITLES",
+    "REPORT_FILES",
+    "EvalResult",
+    "evaluate_bases",
+    "plot_summary",
+    "results_table",
+    "run_evaluation",
+    "summarize",
+    "write_report",
+]
+
 logger = logging.getLogger(__name__)
 
-METHOD_TITLES = {"finetune": "full finetuning", "linear_probe": "linear probe (frozen body)"}
 BUNDLED = "bundled"
-WEIGHT_DECAY = 0.01  # as TrainingConfig's default, for both methods
-REPORT_FILES = ("results.csv", "summary.csv", "results.json", "evaluation.png")
+WEIGHT_DECAY = 0.01  # as TrainingConfig's default, for every method
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,7 +203,10 @@ def _subsample(split: TextSplit, limit: int, seed: list[int]) -> TextSplit:
     """At most ``limit`` rows, chosen by a seeded permutation, kept in their original order."""
     if len(split) <= limit:
         return split
-    keep = sorted(np.random.default_rng(seed).permutation(len(split))[:limit].tolist())
+    return _rows(split, sorted(np.random.default_rng(seed).permutation(len(split))[:limit].tolist()))
+
+
+def _rows(split: TextSplit, keep: Sequence[int]) -> TextSplit:
     return TextSplit(
         texts=[split.texts[i] for i in keep],
         text_pairs=None if split.text_pairs is None else [split.text_pairs[i] for i in keep],
@@ -239,30 +267,155 @@ def _check_base(base: BaseSpec) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The two methods
+# The methods
 # ---------------------------------------------------------------------------------------------
 
 
-def finetune_accuracy(
-    base: str, task: EvalTask, *, seed: int, steps: int, lr: float, batch_size: int, max_length: int
-) -> float:
-    """Test accuracy after ``steps`` AdamW steps of full finetuning with a fresh head seeded by ``seed``."""
+@dataclass(frozen=True)
+class RunOutcome:
+    """What one run of a method leaves: per-example test correctness and how it was trained."""
+
+    correct: np.ndarray  # bool, one per test example in order
+    steps: int  # optimizer steps taken
+    best_step: int  # the step whose weights were tested
+    validation_accuracy: float | None = None  # of those weights, on the early-stopping split
+    history: tuple[tuple[int, float], ...] = ()  # (step, validation accuracy) of every validation
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.correct.mean()) if len(self.correct) else math.nan
+
+
+@dataclass(frozen=True)
+class Convergence:
+    steps: int
+    best_step: int
+    best_accuracy: float
+    history: tuple[tuple[int, float], ...]
+
+
+def finetune_run(
+    base: str,
+    task: EvalTask,
+    *,
+    seed: int,
+    lr: float,
+    batch_size: int,
+    max_length: int,
+    epochs: int,
+    patience: int = 1,
+    steps: int = 0,
+    validation_fraction: float = 0.15,
+    eval_every: int = 0,
+) -> RunOutcome:
+    """Full finetuning from a fresh head seeded by ``seed``, then per-example test correctness.
+
+    With ``epochs`` > 0: up to that many epochs over the train split less a seeded
+    ``validation_fraction`` carved from it, early-stopped (see :func:`finetune_to_convergence`).
+    With ``epochs`` = 0: exactly ``steps`` steps on the whole train split (the fixed budget).
+    """
     tokenizer = load_tokenizer(base)
     model = load_classifier(base, task.label_names, seed)
-    config = TrainingConfig(
-        model=base, local_steps=steps, lr=lr, batch_size=batch_size, weight_decay=WEIGHT_DECAY, seed=seed
+    test = encode_split(tokenizer, task.test, max_length)
+    if epochs <= 0:
+        config = _training_config(base, steps, lr, batch_size, seed)
+        LocalTrainer(model, tokenizer, task.train, task.test, config, max_length=max_length).train_round(1)
+        return RunOutcome(predict_correct(model, test), steps, steps)
+    fit, validation = carve_validation(task.train, validation_fraction, seed)
+    run = finetune_to_convergence(
+        model,
+        tokenizer,
+        fit,
+        validation,
+        seed=seed,
+        lr=lr,
+        batch_size=batch_size,
+        max_length=max_length,
+        epochs=epochs,
+        patience=patience,
+        eval_every=eval_every,
     )
+    return RunOutcome(predict_correct(model, test), run.steps, run.best_step, run.best_accuracy, run.history)
+
+
+def finetune_to_convergence(
+    model: PreTrainedModel,
+    tokenizer,
+    train: TextSplit,
+    validation: TextSplit,
+    *,
+    seed: int,
+    lr: float,
+    batch_size: int,
+    max_length: int,
+    epochs: int,
+    patience: int,
+    eval_every: int = 0,
+    on_validation: Callable[[int, float], None] | None = None,
+) -> Convergence:
+    """Finetune ``model`` in place with early stopping; it ends holding its best validated weights.
+
+    One AdamW with a linear warm-up (10%) and decay planned over ``epochs`` epochs; the batches
+    are :class:`LocalTrainer`'s seeded stream. Validation accuracy is measured every epoch (or
+    every ``eval_every`` steps); training stops after ``patience`` validations without a strictly
+    better one, and the state of the best (head and body, kept in memory) is loaded back.
+    ``on_validation(step, accuracy)`` is called after every validation, before any restore.
+    """
+    config = _training_config("", 1, lr, batch_size, seed)
     trainer = LocalTrainer(
-        model, tokenizer, task.train, task.test, config, max_length=max_length, max_eval_examples=len(task.test)
+        model, tokenizer, train, validation, config, max_length=max_length, max_eval_examples=len(validation)
     )
-    trainer.train_round(round_number=1)
-    return trainer.evaluate().accuracy
+    per_epoch = math.ceil(len(trainer.train_data) / batch_size)
+    total, interval = epochs * per_epoch, eval_every or per_epoch
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=WEIGHT_DECAY)
+    schedule = SCHEDULES["linear"](optimizer, math.floor(0.1 * total), total)
+    torch.manual_seed(seed * 1_000_003 + 1)  # dropout, as the trainer's first round
+    best, best_step, best_state, waited, history = (-1.0, -math.inf), 0, None, 0, []
+    model.train()
+    step = 0
+    for step in range(1, total + 1):
+        loss = model(**collate(trainer.train_data, trainer.batch(step - 1), trainer.input_names)).loss
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % interval and step != total:
+            continue
+        stats = trainer.evaluate()
+        history.append((step, stats.accuracy))
+        if on_validation is not None:
+            on_validation(step, stats.accuracy)
+        if (stats.accuracy, -stats.loss) > best:  # ties in accuracy (a plateau) go to the lower loss
+            best, best_step, waited = (stats.accuracy, -stats.loss), step, 0
+            best_state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+        else:
+            waited += 1
+            if waited >= patience:
+                break
+        model.train()
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return Convergence(step, best_step, best[0], tuple(history))
 
 
-def linear_probe_accuracy(
+def few_shot_run(
+    base: str, task: EvalTask, *, seed: int, lr: float, batch_size: int, max_length: int, shots: int, steps: int
+) -> RunOutcome:
+    """Full finetuning for ``steps`` steps on ``shots`` training examples per class (seeded)."""
+    tokenizer = load_tokenizer(base)
+    model = load_classifier(base, task.label_names, seed)
+    train = few_shot_split(task.train, shots, seed)
+    config = _training_config(base, steps, lr, min(batch_size, len(train)), seed)
+    LocalTrainer(model, tokenizer, train, task.test, config, max_length=max_length).train_round(1)
+    return RunOutcome(predict_correct(model, encode_split(tokenizer, task.test, max_length)), steps, steps)
+
+
+def linear_probe_run(
     base: str, task: EvalTask, *, seed: int, steps: int, lr: float, batch_size: int, max_length: int
-) -> float:
-    """Test accuracy after ``steps`` AdamW steps on the head alone, the body frozen (and in eval mode)."""
+) -> RunOutcome:
+    """``steps`` AdamW steps on the head alone, the body frozen (and in eval mode)."""
     tokenizer = load_tokenizer(base)
     model = load_classifier(base, task.label_names, seed)
     return probe_model(
@@ -281,8 +434,8 @@ def probe_model(
     batch_size: int,
     max_length: int,
     replay: bool = True,
-) -> float:
-    """Linear-probe ``model`` in place: freeze its body, train its head, return test accuracy.
+) -> RunOutcome:
+    """Linear-probe ``model`` in place: freeze its body, train its head, test it.
 
     ``replay=False`` runs the frozen body in every step instead of replaying its cached outputs
     (same result up to float rounding, slower; for checks and exotic architectures).
@@ -297,7 +450,47 @@ def probe_model(
     train_feed = body.prepare(train, needed, replay=replay)
     test_feed = body.prepare(test, np.arange(len(test)), replay=replay)
     train_head(body, train_feed, batches, lr=lr, seed=seed, weight_decay=WEIGHT_DECAY)
-    return head_accuracy(body, test_feed)
+    model.eval()
+    with torch.no_grad():
+        chunks = [
+            body.forward(test_feed, indices).logits.argmax(-1) == test.labels[indices]
+            for indices in np.array_split(np.arange(len(test)), max(1, math.ceil(len(test) / EVAL_BATCH_SIZE)))
+        ]
+    return RunOutcome(torch.cat(chunks).numpy(), steps, steps)
+
+
+def _training_config(base: str, steps: int, lr: float, batch_size: int, seed: int) -> TrainingConfig:
+    return TrainingConfig(
+        model=base or None, local_steps=steps, lr=lr, batch_size=batch_size, weight_decay=WEIGHT_DECAY, seed=seed
+    )
+
+
+@torch.no_grad()
+def predict_correct(model: PreTrainedModel, encoded: EncodedSplit) -> np.ndarray:
+    """Whether ``model`` (in eval mode) classifies each example of ``encoded`` right, in order."""
+    model.eval()
+    names, chunks = forward_input_names(model), [np.zeros(0, dtype=bool)]
+    for start in range(0, len(encoded), EVAL_BATCH_SIZE):
+        batch = collate(encoded, np.arange(start, min(start + EVAL_BATCH_SIZE, len(encoded))), names)
+        chunks.append((model(**batch).logits.argmax(-1) == batch["labels"]).numpy())
+    return np.concatenate(chunks)
+
+
+def carve_validation(train: TextSplit, fraction: float, seed: int) -> tuple[TextSplit, TextSplit]:
+    """(fit, validation): a seeded ``fraction`` of ``train`` held out to pick the best epoch."""
+    fit, held_out = split_indices(len(train), fraction, seed + 1_000)
+    return _rows(train, fit), _rows(train, held_out)
+
+
+def few_shot_split(train: TextSplit, shots: int, seed: int) -> TextSplit:
+    """At most ``shots`` examples of every label (all of a rarer one), seeded, in their original order."""
+    rng = np.random.default_rng([seed, 4])
+    labels = np.asarray(train.labels)
+    keep = []
+    for label in np.unique(labels):
+        where = np.flatnonzero(labels == label)
+        keep += rng.choice(where, size=min(shots, len(where)), replace=False).tolist()
+    return _rows(train, sorted(keep))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,21 +498,31 @@ def probe_model(
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class EvalResult:
-    """One run: one base, one dataset, one seed, one method."""
-
-    base: str  # what was loaded (a folder or a Hub name)
-    base_label: str
-    dataset: str
-    seen: bool
-    method: str  # "finetune" | "linear_probe"
-    seed: int
-    accuracy: float
-    seconds: float
+METHODS: dict[str, Callable[..., RunOutcome]] = {
+    "finetune": finetune_run,
+    "finetune_few_shot": few_shot_run,
+    "linear_probe": linear_probe_run,
+}
 
 
-METHODS = {"finetune": finetune_accuracy, "linear_probe": linear_probe_accuracy}
+def method_options(settings: EvaluationSettings) -> dict[str, dict]:
+    """Each method's keyword arguments from the settings (the same for every base)."""
+    shared = dict(batch_size=settings.batch_size, max_length=settings.max_length)
+    return {
+        "finetune": dict(
+            shared,
+            lr=settings.lr,
+            epochs=settings.finetune_epochs,
+            patience=settings.patience,
+            steps=settings.finetune_steps,
+            validation_fraction=settings.validation_fraction,
+            eval_every=settings.eval_every,
+        ),
+        "finetune_few_shot": dict(
+            shared, lr=settings.lr, shots=settings.few_shot_examples, steps=settings.few_shot_steps
+        ),
+        "linear_probe": dict(shared, lr=settings.probe_lr, steps=settings.probe_steps),
+    }
 
 
 def _repeated(names: Sequence[str]) -> list[str]:
@@ -379,10 +582,7 @@ def evaluate_bases(config: EvaluateConfig, console: Console | None = None) -> li
         for seed in range(settings.seeds)
         for method in settings.methods
     ]
-    hyperparameters = {
-        "finetune": dict(steps=settings.finetune_steps, lr=settings.lr),
-        "linear_probe": dict(steps=settings.probe_steps, lr=settings.probe_lr),
-    }
+    options = method_options(settings)
     results = []
     show_bar = console.is_terminal and not logs.quiet and logs.log_format != "json"
     columns = (
@@ -397,14 +597,8 @@ def evaluate_bases(config: EvaluateConfig, console: Console | None = None) -> li
         for task, base, seed, method in jobs:
             progress.update(bar, description=f"{method} {base.label} on {task.name} (seed {seed})")
             started = time.perf_counter()
-            accuracy = METHODS[method](
-                base.path,
-                task,
-                seed=seed,
-                batch_size=settings.batch_size,
-                max_length=settings.max_length,
-                **hyperparameters[method],
-            )
+            outcome = METHODS[method](base.path, task, seed=seed, **options[method])
+            rate = majority_rate(task.test.labels)
             result = EvalResult(
                 base=base.path,
                 base_label=base.label,
@@ -412,8 +606,14 @@ def evaluate_bases(config: EvaluateConfig, console: Console | None = None) -> li
                 seen=task.seen,
                 method=method,
                 seed=seed,
-                accuracy=accuracy,
+                accuracy=outcome.accuracy,
                 seconds=time.perf_counter() - started,
+                majority_rate=rate,
+                at_majority=at_majority(outcome.accuracy, rate),
+                steps=outcome.steps,
+                best_step=outcome.best_step,
+                validation_accuracy=outcome.validation_accuracy,
+                correct=encode_correct(outcome.correct),
             )
             results.append(result)
             _report_result(console, result, logs.quiet, logs.log_format)
@@ -429,228 +629,16 @@ def _report_result(console: Console, result: EvalResult, quiet: bool, log_format
         kind = "seen" if result.seen else "unseen"
         console.print(
             f"{result.method} {result.base_label} on {result.dataset} ({kind}) seed {result.seed}: "
-            f"accuracy {100 * result.accuracy:.1f}% in {result.seconds:.1f}s"
+            f"accuracy {100 * result.accuracy:.1f}% (majority class {100 * result.majority_rate:.1f}%"
+            f"{': AT MAJORITY' if result.at_majority else ''}) after {result.steps} steps in {result.seconds:.1f}s"
         )
-
-
-# ---------------------------------------------------------------------------------------------
-# Summary, table, report
-# ---------------------------------------------------------------------------------------------
-
-
-def summarize(results: Sequence[EvalResult], bases: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """Mean ± std over seeds per (dataset, method, base), and "ALL seen"/"ALL unseen" per (method, base).
-
-    ``std`` is the sample standard deviation over seeds (0 for one seed). ``delta_vs_first_base``
-    is the mean minus the first base's mean on the same dataset and method; the first base is
-    ``bases[0]`` or else the first label in ``results`` (evaluate_bases keeps --base order).
-    Aggregate rows average the dataset means; their std is over seeds of the per-seed average
-    across datasets (seeds every dataset has), ``datasets`` says how many were averaged.
-    """
-    base_order = list(dict.fromkeys([*(bases or []), *(result.base_label for result in results)]))
-    dataset_order = list(dict.fromkeys((result.seen, result.dataset) for result in results))
-    dataset_order.sort(key=lambda item: not item[0])  # seen first, each group in order of appearance
-    method_order = list(dict.fromkeys(result.method for result in results))
-    paths = {result.base_label: result.base for result in results}
-    grouped: dict[tuple, dict[int, float]] = {}
-    for result in results:
-        key = (result.seen, result.dataset, result.method, result.base_label)
-        grouped.setdefault(key, {})[result.seed] = result.accuracy
-
-    rows = []
-    for seen, dataset in dataset_order:
-        for method in method_order:
-            for base in base_order:
-                by_seed = grouped.get((seen, dataset, method, base))
-                if by_seed:
-                    rows.append(_row(dataset, seen, method, base, paths.get(base, ""), list(by_seed.values())))
-    for seen in (True, False):
-        for method in method_order:
-            for base in base_order:
-                datasets = [d for s, d in dataset_order if s == seen and (seen, d, method, base) in grouped]
-                if not datasets:
-                    continue
-                per_dataset = [grouped[seen, dataset, method, base] for dataset in datasets]
-                seeds = sorted(set.intersection(*(set(values) for values in per_dataset)))
-                per_seed = [float(np.mean([values[seed] for values in per_dataset])) for seed in seeds]
-                row = _row(f"ALL {'seen' if seen else 'unseen'}", seen, method, base, paths.get(base, ""), per_seed)
-                row["mean"] = float(np.mean([np.mean(list(values.values())) for values in per_dataset]))
-                row.update(datasets=len(datasets), aggregate=True)
-                rows.append(row)
-    first = base_order[0] if base_order else None
-    reference = {
-        (row["dataset"], row["seen"], row["method"]): row["mean"] for row in rows if row["base_label"] == first
-    }
-    for row in rows:
-        baseline = reference.get((row["dataset"], row["seen"], row["method"]))
-        row["delta_vs_first_base"] = None if baseline is None else row["mean"] - baseline
-    return rows
-
-
-def _row(dataset: str, seen: bool, method: str, base: str, path: str, values: list[float]) -> dict:
-    return {
-        "dataset": dataset,
-        "seen": seen,
-        "method": method,
-        "base_label": base,
-        "base": path,
-        "mean": float(np.mean(values)) if values else math.nan,
-        "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
-        "n": len(values),
-        "datasets": 1,
-        "aggregate": False,
-    }
-
-
-def results_table(summary: Sequence[dict[str, Any]]) -> Table:
-    """Accuracy (%) as mean ± std over seeds, one column per base with its delta to the first base.
-
-    Seen and unseen datasets are separate sections; "ALL" rows (averages over datasets) close each
-    section when it holds more than one dataset.
-    """
-    bases = list(dict.fromkeys(row["base_label"] for row in summary))
-    methods = list(dict.fromkeys(row["method"] for row in summary))
-    seeds = max((row["n"] for row in summary), default=0)
-    first = bases[0] if bases else "-"
-    table = Table(
-        title=f"test accuracy (%), mean ± std over {seeds} seed{'s' if seeds != 1 else ''}; Δ vs {first}",
-        title_justify="left",
-    )
-    table.add_column("")
-    table.add_column("dataset")
-    table.add_column("method")
-    for base in bases:
-        table.add_column(base, justify="right")
-    cells = {(row["seen"], row["dataset"], row["method"], row["base_label"]): row for row in summary}
-    for seen in (True, False):
-        names = list(dict.fromkeys(row["dataset"] for row in summary if row["seen"] == seen and not row["aggregate"]))
-        if not names:
-            continue
-        if table.row_count:
-            table.add_section()
-        aggregate = f"ALL {'seen' if seen else 'unseen'}"
-        rows = [(name, False) for name in names] + ([(aggregate, True)] if len(names) > 1 else [])
-        group = "seen" if seen else "unseen"
-        for name, bold in rows:
-            for method in methods:
-                values = [_cell(cells.get((seen, name, method, base)), base == first) for base in bases]
-                if all(value == "-" for value in values):
-                    continue
-                style = "bold" if bold else None
-                table.add_row(group, name, method, *values, style=style)
-                group = ""
-    return table
-
-
-def _cell(row: dict[str, Any] | None, is_first: bool) -> str:
-    if row is None:
-        return "-"
-    text = f"{100 * row['mean']:.1f} ± {100 * row['std']:.1f}"
-    delta = row.get("delta_vs_first_base")
-    if is_first or delta is None:
-        return text
-    color = "green" if delta > 0 else "red" if delta < 0 else "white"
-    return f"{text} [{color}]({100 * delta:+.1f})[/{color}]"
-
-
-def write_report(
-    results: Sequence[EvalResult],
-    summary: Sequence[dict[str, Any]],
-    output_dir: str | Path,
-    config: SectionedConfig | dict[str, Any] | None = None,
-) -> dict[str, Path]:
-    """Write results.csv, summary.csv, results.json and evaluation.png into ``output_dir``."""
-    folder = Path(output_dir).expanduser()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UserError(
-            f"cannot create report folder {folder} ({error.strerror})", "pass another --report-dir"
-        ) from None
-    paths = dict(zip(("results", "summary", "json", "plot"), (folder / name for name in REPORT_FILES), strict=True))
-    rows = [asdict(result) for result in results]
-    _write_csv(paths["results"], rows, [field.name for field in fields(EvalResult)])
-    summary_keys = ["dataset", "seen", "method", "base_label", "base", "mean", "std", "n", "datasets", "aggregate"]
-    _write_csv(paths["summary"], list(summary), [*summary_keys, "delta_vs_first_base"])
-    config_values = config.to_dict() if isinstance(config, SectionedConfig) else config
-    payload = {"config": config_values, "results": rows, "summary": list(summary)}
-    paths["json"].write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    plot_summary(summary, paths["plot"])
-    return paths
-
-
-def _write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: list[str]) -> None:
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def plot_summary(summary: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """Grouped bars: one subplot per method, one group per dataset (seen | unseen), one bar per base."""
-    from matplotlib.figure import Figure  # no pyplot: no global backend state, Agg for savefig
-
-    bases = list(dict.fromkeys(row["base_label"] for row in summary))
-    methods = list(dict.fromkeys(row["method"] for row in summary))
-    cells = {(row["seen"], row["dataset"], row["method"], row["base_label"]): row for row in summary}
-    groups: list[tuple[bool, str]] = []
-    for seen in (True, False):
-        names = list(dict.fromkeys(row["dataset"] for row in summary if row["seen"] == seen and not row["aggregate"]))
-        groups += [(seen, name) for name in names]
-        if len(names) > 1:
-            groups.append((seen, f"ALL {'seen' if seen else 'unseen'}"))
-    gap = 0.6  # extra space between the seen and the unseen datasets
-    positions = []
-    for index, (seen, _) in enumerate(groups):
-        positions.append(index + (gap if not seen and any(s for s, _ in groups) else 0.0))
-    width = 0.8 / max(1, len(bases))
-    figure = Figure(figsize=(max(6.0, 1.2 * len(groups) * max(1, len(bases)) ** 0.5 + 2), 3.6 * max(1, len(methods))))
-    axes = figure.subplots(max(1, len(methods)), 1, squeeze=False)[:, 0]
-    colors = [f"C{index % 10}" for index in range(len(bases))]
-    for axis, method in zip(axes, methods or ["-"], strict=False):
-        for number, base in enumerate(bases):
-            offsets = [position + (number - (len(bases) - 1) / 2) * width for position in positions]
-            rows = [cells.get((seen, name, method, base)) for seen, name in groups]
-            means = [100 * row["mean"] if row else 0.0 for row in rows]
-            errors = [100 * row["std"] if row else 0.0 for row in rows]
-            bars = axis.bar(offsets, means, width, yerr=errors, capsize=3, label=base, color=colors[number])
-            for bar, row in zip(bars, rows, strict=True):
-                if row and row["aggregate"]:
-                    bar.set_hatch("//")
-                    bar.set_edgecolor("white")
-        axis.set_xticks(positions, [name for _, name in groups], rotation=20, ha="right")
-        axis.set_ylabel("test accuracy (%)")
-        axis.set_ylim(0, 100)
-        axis.set_title(METHOD_TITLES.get(method, method), pad=18)
-        axis.grid(axis="y", alpha=0.3)
-        axis.set_axisbelow(True)
-        seen_positions = [p for p, (s, _) in zip(positions, groups, strict=True) if s]
-        unseen_positions = [p for p, (s, _) in zip(positions, groups, strict=True) if not s]
-        if unseen_positions:  # shade the datasets the swarm never saw
-            axis.axvspan(unseen_positions[0] - 0.5, unseen_positions[-1] + 0.5, color="0.93", zorder=0)
-        for label, spots in (("seen datasets", seen_positions), ("unseen datasets", unseen_positions)):
-            if spots:
-                axis.text(
-                    (spots[0] + spots[-1]) / 2,
-                    1.01,
-                    label,
-                    transform=axis.get_xaxis_transform(),
-                    ha="center",
-                    va="bottom",
-                    fontweight="bold",
-                )
-        axis.set_xlim(positions[0] - 0.6, positions[-1] + 0.6)
-        axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", title="base")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    return Path(path)
 
 
 def run_evaluation(config: EvaluateConfig, console: Console | None = None) -> list[EvalResult]:
     """The ``evaluate`` command: run the grid, print the table, write the report, say where it went."""
     console = console or Console(highlight=False, soft_wrap=True)
     results = evaluate_bases(config, console=console)
-    summary = summarize(results)
+    summary = summarize(results, resamples=config.evaluation.bootstrap_resamples)
     paths = write_report(results, summary, config.evaluation.report_dir, config=config)
     if config.logging.log_format == "json":
         record = {"time": time.time(), "event": "summary", "summary": summary}

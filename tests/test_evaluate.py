@@ -7,10 +7,12 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from rich.console import Console
 
+from coldfusion_p2p import evaluate
 from coldfusion_p2p.checkpoints import save_body_folder
 from coldfusion_p2p.cli import build_parser, main
 from coldfusion_p2p.config import EvaluateConfig, TrainingConfig, build_config, field_help
@@ -18,10 +20,16 @@ from coldfusion_p2p.errors import UserError
 from coldfusion_p2p.evaluate import (
     EvalResult,
     EvalTask,
-    finetune_accuracy,
-    linear_probe_accuracy,
+    RunOutcome,
+    carve_validation,
+    evaluate_bases,
+    few_shot_split,
+    finetune_run,
+    finetune_to_convergence,
+    linear_probe_run,
     load_eval_task,
     parse_base,
+    predict_correct,
     probe_model,
     results_table,
     summarize,
@@ -29,6 +37,7 @@ from coldfusion_p2p.evaluate import (
 )
 from coldfusion_p2p.head_fit import FrozenBody
 from coldfusion_p2p.model import body_parameters, load_classifier, load_tokenizer, split_body_head
+from coldfusion_p2p.statistics import decode_correct, encode_correct
 from coldfusion_p2p.trainer import LocalTrainer, encode_split
 
 from test_cli import assert_one_line_error
@@ -140,16 +149,71 @@ def test_base_specs(tiny_model_dir, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# The two methods
+# The methods
 # ---------------------------------------------------------------------------------------------
 
 
+def fixed_steps(base, task, steps, seed=0):
+    return finetune_run(str(base), task, seed=seed, epochs=0, steps=steps, lr=3e-3, **FAST)
+
+
 def test_finetuning_learns_and_the_fused_base_starts_better(tiny_model_dir, fused_base, sentiment_task):
-    original = finetune_accuracy(str(tiny_model_dir), sentiment_task, seed=0, steps=60, lr=3e-3, **FAST)
-    assert original >= 0.8
-    fused = finetune_accuracy(str(fused_base), sentiment_task, seed=0, steps=10, lr=3e-3, **FAST)
-    early = finetune_accuracy(str(tiny_model_dir), sentiment_task, seed=0, steps=10, lr=3e-3, **FAST)
+    original = fixed_steps(tiny_model_dir, sentiment_task, 60)
+    assert original.accuracy >= 0.8 and original.steps == 60 and len(original.correct) == len(sentiment_task.test)
+    fused = fixed_steps(fused_base, sentiment_task, 10).accuracy
+    early = fixed_steps(tiny_model_dir, sentiment_task, 10).accuracy
     assert fused >= 0.9 and fused > early
+
+
+def test_convergent_finetuning_stops_early_and_keeps_the_best_state(tiny_model_dir, sentiment_task):
+    model = load_classifier(str(tiny_model_dir), sentiment_task.label_names, seed=0)
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    fit, validation = carve_validation(sentiment_task.train, 0.25, seed=0)
+    states = {}
+
+    def snapshot(step, accuracy):
+        states[step] = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+    epochs, per_epoch = 12, -(-len(fit) // 16)
+    run = finetune_to_convergence(
+        model, tokenizer, fit, validation, seed=0, lr=1e-2, epochs=epochs, patience=2, on_validation=snapshot, **FAST
+    )
+    steps, accuracies = [step for step, _ in run.history], [accuracy for _, accuracy in run.history]
+    assert steps == [per_epoch * epoch for epoch in range(1, len(steps) + 1)]  # once per epoch
+    assert run.steps == steps[-1] < epochs * per_epoch  # patience ran out before the last epoch
+    best = steps.index(run.best_step)
+    assert accuracies[best] == max(accuracies)  # ties go to the lower validation loss
+    assert run.best_accuracy == max(accuracies) >= 0.9
+    assert len(steps) == best + 1 + 2 and steps[best] != steps[-1]  # two validations without a better one
+    for name, tensor in model.state_dict().items():  # the best state is back, not the last one
+        assert torch.equal(tensor, states[run.best_step][name]), name
+    assert any(not torch.equal(states[run.best_step][name], states[steps[-1]][name]) for name in states[steps[-1]])
+    validated = predict_correct(model, encode_split(tokenizer, validation, FAST["max_length"]))
+    assert validated.mean() == pytest.approx(run.best_accuracy)
+
+
+def test_convergent_finetune_run_validates_on_the_train_split_only(tiny_model_dir, sentiment_task):
+    run = finetune_run(str(tiny_model_dir), sentiment_task, seed=0, lr=1e-2, epochs=6, patience=3, eval_every=5, **FAST)
+    assert [step % 5 for step, _ in run.history[:-1]] == [0] * (len(run.history) - 1)
+    assert len(run.correct) == len(sentiment_task.test) and 0 < run.best_step <= run.steps
+    assert run.validation_accuracy == max(accuracy for _, accuracy in run.history)
+    fit, validation = carve_validation(sentiment_task.train, 0.15, seed=0)
+    assert len(validation) == round(0.15 * len(sentiment_task.train)) and len(fit) + len(validation) == 128
+    assert not set(validation.texts) & set(fit.texts) and set(fit.texts) | set(validation.texts) == set(
+        sentiment_task.train.texts
+    )
+    assert carve_validation(sentiment_task.train, 0.15, seed=0) == (fit, validation)
+    assert carve_validation(sentiment_task.train, 0.15, seed=1)[1] != validation
+
+
+def test_few_shot_takes_k_per_class_seeded(tiny_model_dir, sentiment_task):
+    shots = few_shot_split(sentiment_task.train, 5, seed=0)
+    assert sorted(shots.labels) == [0] * 5 + [1] * 5
+    assert set(shots.texts) <= set(sentiment_task.train.texts)
+    assert few_shot_split(sentiment_task.train, 5, seed=0) == shots != few_shot_split(sentiment_task.train, 5, seed=1)
+    assert len(few_shot_split(sentiment_task.train, 1000, seed=0)) == len(sentiment_task.train)  # all of a rare one
+    run = evaluate.few_shot_run(str(tiny_model_dir), sentiment_task, seed=0, lr=3e-3, shots=8, steps=6, **FAST)
+    assert run.steps == 6 and len(run.correct) == len(sentiment_task.test)
 
 
 def test_linear_probe_learns_on_a_trained_body_and_leaves_it_unchanged(fused_base, sentiment_task):
@@ -158,7 +222,7 @@ def test_linear_probe_learns_on_a_trained_body_and_leaves_it_unchanged(fused_bas
     parameters = dict(model.named_parameters())
     head_before = {name: parameters[name].detach().clone() for name in split_body_head(model).head}
     tokenizer = load_tokenizer(str(fused_base))
-    accuracy = probe_model(model, tokenizer, sentiment_task, seed=0, steps=30, lr=1e-2, **FAST)
+    accuracy = probe_model(model, tokenizer, sentiment_task, seed=0, steps=30, lr=1e-2, **FAST).accuracy
     assert accuracy >= 0.9
     assert all(torch.equal(a, b) for a, b in zip(body_before, body_parameters(model), strict=True))
     assert any(not torch.equal(parameters[name], value) for name, value in head_before.items())
@@ -186,8 +250,9 @@ def test_replayed_body_outputs_match_the_live_frozen_body(architecture, tmp_path
 def test_same_seed_same_accuracy(tiny_model_dir, fused_base, sentiment_task):
     runs = [
         (
-            finetune_accuracy(str(tiny_model_dir), sentiment_task, seed=1, steps=8, lr=3e-3, **FAST),
-            linear_probe_accuracy(str(fused_base), sentiment_task, seed=1, steps=8, lr=1e-2, **FAST),
+            fixed_steps(tiny_model_dir, sentiment_task, 8, seed=1).correct.tolist(),
+            finetune_run(str(tiny_model_dir), sentiment_task, seed=1, lr=3e-3, epochs=2, **FAST).correct.tolist(),
+            linear_probe_run(str(fused_base), sentiment_task, seed=1, steps=8, lr=1e-2, **FAST).correct.tolist(),
         )
         for _ in range(2)
     ]
@@ -200,6 +265,7 @@ def test_same_seed_same_accuracy(tiny_model_dir, fused_base, sentiment_task):
 
 
 def hand_made_results() -> list[EvalResult]:
+    """Two bases, 100 test examples per dataset, the fused base right on a superset where it gains."""
     accuracies = {  # (dataset, seen, base) -> accuracy per seed
         ("a", True, "original"): [0.5, 0.7],
         ("a", True, "fused"): [0.8, 0.8],
@@ -209,7 +275,19 @@ def hand_made_results() -> list[EvalResult]:
         ("c", False, "fused"): [0.5, 0.5],
     }
     return [
-        EvalResult(f"/models/{base}", base, dataset, seen, "finetune", seed, accuracy, 1.0)
+        EvalResult(
+            f"/models/{base}",
+            base,
+            dataset,
+            seen,
+            "finetune",
+            seed,
+            accuracy,
+            1.0,
+            majority_rate=0.5,
+            at_majority=accuracy <= 0.5,
+            correct=encode_correct([index < round(100 * accuracy) for index in range(100)]),
+        )
         for (dataset, seen, base), values in accuracies.items()
         for seed, accuracy in enumerate(values)
     ]
@@ -232,12 +310,37 @@ def test_summarize_means_stds_deltas_and_aggregates():
     assert not unseen_fused["seen"] and unseen_fused["datasets"] == 1
 
 
+def test_summarize_gives_paired_intervals_verdicts_and_majority_flags():
+    rows = {(row["dataset"], row["base_label"]): row for row in summarize(hand_made_results())}
+    for key in (("a", "fused"), ("b", "fused"), ("ALL seen", "fused")):  # +0.3 and +0.1 by seed, paired
+        assert 0 < rows[key]["ci_low"] < rows[key]["delta_vs_first_base"] < rows[key]["ci_high"], key
+        assert rows[key]["verdict"] == "better"
+    unseen = rows["c", "fused"]  # +0.1 with seed 0, -0.1 with seed 1
+    assert unseen["ci_low"] < 0 < unseen["ci_high"] and unseen["verdict"] == "no detectable difference"
+    assert rows["ALL unseen", "fused"]["ci_low"] == unseen["ci_low"]  # one dataset: the same resampling
+    assert all(rows[key]["verdict"] is None and rows[key]["ci_low"] is None for key in rows if key[1] == "original")
+    assert rows["a", "fused"]["ci_high"] - rows["a", "fused"]["ci_low"] > (
+        rows["ALL seen", "fused"]["ci_high"] - rows["ALL seen", "fused"]["ci_low"]
+    )
+    assert rows["a", "original"]["majority_rate"] == 0.5 and rows["a", "original"]["examples"] == 100
+    assert rows["a", "original"]["at_majority"] and rows["a", "original"]["at_majority_runs"] == 1
+    assert not rows["a", "fused"]["at_majority"] and not rows["b", "original"]["at_majority"]
+    assert (
+        rows["ALL seen", "original"]["at_majority_runs"] == 1 and rows["ALL seen", "original"]["majority_rate"] == 0.5
+    )
+    assert rows["c", "fused"]["at_majority_runs"] == 2
+    unpaired = [EvalResult(**{**vars(result), "correct": ""}) for result in hand_made_results()]
+    row = next(r for r in summarize(unpaired) if (r["dataset"], r["base_label"]) == ("a", "fused"))
+    assert row["delta_vs_first_base"] == pytest.approx(0.2) and row["ci_low"] is None and row["verdict"] is None
+
+
 def test_results_table_separates_seen_and_unseen():
-    console = Console(file=io.StringIO(), width=200, color_system=None)
+    console = Console(file=io.StringIO(), width=250, color_system=None)
     console.print(results_table(summarize(hand_made_results())))
     text = console.file.getvalue()
-    for fragment in ("seen", "unseen", "ALL seen", "original", "fused", "60.0 ± 14.1", "80.0 ± 0.0 (+20.0)"):
+    for fragment in ("seen", "unseen", "ALL seen", "original", "fused", "60.0 ± 14.1 ≤maj 1/2", "95% paired"):
         assert fragment in text, (fragment, text)
+    assert "80.0 ± 0.0 (+20.0 [+" in text and "50.0 ± 0.0 ≤maj (+0.0 [-" in text and "--seeds 3" in text
     assert text.index("ALL seen") < text.index("unseen")
 
 
@@ -246,11 +349,47 @@ def test_write_report_writes_every_file(tmp_path):
     summary = summarize(results)
     paths = write_report(results, summary, tmp_path / "report", config={"seeds": 2})
     assert set(paths) == {"results", "summary", "json", "plot"}
-    assert len(read_csv(paths["results"])) == len(results)
-    assert len(read_csv(paths["summary"])) == len(summary)
+    written = read_csv(paths["results"])
+    assert len(written) == len(results) and decode_correct(written[0]["correct"]).sum() == 50
+    assert {"majority_rate", "at_majority"} <= set(written[0])
+    rows = read_csv(paths["summary"])
+    assert len(rows) == len(summary)
+    assert {"majority_rate", "at_majority", "delta_vs_first_base", "ci_low", "ci_high", "verdict"} <= set(rows[0])
+    assert {row["verdict"] for row in rows} == {"", "better", "no detectable difference"}
     payload = json.loads(paths["json"].read_text())
     assert payload["config"] == {"seeds": 2} and len(payload["results"]) == len(results)
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths["plot"].stat().st_size > 5000
+
+
+def test_evaluate_bases_records_the_majority_rate_and_flags_runs_at_it(monkeypatch, tiny_model_dir, tmp_path):
+    folder = tmp_path / "skewed"
+    write_csv(folder / "train.csv", sentiment_rows(40, seed=3))
+    test_rows = [{"text": "good film", "label": "positive"}] * 6 + [{"text": "bad film", "label": "negative"}] * 2
+    write_csv(folder / "test.csv", test_rows)
+
+    def majority_guess(base, task, *, seed, **options):  # always the most common test label
+        labels = np.asarray(task.test.labels)
+        return RunOutcome(labels == np.bincount(labels).argmax(), steps=1, best_step=1)
+
+    def all_right(base, task, *, seed, **options):
+        return RunOutcome(np.ones(len(task.test), dtype=bool), steps=2, best_step=2)
+
+    monkeypatch.setitem(evaluate.METHODS, "finetune", majority_guess)
+    monkeypatch.setitem(evaluate.METHODS, "linear_probe", all_right)
+    config = build_config(
+        {"base": [f"one={tiny_model_dir}"], "unseen": [str(folder)], "seeds": 2, "report_dir": str(tmp_path / "r")},
+        config_type=EvaluateConfig,
+    )
+    results = evaluate_bases(config, console=Console(file=io.StringIO()))
+    assert len(results) == 4 and {result.majority_rate for result in results} == {0.75}
+    assert {(r.method, r.accuracy, r.at_majority) for r in results} == {
+        ("finetune", 0.75, True),
+        ("linear_probe", 1.0, False),
+    }
+    assert {len(result.correct) for result in results} == {8}
+    rows = {row["method"]: row for row in summarize(results)}
+    assert rows["finetune"]["at_majority"] and rows["finetune"]["at_majority_runs"] == 2
+    assert not rows["linear_probe"]["at_majority"] and rows["linear_probe"]["majority_rate"] == 0.75
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,6 +400,17 @@ def test_write_report_writes_every_file(tmp_path):
 def test_config_defaults_validation_and_help():
     config = build_config({"base": ["bundled"], "unseen": ["x.csv"]}, config_type=EvaluateConfig)
     assert config.evaluation.methods == ["finetune", "linear_probe"] and config.evaluation.seeds == 1
+    assert config.evaluation.finetune_epochs > 0 and config.evaluation.patience >= 1  # convergent by default
+    few_shot = {"base": ["a"], "dataset": ["x"], "methods": ["finetune_few_shot"], "finetune_epochs": 0}
+    assert build_config(few_shot, config_type=EvaluateConfig).evaluation.methods == ["finetune_few_shot"]
+    for key, value, fragment in (
+        ("finetune_epochs", -1, "--finetune-epochs"),
+        ("patience", 0, "--patience"),
+        ("validation_fraction", 1.0, "--validation-fraction"),
+        ("bootstrap_resamples", 0, "--bootstrap-resamples"),
+    ):
+        with pytest.raises(UserError, match=fragment):
+            build_config({"base": ["a"], "dataset": ["x"], key: value}, config_type=EvaluateConfig)
     with pytest.raises(UserError, match="--base"):
         build_config({"dataset": ["x.csv"]}, config_type=EvaluateConfig)
     with pytest.raises(UserError, match="linear_probe"):
@@ -269,6 +419,7 @@ def test_config_defaults_validation_and_help():
         build_config({"base": ["a"]}, config_type=EvaluateConfig)
     subcommands = build_parser()._subparsers._group_actions[0].choices
     assert "learning rate of full finetuning" in subcommands["evaluate"].format_help()
+    assert "claims need 3 or more" in " ".join(subcommands["evaluate"].format_help().split())
     assert field_help("lr") == field_help("lr", TrainingConfig) == "peak learning rate of a fresh AdamW each round"
     assert "fresh AdamW each round" in subcommands["join"].format_help()
 
@@ -276,17 +427,33 @@ def test_config_defaults_validation_and_help():
 def test_cli_compares_two_bases_end_to_end(capsys, tiny_model_dir, fused_base, tiny_dataset, tmp_path):
     unseen = write_csv(tmp_path / "unseen.csv", sentiment_rows(60, seed=11, labels=("0", "1")))
     report = tmp_path / "report"
-    flags = ["--finetune-steps", "10", "--probe-steps", "20", "--lr", "3e-3", "--probe-lr", "1e-2"]
+    flags = ["--finetune-epochs", "3", "--probe-steps", "20", "--lr", "3e-3", "--probe-lr", "1e-2"]
+    flags += ["--methods", "finetune", "linear_probe", "finetune_few_shot", "--few-shot-examples", "4"]
+    flags += ["--few-shot-steps", "4", "--bootstrap-resamples", "500"]
     flags += ["--batch-size", "16", "--max-length", "16", "--torch-threads", "1", "--report-dir", str(report)]
     bases = ["--base", f"original={tiny_model_dir}", "--base", f"fused={fused_base}"]
     code = main(["evaluate", *bases, "--dataset", str(tiny_dataset), "--unseen", str(unseen), *flags])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "original" in out and "fused" in out and "unseen" in out and str(report) in out
+    assert "95% paired bootstrap CI" in out and "maj" in out
     rows = read_csv(report / "results.csv")
-    assert len(rows) == 2 * 2 * 2  # datasets x bases x methods, one seed
+    assert len(rows) == 2 * 2 * 3  # datasets x bases x methods, one seed
+    assert all(len(row["correct"]) == 12 for row in rows if row["dataset"] == "unseen")  # 20% of 60
+    finetuned = [row for row in rows if row["method"] == "finetune"]
+    assert all(0 < int(row["best_step"]) <= int(row["steps"]) <= 3 * 7 for row in finetuned)  # 3 epochs of 7 steps
+    assert all(row["validation_accuracy"] for row in finetuned)
     summary = {(row["dataset"], row["method"], row["base_label"]): row for row in read_csv(report / "summary.csv")}
-    assert float(summary["sentiment", "linear_probe", "fused"]["delta_vs_first_base"]) > 0.2
+    probe = summary["sentiment", "linear_probe", "fused"]
+    assert float(probe["delta_vs_first_base"]) > 0.2 and float(probe["ci_low"]) > 0 and probe["verdict"] == "better"
+    assert float(probe["ci_low"]) <= float(probe["delta_vs_first_base"]) <= float(probe["ci_high"])
+    assert float(probe["majority_rate"]) == pytest.approx(0.5, abs=0.2) and probe["at_majority"] in ("True", "False")
+    assert summary["ALL unseen", "finetune_few_shot", "fused"]["verdict"] in (
+        "better",
+        "worse",
+        "no detectable difference",
+    )
+    assert summary["sentiment", "finetune", "original"]["ci_low"] == ""  # the reference has no delta
     assert (report / "evaluation.png").stat().st_size > 0
 
 
