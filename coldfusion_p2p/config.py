@@ -51,8 +51,8 @@ class TrainingConfig:
     gradient_accumulation: int = 1  # micro-batches of batch_size per optimizer step
     length_bucketing: bool = True  # batch examples of similar length: short texts cost what they are
     l2sp: float = 0.0  # L2-SP: pull the body toward the round's start with this penalty weight (0: off)
-    refit_steps: int = 100  # head-only steps on cached body outputs after each new fused body (0: off)
-    refit_lr: float = 5e-3  # learning rate of the head re-fit
+    refit_steps: int = 300  # head-only steps on cached body outputs after each new fused body (0: off)
+    refit_lr: float = 5e-2  # learning rate of the head re-fit (as the linear probe's: 5e-3 left SMS spam at majority)
     refit_examples: int = 512  # training examples whose body outputs the re-fit caches
     seed: int = 0  # seeds head init, batch order and dropout
     torch_threads: int | None = None  # torch intra-op threads (default: torch's choice)

@@ -278,7 +278,9 @@ class Demo:
                         "outcome": entry["outcome"],
                         "group_size": entry["group_size"],
                         "accuracy_before": entry["accuracy_before"],
+                        "accuracy_after_old_head": entry.get("accuracy_after_old_head"),
                         "accuracy_after": entry["accuracy_after"],
+                        "majority_rate": entry.get("majority_rate"),
                         "train_loss": entry["train_loss"],
                         "fusion_seconds": entry["fusion_seconds"],
                         "train_seconds": entry["train_seconds"],
@@ -491,11 +493,29 @@ def plot_rounds(rows: list[dict[str, Any]], path: Path) -> None:
             alpha=0.6,
             label=f"{peer} before fusion",
         )
-        axis.plot(rounds, [row["accuracy_after"] for row in points], "-s", color=color, label=f"{peer} after fusion")
+        axis.plot(
+            rounds,
+            [row["accuracy_after"] for row in points],
+            "-s",
+            color=color,
+            label=f"{peer} after fusion + head re-fit",
+        )
+        if any(row.get("accuracy_after_old_head") is not None for row in points):
+            axis.plot(
+                rounds,
+                [row.get("accuracy_after_old_head") for row in points],
+                "x",
+                color=color,
+                alpha=0.6,
+                label=f"{peer} after fusion, old head",
+            )
+        majority = points[0].get("majority_rate") if points else None
+        if majority is not None:
+            axis.axhline(majority, color=color, linestyle=":", alpha=0.5, linewidth=1)
     axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     axis.set_xlabel("round")
     axis.set_ylabel("validation accuracy")
-    axis.set_title("Each peer's validation accuracy before and after fusion")
+    axis.set_title("Each peer's validation accuracy before and after fusion (dotted: its majority-class rate)")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7, ncol=2)
     figure.tight_layout()
