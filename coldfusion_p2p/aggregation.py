@@ -15,17 +15,29 @@ reducer, on what it actually received:
 
 With a majority of honest members the median is an honest norm, so one attacker moves the slice
 by at most ``clip_ratio`` honest updates divided by the group size, whatever it sends.
+
+**TIES** (``ties``, arXiv 2306.01708) merges the members' updates instead of averaging them, to
+limit interference between tasks: each member *trims* its own update to the ``ties_density``
+fraction of its largest-magnitude entries per tensor before sending (:func:`trim_update`; it only
+concerns that member's own values), and the reducer *elects* a sign per coordinate (that of the
+weighted sum of the trimmed updates) and takes the *disjoint mean*: the weighted mean of only the
+updates that agree with the elected sign (:func:`ties_merge`). Sign election and disjoint mean
+are per coordinate, so they give the same result however hivemind cuts the body into slices:
+the simulator computes them on whole tensors and gets the swarm's base.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import math
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
 from hivemind.averaging.partition import TensorPartContainer, TensorPartReducer
 
-Aggregation = Literal["mean", "clipped_mean"]
+Aggregation = Literal["mean", "clipped_mean", "ties"]
+Combine = Callable[[Sequence[torch.Tensor], Sequence[float]], torch.Tensor]  # (updates, weights) -> merged update
 
 
 def clipped_mean(updates: Sequence[torch.Tensor], weights: Sequence[float], clip_ratio: float) -> torch.Tensor:
@@ -48,36 +60,76 @@ def clipped_mean(updates: Sequence[torch.Tensor], weights: Sequence[float], clip
     return total / max(denominator, 1e-12)
 
 
-class ClippedContributions:
-    """Stands in for hivemind's running sum of one part: it keeps every sender's contribution and
-    reduces them with :func:`clipped_mean` when hivemind divides by the total weight.
+def trim_update(update: torch.Tensor, density: float) -> torch.Tensor:
+    """TIES' trim: keep the ``density`` fraction of largest-magnitude entries of ``update``, zero the rest.
+
+    Entries equal to the threshold are all kept, so the result depends on the values only.
+    """
+    flat = update.detach().reshape(-1).float()
+    keep = max(1, math.ceil(round(density * flat.numel(), 6)))  # round: 0.3 * 10 is 3.0000000000000004
+    if keep >= flat.numel():
+        return update.clone()
+    threshold = torch.kthvalue(flat.abs(), flat.numel() - keep + 1).values
+    return torch.where(update.abs() >= threshold.to(update.dtype), update, torch.zeros_like(update))
+
+
+def ties_merge(updates: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """TIES' elect and disjoint mean of (trimmed) updates, per coordinate.
+
+    The elected sign is that of the weighted sum; the result is the weighted mean of the updates
+    whose entry is non-zero with that sign, and zero where none is. Pure: tests call it directly.
+    """
+    if not updates:
+        raise ValueError("no contributions to aggregate")
+    stacked = torch.stack([update.float() for update in updates])
+    weight = torch.tensor([float(value) for value in weights], dtype=torch.float32).reshape(-1, *[1] * updates[0].dim())
+    elected = torch.sign((weight * stacked).sum(0))
+    agrees = (torch.sign(stacked) == elected) & (stacked != 0)
+    numerator = (weight * stacked * agrees).sum(0)
+    denominator = (weight * agrees).sum(0)
+    return torch.where(denominator > 0, numerator / denominator.clamp_min(1e-12), torch.zeros_like(numerator))
+
+
+def combiner(aggregation: str, clip_ratio: float) -> Combine | None:
+    """How a reducer merges the updates of its slice; None for the plain mean (hivemind's own sum)."""
+    if aggregation == "clipped_mean":
+        return functools.partial(clipped_mean, clip_ratio=clip_ratio)
+    if aggregation == "ties":
+        return ties_merge
+    return None
+
+
+class UpdateContributions:
+    """Stands in for hivemind's running sum of one part: it keeps every sender's contribution as an
+    update against the reference and merges them with ``combine`` when hivemind divides by the
+    total weight.
 
     hivemind 1.1's ``TensorPartReducer`` only calls ``accumulator.add_(part, alpha=weight)`` per
     sender and ``accumulator.div_(denominator)`` once all have sent; this object implements exactly
     that protocol (pinned in pyproject.toml, checked by tests/test_aggregation.py).
     """
 
-    def __init__(self, reference: torch.Tensor, clip_ratio: float):
-        self.reference, self.clip_ratio = reference, clip_ratio
+    def __init__(self, reference: torch.Tensor, combine: Combine):
+        self.reference, self.combine = reference, combine
         self.updates: list[torch.Tensor] = []
         self.weights: list[float] = []
 
-    def add_(self, tensor_part: torch.Tensor, alpha: float = 1.0) -> ClippedContributions:
+    def add_(self, tensor_part: torch.Tensor, alpha: float = 1.0) -> UpdateContributions:
         self.updates.append(tensor_part.float() - self.reference.float())
         self.weights.append(float(alpha))
         return self
 
     def div_(self, denominator: float) -> torch.Tensor:
-        del denominator  # the clipped mean normalises by its own (capped) weights
-        result = self.reference.float() + clipped_mean(self.updates, self.weights, self.clip_ratio)
+        del denominator  # the merge normalises by its own weights
+        result = self.reference.float() + self.combine(self.updates, self.weights)
         return result.to(self.reference.dtype)
 
 
-class ClippedMeanReducer(TensorPartReducer):
-    """A ``TensorPartReducer`` whose per-part sum is a :class:`ClippedContributions`."""
+class ReferenceReducer(TensorPartReducer):
+    """A ``TensorPartReducer`` whose per-part sum is an :class:`UpdateContributions` with ``combine``."""
 
-    def __init__(self, part_shapes, num_senders: int, reference_parts: Sequence[torch.Tensor], clip_ratio: float):
-        self.reference_parts, self.clip_ratio = list(reference_parts), clip_ratio
+    def __init__(self, part_shapes, num_senders: int, reference_parts: Sequence[torch.Tensor], combine: Combine):
+        self.reference_parts, self.combine = list(reference_parts), combine
         super().__init__(part_shapes, num_senders)
         if [tuple(part.shape) for part in self.reference_parts] != [tuple(shape) for shape in part_shapes]:
             self.finalize()
@@ -87,7 +139,14 @@ class ClippedMeanReducer(TensorPartReducer):
         super().reset_accumulators()
         if not self.finished.is_set() and self.current_part_index < len(self.reference_parts):
             reference = self.reference_parts[self.current_part_index]
-            self.accumulator = ClippedContributions(reference, self.clip_ratio)
+            self.accumulator = UpdateContributions(reference, self.combine)
+
+
+class ClippedMeanReducer(ReferenceReducer):
+    """The reducer of ``clipped_mean``."""
+
+    def __init__(self, part_shapes, num_senders: int, reference_parts: Sequence[torch.Tensor], clip_ratio: float):
+        super().__init__(part_shapes, num_senders, reference_parts, combiner("clipped_mean", clip_ratio))
 
 
 def reference_parts(

@@ -10,7 +10,14 @@ from hivemind.averaging.partition import TensorPartContainer, TensorPartReducer
 from test_peer import pre_fusion, round_dir
 from transformers import AutoModel
 
-from coldfusion_p2p.aggregation import ClippedMeanReducer, clipped_mean, reference_parts
+from coldfusion_p2p.aggregation import (
+    ClippedMeanReducer,
+    ReferenceReducer,
+    clipped_mean,
+    reference_parts,
+    ties_merge,
+    trim_update,
+)
 from coldfusion_p2p.checkpoints import load_body_state
 
 
@@ -75,6 +82,51 @@ def test_the_clipped_reducer_runs_on_hiveminds_protocol_and_matches_the_pure_rul
         weighted = sum(w * sender[index] for w, sender in zip(weights, senders, strict=True)) / sum(weights)
         assert torch.allclose(plain[index], weighted, atol=1e-5)
         assert (clipped[index] - base).abs().max() < 5 < (plain[index] - base).abs().max()
+
+
+def test_trim_keeps_the_largest_magnitudes_only():
+    update = torch.tensor([0.1, -3.0, 0.5, 2.0, -0.2, 0.0, 1.0, -0.05, 0.3, 4.0])
+    assert torch.equal(trim_update(update, 0.3), torch.tensor([0, -3.0, 0, 2.0, 0, 0, 0, 0, 0, 4.0]))
+    assert torch.equal(trim_update(update, 1.0), update)
+    assert int((trim_update(update, 0.01) != 0).sum()) == 1  # at least one entry survives
+    assert trim_update(update.reshape(2, 5), 0.3).shape == (2, 5)
+
+
+def test_ties_elects_a_sign_and_averages_only_the_agreeing_updates():
+    updates = [
+        torch.tensor([1.0, -2.0, 0.0, 3.0]),
+        torch.tensor([3.0, 1.0, 0.0, -1.0]),
+        torch.tensor([-1.0, 0.0, 0.0, -1.0]),
+    ]
+    merged = ties_merge(updates, [1.0, 1.0, 1.0])
+    # coordinate 0: sum +3 -> mean of 1 and 3; 1: sum -1 -> only -2; 2: nobody; 3: sum +1 -> only 3
+    assert torch.allclose(merged, torch.tensor([2.0, -2.0, 0.0, 3.0]))
+    weighted = ties_merge(updates, [1.0, 5.0, 1.0])  # the heavy member's signs win
+    assert torch.allclose(weighted, torch.tensor([(1 + 15) / 6, 1.0, 0.0, -6.0 / 6]))
+    assert torch.allclose(ties_merge([updates[0]], [2.0]), updates[0])
+
+
+def test_the_ties_reducer_on_hiveminds_protocol_equals_ties_on_whole_tensors():
+    """Parts are cut anywhere; elect and disjoint mean are per coordinate, so the result is the same."""
+    reference = [torch.linspace(-1, 1, 300), torch.ones(200)]
+    shapes = [part.shape for part in reference]
+    updates = [
+        [
+            trim_update(torch.randn(part.shape, generator=torch.Generator().manual_seed(7 * s + i)), 0.3)
+            for i, part in enumerate(reference)
+        ]
+        for s in range(3)
+    ]
+    senders = [[base + update for base, update in zip(reference, sender, strict=True)] for sender in updates]
+    weights = [1.0, 2.0, 1.0]
+
+    async def run():  # the reducer's futures belong to the loop it is made in
+        return await reduce_all(ReferenceReducer(shapes, 3, reference, ties_merge), senders, weights)
+
+    merged = asyncio.run(run())
+    for index, base in enumerate(reference):
+        expected = base + ties_merge([sender[index] for sender in updates], weights)
+        assert torch.allclose(merged[index], expected, atol=1e-6)
 
 
 def test_reference_parts_are_split_exactly_like_the_averaged_tensors():
