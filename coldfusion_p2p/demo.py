@@ -28,6 +28,7 @@ from coldfusion_p2p.cli import as_flags
 from coldfusion_p2p.config import DemoConfig, EvaluateConfig, NetworkConfig, build_config
 from coldfusion_p2p.errors import UserError
 from coldfusion_p2p.model import resolve_model_name
+from coldfusion_p2p.report import CLAIM_SEEDS
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 QUICK = {  # --quick: the whole idea in about three minutes on two cores
@@ -245,6 +246,8 @@ class Demo:
 
         started = time.perf_counter()
         settings = self.settings
+        # finetuning to convergence (evaluate's default), or the fixed budget with --quick or --finetune-steps
+        fixed_budget = settings["quick"] or self.config.demo.finetune_steps is not None
         config = build_config(
             {
                 "base": self.bases(),
@@ -252,6 +255,7 @@ class Demo:
                 "unseen": [str(folder) for folder in self.unseen],
                 "seeds": settings["seeds"],
                 "finetune_steps": settings["finetune_steps"],
+                **({"finetune_epochs": 0} if fixed_budget else {}),
                 "probe_steps": settings["probe_steps"],
                 "max_train_examples": settings["max_train_examples"],
                 "max_test_examples": settings["max_test_examples"],
@@ -390,6 +394,10 @@ def accuracy_curve(summary: list[dict[str, Any]], last_round: int | None) -> lis
                 "mean": row["mean"],
                 "std": row["std"],
                 "delta_vs_original": row["delta_vs_first_base"],
+                "ci_low": row.get("ci_low"),
+                "ci_high": row.get("ci_high"),
+                "verdict": row.get("verdict"),
+                "majority_rate": row.get("majority_rate"),
                 "n_seeds": row["n"],
             }
         )
@@ -425,13 +433,14 @@ def curve_lines(points: list[dict[str, Any]], last_round: int | None) -> list[st
 
 
 def plot_curve(points: list[dict[str, Any]], path: Path) -> None:
-    """Accuracy over rounds, one subplot per method, one line per split; round 0 is the original."""
+    """Per method: accuracy over rounds (one line per split; round 0 is the original) and its delta with a 95% CI."""
     from matplotlib.figure import Figure
 
     methods = list(dict.fromkeys(point["method"] for point in points))
-    figure = Figure(figsize=(5 * max(1, len(methods)), 4))
+    figure = Figure(figsize=(5 * max(1, len(methods)), 7.5))
     for index, method in enumerate(methods):
-        axis = figure.add_subplot(1, len(methods), index + 1)
+        axis = figure.add_subplot(2, len(methods), index + 1)
+        delta_axis = figure.add_subplot(2, len(methods), len(methods) + index + 1)
         for split, marker in (("seen", "o"), ("unseen", "s")):
             line = [point for point in points if point["method"] == method and point["split"] == split]
             if not line:
@@ -444,18 +453,47 @@ def plot_curve(points: list[dict[str, Any]], path: Path) -> None:
                 capsize=3,
                 label=f"{split} datasets",
             )
-            axis.axhline(100 * line[0]["mean"], linestyle=":", alpha=0.4, color=bars.lines[0].get_color())
-        axis.set_title(method.replace("_", " "))
+            color = bars.lines[0].get_color()
+            axis.axhline(100 * line[0]["mean"], linestyle=":", alpha=0.4, color=color)
+            if line[0].get("majority_rate") is not None:
+                axis.axhline(100 * line[0]["majority_rate"], linestyle="--", alpha=0.6, linewidth=1, color=color)
+            rated = [p for p in line if p["round"] > 0 and p.get("ci_low") is not None]
+            if rated:
+                deltas = [100 * (p["delta_vs_original"] or 0.0) for p in rated]
+                delta_axis.errorbar(
+                    [p["round"] for p in rated],
+                    deltas,
+                    yerr=[
+                        [d - 100 * p["ci_low"] for d, p in zip(deltas, rated, strict=True)],
+                        [100 * p["ci_high"] - d for d, p in zip(deltas, rated, strict=True)],
+                    ],
+                    marker=marker,
+                    capsize=3,
+                    color=color,
+                    label=f"{split} datasets",
+                )
+        axis.set_title(f"{method.replace('_', ' ')} (dashed: majority class)")
         axis.set_xlabel("fusion rounds (0 = original base)")
         axis.set_ylabel("test accuracy (%)")
         axis.grid(alpha=0.3)
         axis.legend()
+        delta_axis.axhline(0, color="black", linewidth=0.8)
+        delta_axis.set_title("Δ vs the original, 95% paired bootstrap CI")
+        delta_axis.set_xlabel("fusion rounds")
+        delta_axis.set_ylabel("Δ accuracy (points)")
+        delta_axis.grid(alpha=0.3)
+        if delta_axis.get_legend_handles_labels()[0]:
+            delta_axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
 
 def verdict_lines(summary: list[dict[str, Any]]) -> list[str]:
-    """Plain statements of how the fused base compares with the original, per method and split."""
+    """Plain statements of how the fused base compares with the original, per method and split.
+
+    The verdict is the 95% paired bootstrap interval's: "better" or "worse" only when it
+    excludes 0. Runs at or below the majority-class rate and a single seed are called out.
+    """
     lines = []
     for row in summary:
         if not str(row.get("dataset", "")).startswith("ALL") or row.get("base_label") != "fused":
@@ -465,10 +503,26 @@ def verdict_lines(summary: list[dict[str, Any]]) -> list[str]:
             continue
         split = "unseen" if "unseen" in row["dataset"] else "seen"
         method = row["method"].replace("_", " ")
-        direction = "better" if delta > 0 else "worse" if delta < 0 else "no different"
+        if row.get("ci_low") is None or row.get("ci_high") is None:
+            evidence = "no confidence interval"
+        else:
+            evidence = f"95% CI [{100 * row['ci_low']:+.1f}, {100 * row['ci_high']:+.1f}]: {row['verdict']}"
         lines.append(
             f"{method} on {split} datasets: fused base {100 * row['mean']:.1f}% vs original "
-            f"{100 * (row['mean'] - delta):.1f}% ({100 * delta:+.1f} points: {direction})"
+            f"{100 * (row['mean'] - delta):.1f}% ({100 * delta:+.1f} points, {evidence})"
+        )
+    flagged = [
+        f"{row['base_label']} {row['method'].replace('_', ' ')} on {row['dataset']}"
+        for row in summary
+        if row.get("at_majority") and not row.get("aggregate")
+    ]
+    if flagged:
+        lines.append(f"at or below the majority-class rate (no visible learning) on: {', '.join(flagged)}")
+    seeds = max((row.get("n", 0) for row in summary), default=0)
+    if lines and 0 < seeds < CLAIM_SEEDS:
+        lines.append(
+            f"{seeds} seed{'s' if seeds != 1 else ''}: the intervals cover test examples only; "
+            f"rerun with --seeds {CLAIM_SEEDS} or more before claiming a difference"
         )
     return lines
 
@@ -554,35 +608,55 @@ def markdown_summary(settings, timings, rows, summary, verdicts, curve) -> str:
         "",
         "## Evaluation (test accuracy, mean ± std over seeds)",
         "",
-        "| dataset | split | method | base | mean | std | delta vs original |",
-        "|---|---|---|---|---|---|---|",
+        "Delta vs the original with its 95% paired bootstrap CI over seeds and test examples; "
+        "**at majority**: runs at or below the test set's majority-class rate (no visible learning). "
+        f"Claims need {CLAIM_SEEDS} or more seeds.",
+        "",
+        "| dataset | split | method | base | mean | std | majority class | delta vs original | 95% CI | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in summary:
         delta = row.get("delta_vs_first_base")
+        mean = _pct(row["mean"]) + _at_majority(row)
         lines.append(
             f"| {row['dataset']} | {'seen' if row['seen'] else 'unseen'} | {row['method']} | "
-            f"{row['base_label']} | {_pct(row['mean'])} | {_pct(row.get('std'))} | "
-            f"{'-' if delta is None else f'{100 * delta:+.1f}'} |"
+            f"{row['base_label']} | {mean} | {_pct(row.get('std'))} | {_pct(row.get('majority_rate'))} | "
+            f"{'-' if delta is None else f'{100 * delta:+.1f}'} | {_ci(row)} | {row.get('verdict') or '-'} |"
         )
     lines += ["", "![evaluation](evaluation.png)", ""]
     lines += [
         "## Accuracy over rounds (mean test accuracy per split; round 0 is the original base)",
         "",
-        "| split | method | round | mean | std | delta vs original |",
-        "|---|---|---|---|---|---|",
+        "| split | method | round | mean | std | delta vs original | 95% CI | verdict |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for point in curve:
         delta = point["delta_vs_original"]
         lines.append(
             f"| {point['split']} | {point['method']} | {point['round']} | {_pct(point['mean'])} | "
-            f"{_pct(point['std'])} | {'-' if delta is None else f'{100 * delta:+.1f}'} |"
+            f"{_pct(point['std'])} | {'-' if delta is None else f'{100 * delta:+.1f}'} | {_ci(point)} | "
+            f"{point.get('verdict') or '-'} |"
         )
     lines += ["", "![accuracy over rounds](curve.png)", ""]
     return "\n".join(lines)
 
 
 def _pct(value) -> str:
-    return "-" if value is None else f"{100 * value:.1f}%"
+    return "-" if value is None or value != value else f"{100 * value:.1f}%"  # None or NaN
+
+
+def _at_majority(row: dict[str, Any]) -> str:
+    flagged = row.get("at_majority_runs", int(bool(row.get("at_majority"))))
+    runs = row.get("n", 1) * row.get("datasets", 1)
+    if not flagged:
+        return ""
+    return " **at majority**" if flagged >= runs else f" ({flagged}/{runs} runs **at majority**)"
+
+
+def _ci(row: dict[str, Any]) -> str:
+    if row.get("ci_low") is None or row.get("ci_high") is None:
+        return "-"
+    return f"[{100 * row['ci_low']:+.1f}, {100 * row['ci_high']:+.1f}]"
 
 
 def run_demo(config: DemoConfig, console: Console | None = None) -> Path:

@@ -22,6 +22,10 @@ def test_verdicts_state_the_comparison_plainly():
             "base_label": "fused",
             "mean": 0.60,
             "delta_vs_first_base": 0.05,
+            "ci_low": 0.012,
+            "ci_high": 0.089,
+            "verdict": "better",
+            "n": 3,
         },
         {
             "dataset": "ALL seen",
@@ -30,6 +34,10 @@ def test_verdicts_state_the_comparison_plainly():
             "base_label": "fused",
             "mean": 0.70,
             "delta_vs_first_base": -0.01,
+            "ci_low": -0.04,
+            "ci_high": 0.021,
+            "verdict": "no detectable difference",
+            "n": 3,
         },
         {
             "dataset": "ALL seen",
@@ -42,9 +50,17 @@ def test_verdicts_state_the_comparison_plainly():
     ]
     lines = verdict_lines(summary)
     assert lines == [
-        "linear probe on unseen datasets: fused base 60.0% vs original 55.0% (+5.0 points: better)",
-        "finetune on seen datasets: fused base 70.0% vs original 71.0% (-1.0 points: worse)",
+        "linear probe on unseen datasets: fused base 60.0% vs original 55.0% "
+        "(+5.0 points, 95% CI [+1.2, +8.9]: better)",
+        "finetune on seen datasets: fused base 70.0% vs original 71.0% "
+        "(-1.0 points, 95% CI [-4.0, +2.1]: no detectable difference)",
     ]
+    one_seed = [{**row, "n": 1} for row in summary] + [
+        {"dataset": "bbc", "method": "finetune", "base_label": "fused", "at_majority": True, "aggregate": False}
+    ]
+    extra = verdict_lines(one_seed)[2:]
+    assert extra[0] == "at or below the majority-class rate (no visible learning) on: fused finetune on bbc"
+    assert "--seeds 3" in extra[1]
 
 
 def test_curve_rounds_are_every_kth_and_always_the_last():

@@ -38,7 +38,7 @@ from coldfusion_p2p.evaluate import (
 from coldfusion_p2p.head_fit import FrozenBody
 from coldfusion_p2p.model import body_parameters, load_classifier, load_tokenizer, split_body_head
 from coldfusion_p2p.statistics import decode_correct, encode_correct
-from coldfusion_p2p.trainer import LocalTrainer, encode_split
+from coldfusion_p2p.trainer import EvalStats, LocalTrainer, encode_split
 
 from test_cli import assert_one_line_error
 from tiny_models import ARCHITECTURES, build_tiny_model, sentiment_rows, write_csv
@@ -192,6 +192,19 @@ def test_convergent_finetuning_stops_early_and_keeps_the_best_state(tiny_model_d
     assert validated.mean() == pytest.approx(run.best_accuracy)
 
 
+def test_early_stopping_counts_patience_and_breaks_accuracy_ties_by_loss(monkeypatch, tiny_model_dir, sentiment_task):
+    scripted = iter([(0.5, 0.70), (0.5, 0.60), (0.5, 0.65), (0.5, 0.66), (0.9, 0.1)])  # (accuracy, loss) per epoch
+    monkeypatch.setattr(LocalTrainer, "evaluate", lambda self: EvalStats(*next(scripted), examples=1))
+    model = load_classifier(str(tiny_model_dir), sentiment_task.label_names, seed=0)
+    fit, validation = carve_validation(sentiment_task.train, 0.25, seed=0)
+    run = finetune_to_convergence(
+        model, load_tokenizer(str(tiny_model_dir)), fit, validation, seed=0, lr=1e-3, epochs=5, patience=2, **FAST
+    )
+    per_epoch = -(-len(fit) // 16)
+    assert run.best_step == 2 * per_epoch  # the tie at 0.5 goes to the lower loss
+    assert run.steps == 4 * per_epoch and len(run.history) == 4  # two validations without a better one: stop
+
+
 def test_convergent_finetune_run_validates_on_the_train_split_only(tiny_model_dir, sentiment_task):
     run = finetune_run(str(tiny_model_dir), sentiment_task, seed=0, lr=1e-2, epochs=6, patience=3, eval_every=5, **FAST)
     assert [step % 5 for step, _ in run.history[:-1]] == [0] * (len(run.history) - 1)
@@ -332,6 +345,19 @@ def test_summarize_gives_paired_intervals_verdicts_and_majority_flags():
     unpaired = [EvalResult(**{**vars(result), "correct": ""}) for result in hand_made_results()]
     row = next(r for r in summarize(unpaired) if (r["dataset"], r["base_label"]) == ("a", "fused"))
     assert row["delta_vs_first_base"] == pytest.approx(0.2) and row["ci_low"] is None and row["verdict"] is None
+
+
+def test_summarize_pairs_runs_of_the_same_seed():
+    accuracies = {"original": [0.4, 0.6], "fused": [0.5, 0.7]}  # +0.10 with either seed, each a superset
+
+    def run(base, seed, accuracy):
+        correct = encode_correct([index < round(100 * accuracy) for index in range(100)])
+        return EvalResult(base, base, "d", False, "finetune", seed, accuracy, 1.0, 0.5, correct=correct)
+
+    results = [run(base, seed, value) for base, values in accuracies.items() for seed, value in enumerate(values)]
+    row = next(row for row in summarize(results) if row["base_label"] == "fused" and not row["aggregate"])
+    assert row["delta_vs_first_base"] == pytest.approx(0.1) and row["verdict"] == "better"
+    assert 0.03 < row["ci_low"] < 0.1 < row["ci_high"] < 0.17  # unpaired seeds (-0.1 and +0.3) would span 0
 
 
 def test_results_table_separates_seen_and_unseen():
