@@ -403,10 +403,11 @@ class BodyFusion:
             finite = all(torch.isfinite(tensor).all() for tensor in buffers)
             fused_norm = update_norm(buffers, start) if finite else float("nan")
         member_norms = [float(member.get("update_norm", float("nan"))) for member in members.values()]
+        honest_bounds = [float(member.get("update_bound", float("nan"))) for member in members.values()]
         start_gaps = [sketch_distance(own_sketch, member.get("start_sketch")) for member in members.values()]
         if not finite:
             return self._rejected(started, round_number, nonce, "the average has NaN or Inf values")
-        if poisoned_update(fused_norm, own_norm, member_norms, config.max_update_ratio, start_gaps):
+        if poisoned_update(fused_norm, own_norm, member_norms, config.max_update_ratio, start_gaps, honest_bounds):
             reason = f"the fused update is {fused_norm / max(own_norm, 1e-12):.0f}x ours: a poisoned contribution?"
             return self._rejected(started, round_number, nonce, reason)
         self._publish_verdict(round_number, nonce, ok=True)

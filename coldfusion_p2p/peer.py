@@ -383,7 +383,16 @@ class Peer:
                 round_number=round_number,
                 scheduled_time=scheduled_time,
                 weight=policy.fusion_weight(self.config.fusion.weighting, len(self.data.train)),
-                info={"round": round_number, "dataset": self.data.name, "examples": len(self.data.train)},
+                info={
+                    "round": round_number,
+                    "dataset": self.data.name,
+                    "examples": len(self.data.train),
+                    "update_bound": policy.adam_update_bound(
+                        self.config.training.lr,
+                        self.config.training.local_steps,
+                        sum(tensor.numel() for tensor in self.body),
+                    ),
+                },
             )
         return ("fused" if result.fused else "rejected" if result.rejected else "failed"), result
 

@@ -205,6 +205,7 @@ def poisoned_update(
     member_norms: Iterable[float],
     max_ratio: float,
     start_gaps: Iterable[float] = (),
+    honest_bounds: Iterable[float] = (),
 ) -> bool:
     """Whether the fused update is implausibly large: more than ``max_ratio`` times the typical update.
 
@@ -217,10 +218,26 @@ def poisoned_update(
     take for poison or fusion would never resume. ``start_gaps`` are the estimated distances from
     our start to each member's; their median (robust to one liar in groups of three or more)
     widens "typical".
+
+    A group whose members have converged makes tiny updates (their losses, hence gradients, are
+    near zero), and a newcomer's honest first update is then a hundred times theirs. So an update
+    is never called poisoned while the fused update is no longer than one honest round could make:
+    ``honest_bounds`` are the members' ``adam_update_bound`` (their median, robust to one liar).
     """
     norms = sorted(norm for norm in member_norms if norm == norm and norm >= 0)
     median = norms[len(norms) // 2] if norms else 0.0
     gaps = sorted(gap for gap in start_gaps if gap == gap and gap >= 0)
     start_gap = gaps[len(gaps) // 2] if gaps else 0.0
     reference = max(own_norm, median, 1e-12) + start_gap
-    return not fused_norm <= max_ratio * reference  # NaN counts as poisoned
+    bounds = sorted(bound for bound in honest_bounds if bound == bound and bound >= 0)
+    honest_limit = bounds[len(bounds) // 2] if bounds else 0.0
+    return not fused_norm <= max(max_ratio * reference, honest_limit)  # NaN counts as poisoned
+
+
+def adam_update_bound(lr: float, steps: int, num_values: int) -> float:
+    """How far ``steps`` AdamW steps at peak rate ``lr`` can honestly move ``num_values`` weights.
+
+    Adam's step per weight is ``lr * m / sqrt(v)``, about ``lr`` at most once its moments settle:
+    ``lr * steps * sqrt(num_values)`` bounds a round's update norm whatever the gradients' scale.
+    """
+    return lr * steps * num_values**0.5

@@ -101,6 +101,16 @@ def test_a_fused_update_far_larger_than_the_typical_one_is_poisoned():
     assert policy.poisoned_update(25.0, own_norm=1.0, member_norms=[float("nan")] * 4, max_ratio=10)
 
 
+def test_a_newcomer_among_converged_peers_is_not_poison_but_a_round_no_honest_peer_could_make_is():
+    """Converged peers update by 0.01; a newcomer's honest update of 3 averages to 1 (100x theirs)."""
+    converged = [0.01, 0.01, 3.0]
+    assert policy.poisoned_update(1.0, own_norm=0.01, member_norms=converged, max_ratio=10)  # without the bound
+    bound = policy.adam_update_bound(lr=1e-3, steps=20, num_values=100_000)  # 6.3
+    assert not policy.poisoned_update(1.0, 0.01, converged, 10, honest_bounds=[bound] * 3)
+    assert policy.poisoned_update(50.0, 0.01, converged, 10, honest_bounds=[bound] * 3)  # beyond any honest round
+    assert policy.poisoned_update(50.0, 0.01, converged, 10, honest_bounds=[bound, bound, 1e9])  # one liar
+
+
 def test_a_group_mixing_rounds_or_aggregation_rules_does_not_fuse():
     same = {"a": {"round": 3, "aggregation": "clipped_mean"}, "b": {"round": 3, "aggregation": "clipped_mean"}}
     assert policy.group_mismatch(same, 3, "clipped_mean") is None
