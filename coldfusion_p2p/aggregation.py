@@ -60,6 +60,20 @@ def clipped_mean(updates: Sequence[torch.Tensor], weights: Sequence[float], clip
     return total / max(denominator, 1e-12)
 
 
+ROUNDING_FLOOR = 1e-6  # relative to the weight: differences this small are float32 rounding, not updates
+
+
+def update_against(tensor: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``tensor - reference``, with differences at float32 rounding level set to exactly zero.
+
+    Members' copies of the last fused base agree only up to rounding (the all-reduce applies
+    ``local + (average - local)``), so an entry a member left untouched still differs from the
+    reducer's reference by ~1e-7 of the weight. TIES must not count such noise as a vote.
+    """
+    update = tensor.float() - reference.float()
+    return torch.where(update.abs() <= ROUNDING_FLOOR * reference.float().abs(), torch.zeros_like(update), update)
+
+
 def trim_update(update: torch.Tensor, density: float) -> torch.Tensor:
     """TIES' trim: keep the ``density`` fraction of largest-magnitude entries of ``update``, zero the rest.
 
@@ -71,6 +85,20 @@ def trim_update(update: torch.Tensor, density: float) -> torch.Tensor:
         return update.clone()
     threshold = torch.kthvalue(flat.abs(), flat.numel() - keep + 1).values
     return torch.where(update.abs() >= threshold.to(update.dtype), update, torch.zeros_like(update))
+
+
+def contribution(
+    body: Sequence[torch.Tensor], start: Sequence[torch.Tensor], aggregation: str, ties_density: float
+) -> list[torch.Tensor]:
+    """What a member sends: its body, or with ``ties`` the start plus its trimmed update (TIES' trim
+    is each member's own business: it only concerns its own values)."""
+    if aggregation != "ties":
+        return list(body)
+    with torch.no_grad():
+        return [
+            origin + trim_update(tensor.detach() - origin, ties_density)
+            for tensor, origin in zip(body, start, strict=True)
+        ]
 
 
 def ties_merge(updates: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
@@ -115,7 +143,7 @@ class UpdateContributions:
         self.weights: list[float] = []
 
     def add_(self, tensor_part: torch.Tensor, alpha: float = 1.0) -> UpdateContributions:
-        self.updates.append(tensor_part.float() - self.reference.float())
+        self.updates.append(update_against(tensor_part, self.reference))
         self.weights.append(float(alpha))
         return self
 

@@ -70,8 +70,9 @@ class FusionConfig:
     state_download_timeout: float = 120.0  # bound on downloading the fused base from the swarm
     max_update_ratio: float = 10.0  # reject a fused update this many times the typical one (poisoning guard)
     compression: Literal["none", "fp16"] = "none"  # fp16 halves the bytes each peer sends per round
-    aggregation: Literal["mean", "clipped_mean"] = "mean"  # clipped_mean: robust to a minority of bad updates
+    aggregation: Literal["mean", "clipped_mean", "ties"] = "mean"  # clipped_mean: robust to bad updates; ties: TIES
     clip_ratio: float = 2.0  # clipped_mean caps each update's norm at this many times the group's median
+    ties_density: float = 0.2  # ties keeps this fraction of each member's largest update entries per tensor
     outer_lr: float = 1.0  # outer optimizer (DiLoCo): step size on the averaged update (1 and no momentum: the mean)
     outer_momentum: float = 0.0  # Nesterov momentum of the outer optimizer; its state travels with the fused base
     anchor: float = 0.0  # WiSE-FT: move the fused base this fraction back toward the original weights
@@ -581,11 +582,14 @@ def _validate_peer(config: PeerConfig) -> None:
         "refit_lr": training.refit_lr,
         "refit_examples": training.refit_examples,
         "outer_lr": fusion.outer_lr,
+        "ties_density": fusion.ties_density,
     }
     _require_positive(positive)
     for name, value in (("l2sp", training.l2sp), ("refit_steps", training.refit_steps)):
         if value < 0:
             raise UserError(f"{name} must not be negative, got {value}", f"pass --{name.replace('_', '-')} 0 or more")
+    if fusion.ties_density > 1.0:
+        raise UserError(f"ties_density must be at most 1, got {fusion.ties_density}", "pass e.g. --ties-density 0.2")
     for name, value in (("outer_momentum", fusion.outer_momentum), ("anchor", fusion.anchor)):
         if not 0.0 <= value < 1.0:
             raise UserError(f"{name} must be in [0, 1), got {value}", f"pass e.g. --{name.replace('_', '-')} 0.5")

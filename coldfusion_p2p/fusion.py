@@ -48,7 +48,7 @@ from hivemind.proto import averaging_pb2
 from hivemind.utils import get_dht_time
 from hivemind.utils.asyncio import as_aiter, azip
 
-from coldfusion_p2p.aggregation import ClippedMeanReducer, reference_parts
+from coldfusion_p2p.aggregation import ReferenceReducer, combiner, contribution, reference_parts
 from coldfusion_p2p.auth import InviteGate
 from coldfusion_p2p.config import FusionConfig
 from coldfusion_p2p.model import copy_into
@@ -162,14 +162,12 @@ class FusedBodyAverager(DecentralizedAverager):
             _detached_copy(body),
             [],
         )
-        # clipped_mean reduces against the last fused base; shared memory, so the averager's own
-        # process (forked below) sees every publish_fused of this one
+        # clipped_mean and ties reduce against the last fused base; shared memory, so the averager's
+        # own process (forked below) sees every publish_fused of this one
+        self._combine = combiner(config.aggregation, config.clip_ratio)
         self._reference = (
-            [tensor.share_memory_() for tensor in _detached_copy(body)]
-            if config.aggregation == "clipped_mean"
-            else None
+            [tensor.share_memory_() for tensor in _detached_copy(body)] if self._combine is not None else None
         )
-        self._clip_ratio = config.clip_ratio
         self.bytes_sent = mp.Value(ctypes.c_uint64, 0)  # every serialized part this peer sends
         count_reducer_bytes(self.bytes_sent)  # before the averager process forks
         super().__init__(
@@ -281,12 +279,12 @@ class FusedBodyAverager(DecentralizedAverager):
             ordered_peer_ids=group_info.peer_ids,
             **kwargs,
         )
-        if self._reference is not None:  # reduce our slice with the clipped mean instead of the mean
-            runner.tensor_part_reducer = ClippedMeanReducer(
+        if self._reference is not None:  # reduce our slice with the run's rule instead of the mean
+            runner.tensor_part_reducer = ReferenceReducer(
                 tuple(part.shape for part in runner.parts_for_local_averaging),
                 len(runner.sender_peer_ids),
                 reference_parts(self._reference, runner.tensor_part_container, group_info.peer_ids.index(self.peer_id)),
-                self._clip_ratio,
+                self._combine,
             )
         self._running_groups[group_id].set_result(runner)
         deltas = []
@@ -378,7 +376,7 @@ class BodyFusion:
         )
         self.averager.set_group_bits(group_bits(round_number))
         with self.averager.get_tensors() as buffers:
-            copy_into(list(buffers), list(body))
+            copy_into(list(buffers), contribution(body, start, config.aggregation, config.ties_density))
         control = self.averager.step(
             gather=info,
             weight=weight,

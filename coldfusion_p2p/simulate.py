@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from safetensors.torch import save_file
 
+from coldfusion_p2p.aggregation import contribution, ties_merge, update_against
 from coldfusion_p2p.bundled import resolve_contributors
 from coldfusion_p2p.checkpoints import (
     atomic_folder,
@@ -103,11 +104,19 @@ class Simulation:
 
     def _common_rule(self) -> FusionRule:
         rules = {FusionRule.from_config(learner.config.fusion) for learner in self.learners}
-        weightings = {learner.config.fusion.weighting for learner in self.learners}
+        weightings = {
+            (learner.config.fusion.weighting, learner.config.fusion.aggregation, learner.config.fusion.ties_density)
+            for learner in self.learners
+        }
+        if "clipped_mean" in {learner.config.fusion.aggregation for learner in self.learners}:
+            raise UserError(
+                "the simulator does not run clipped_mean (its clipping depends on how a swarm slices the body)",
+                "simulate with aggregation mean or ties",
+            )
         if len(rules) > 1 or len(weightings) > 1:
             raise UserError(
                 "the contributors' configs use different fusion rules or weightings (a swarm would not fuse them)",
-                "give every contributor the same outer_lr, outer_momentum, anchor and weighting (--peer-settings)",
+                "give every contributor the same outer_lr, outer_momentum, anchor, weighting and aggregation",
             )
         return rules.pop()
 
@@ -154,13 +163,21 @@ class Simulation:
         return [fusion_weight(weighting, len(learner.data.train)) for learner in self.learners]
 
     def fuse(self, bodies: list[list[torch.Tensor]], weights: list[float]) -> None:
-        """The all-reduce's weighted mean of ``bodies``, then the fusion rule: the new base and state."""
-        total = float(sum(weights))
+        """What the all-reduce computes from ``bodies`` (weighted mean, or TIES), then the fusion rule."""
+        fusion = self.learners[0].config.fusion
         with torch.no_grad():
-            average = [
-                sum(weight * body[index].detach().float() for weight, body in zip(weights, bodies, strict=True)) / total
-                for index in range(len(self.base))
-            ]
+            sent = [contribution(body, self.base, fusion.aggregation, fusion.ties_density) for body in bodies]
+            if fusion.aggregation == "ties":
+                average = [
+                    start.float() + ties_merge([update_against(body[index], start) for body in sent], weights)
+                    for index, start in enumerate(self.base)
+                ]
+            else:
+                total = float(sum(weights))
+                average = [
+                    sum(weight * body[index].float() for weight, body in zip(weights, sent, strict=True)) / total
+                    for index in range(len(self.base))
+                ]
         step = self.rule.apply(self.base, average, self.original, self.state)
         self.base = [tensor.to(original.dtype) for tensor, original in zip(step.base, self.original, strict=True)]
         if self.rule.has_state:

@@ -24,10 +24,24 @@ def peer_settings(dataset, model, seed: int, **overrides) -> dict:
     return {**FAST_SWARM_SETTINGS, "dataset": str(dataset), "model": str(model), "seed": seed, **overrides}
 
 
+RULES = {
+    "plain mean": {},
+    "ties with the outer optimizer and anchor": {
+        "aggregation": "ties",
+        "ties_density": 0.3,
+        "outer_lr": 0.8,
+        "outer_momentum": 0.5,
+        "anchor": 0.1,
+    },
+}
+
+
 @pytest.mark.swarm
-def test_the_simulator_fuses_the_same_body_as_a_real_swarm(local_swarm, tiny_model_dir, tiny_datasets, tmp_path):
+@pytest.mark.parametrize("rule", list(RULES))
+def test_the_simulator_fuses_the_same_body_as_a_real_swarm(rule, local_swarm, tiny_model_dir, tiny_datasets, tmp_path):
     """Same seeds and settings: every swarm peer's fused body of round 2 equals the simulator's."""
     shared = {"rounds": 2, "min_group_size": 3, "keep_checkpoints": 5, "refit_steps": 20, "local_steps": 4}
+    shared.update(RULES[rule])
     peers = [
         local_swarm.start_peer(f"peer{index}", dataset, tiny_model_dir, seed=index, **shared)
         for index, dataset in enumerate(tiny_datasets)
@@ -54,8 +68,13 @@ def test_the_simulator_fuses_the_same_body_as_a_real_swarm(local_swarm, tiny_mod
         assert info["report"]["outcome"] == "fused" and info["report"]["group_size"] == 3, info["report"]
         fused = load_body_state(peer.output_dir / "rounds" / "round_00002")
         assert set(fused) == set(simulated)
-        for name, tensor in simulated.items():
-            assert torch.allclose(fused[name], tensor, atol=2e-5), (peer.name, name)
+        close = torch.cat([torch.isclose(fused[name], simulated[name], atol=2e-5).reshape(-1) for name in names])
+        if RULES[rule].get("aggregation") == "ties":
+            # TIES' trim and sign election are discontinuous: the members' copies of the last base agree
+            # only up to float rounding, which flips a handful of near-tie values (7 of 21536 seen)
+            assert float(close.float().mean()) >= 0.999, (peer.name, float(close.float().mean()))
+        else:
+            assert bool(close.all()), (peer.name, int((~close).sum()))
     # the re-fitted heads agree too: the simulated contributor's next round would start like the peer's
     simulated_accuracy = {row.peer: row.accuracy_after for row in simulation.rows if row.round == 2}
     for peer in peers:
