@@ -1,0 +1,261 @@
+"""The reproducible quality run: does ColD Fusion's base beat the original, on seen and unseen tasks?
+
+    python benchmarks/quality.py                                  # the default run (~60 min on 2 cores)
+    python benchmarks/quality.py --settings mean anchor ties --methods linear_probe --folds 0 1   # a sweep
+
+For each *fold* (leave-group-out, as the paper's cross-validation over datasets) the bundled
+datasets of that fold are kept unseen and every other bundled dataset is a contributor. For each
+fusion *setting*, the proven-equal simulator (``tests/test_simulate.py``: its fused body equals a
+real swarm's) runs the contributors for ``--rounds`` rounds; then the original base and every
+setting's fused base are evaluated on the fold's unseen datasets with the paper's protocol
+(finetuning to convergence and a linear probe, ``--seeds`` seeds), and summarised with paired
+bootstrap CIs pooled over every fold's unseen datasets. The seen side is each contributor's
+validation accuracy at the last round after fusion and the head re-fit, against its own
+finetuned model before fusion.
+
+Writes ``docs/measurements/quality/<name>/``: ``quality.json`` (every number, settings, command),
+``quality.md`` (the tables), ``unseen.png`` (deltas with CIs) and ``seen.png`` (rounds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from rich.console import Console  # noqa: E402
+
+from coldfusion_p2p.bundled import BUNDLED_PEERS  # noqa: E402
+from coldfusion_p2p.config import EvaluateConfig, build_config  # noqa: E402
+from coldfusion_p2p.evaluate import evaluate_bases  # noqa: E402
+from coldfusion_p2p.model import bundled_model_path  # noqa: E402
+from coldfusion_p2p.report import plot_summary, results_table, summarize  # noqa: E402
+from coldfusion_p2p.simulate import Simulation  # noqa: E402
+
+DATASETS = (
+    "trec_question_type",
+    "tweet_sentiment",
+    "rotten_tomatoes_snippets",
+    "sms_spam",
+    "epistemic_reasoning_nli",
+    "bbc_news_topic",
+    "health_tweet_source",
+    "spam_assassin_email",
+    "vitaminc_fact_verification",
+    "multiemo_product_reviews",
+    "logical_fallacy_detection",
+)
+FOLDS = (  # unseen datasets of each fold; the rest contribute. Each dataset is unseen in at most one fold
+    ("bbc_news_topic", "health_tweet_source", "multiemo_product_reviews"),
+    ("tweet_sentiment", "vitaminc_fact_verification", "logical_fallacy_detection"),
+    ("trec_question_type", "rotten_tomatoes_snippets", "epistemic_reasoning_nli"),
+)
+SETTINGS = {  # name: peer settings applied to every contributor on top of its bundled config
+    "mean": {},
+    "outer": {"outer_lr": 0.7, "outer_momentum": 0.5},
+    "anchor": {"anchor": 0.3},
+    "ties": {"aggregation": "ties", "ties_density": 0.2},
+    "l2sp": {"l2sp": 0.1},
+}
+
+
+def simulate(fold: int, setting: str, arguments, console: Console) -> tuple[Path, list[dict[str, Any]], float]:
+    """One simulated swarm of the fold's contributors; returns its base folder, round rows and seconds."""
+    contributors = [name for name in DATASETS if name not in FOLDS[fold]]
+    peer_settings = {
+        "rounds": arguments.rounds,
+        "local_steps": arguments.local_steps,
+        "lr": arguments.lr,
+        "max_eval_examples": arguments.validation_examples,
+        **SETTINGS[setting],
+    }
+    output = Path(arguments.work_dir) / f"fold{fold}" / setting
+    started = time.perf_counter()
+    simulation = Simulation.from_names(contributors, peer_settings, output)
+    console.print(f"[bold]fold {fold}, {setting}[/]: {len(contributors)} contributors, {arguments.rounds} rounds")
+    simulation.run(arguments.rounds, console)
+    seconds = time.perf_counter() - started
+    simulation.write_report({"fold": fold, "setting": setting, **peer_settings})
+    rows = [{**row.__dict__, "fold": fold, "setting": setting} for row in simulation.rows]
+    return (output / "latest").resolve(), rows, seconds
+
+
+def evaluate(fold: int, bases: dict[str, Path], arguments, console: Console):
+    """The original and each fused base on the fold's unseen datasets (the same seeds and budget)."""
+    config = build_config(
+        {
+            "base": [f"original={bundled_model_path()}", *(f"{name}={path}" for name, path in bases.items())],
+            "unseen": [str(BUNDLED_PEERS / "data" / name) for name in FOLDS[fold]],
+            "seeds": arguments.seeds,
+            "methods": arguments.methods,
+            "max_train_examples": arguments.max_train_examples,
+            "max_test_examples": arguments.max_test_examples,
+            "finetune_epochs": arguments.finetune_epochs,
+            "report_dir": str(Path(arguments.work_dir) / f"fold{fold}" / "evaluation"),
+        },
+        config_type=EvaluateConfig,
+    )
+    return evaluate_bases(config, console=console)
+
+
+def seen_summary(rows: list[dict[str, Any]], rounds: int) -> list[dict[str, Any]]:
+    """Per setting: the contributors' last-round accuracy after fusion and re-fit vs their own models."""
+    summary = []
+    for setting in dict.fromkeys(row["setting"] for row in rows):
+        last = [row for row in rows if row["setting"] == setting and row["round"] == rounds]
+        own = float(np.mean([row["accuracy_before"] for row in last]))
+        fused = float(np.mean([row["accuracy_after"] for row in last]))
+        summary.append(
+            {
+                "setting": setting,
+                "contributors": len(last),
+                "own_model": own,
+                "after_fusion_old_head": float(np.mean([row["accuracy_after_old_head"] for row in last])),
+                "after_fusion_refit": fused,
+                "gap_to_own": fused - own,
+                "majority_rate": float(np.mean([row["majority_rate"] for row in last])),
+                "cleared_majority": sum(row["accuracy_after"] > row["majority_rate"] for row in last),
+            }
+        )
+    return summary
+
+
+def plot_seen(rows: list[dict[str, Any]], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4))
+    axis = figure.add_subplot(1, 1, 1)
+    for index, setting in enumerate(dict.fromkeys(row["setting"] for row in rows)):
+        mine = [row for row in rows if row["setting"] == setting]
+        rounds = sorted({row["round"] for row in mine})
+        for key, style in (("accuracy_before", "--"), ("accuracy_after", "-")):
+            values = [np.mean([row[key] for row in mine if row["round"] == r]) for r in rounds]
+            label = f"{setting}: {'own model' if key == 'accuracy_before' else 'after fusion + re-fit'}"
+            axis.plot(rounds, [100 * value for value in values], style, marker="o", color=f"C{index}", label=label)
+    axis.set_xlabel("round")
+    axis.set_ylabel("mean validation accuracy of the contributors (%)")
+    axis.set_title("Seen tasks: contributors' own models vs the fused base (all folds)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def markdown(payload: dict[str, Any]) -> str:
+    lines = [
+        f"# Quality run `{payload['name']}`",
+        "",
+        f"Command: `{payload['command']}`",
+        "",
+        f"{payload['machine']}; {payload['time']}; wall time {payload['seconds'] / 60:.1f} min "
+        f"(simulations {payload['simulation_seconds'] / 60:.1f} min, evaluation "
+        f"{payload['evaluation_seconds'] / 60:.1f} min).",
+        "",
+        "## Unseen datasets (each fold's held-out group; paired deltas vs the original, 95% bootstrap CI)",
+        "",
+        "| dataset | method | base | accuracy | majority | delta vs original | 95% CI | verdict |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in payload["unseen"]:
+        delta = row.get("delta_vs_first_base")
+        ci = "-" if row.get("ci_low") is None else f"[{100 * row['ci_low']:+.1f}, {100 * row['ci_high']:+.1f}]"
+        lines.append(
+            f"| {row['dataset']} | {row['method']} | {row['base_label']} | {100 * row['mean']:.1f}% | "
+            f"{100 * row['majority_rate']:.1f}% | {'-' if delta is None else f'{100 * delta:+.1f}'} | {ci} | "
+            f"{row.get('verdict') or '-'} |"
+        )
+    lines += [
+        "",
+        "## Seen datasets (contributors' validation accuracy at the last round, mean over contributors and folds)",
+        "",
+        "| setting | own model | after fusion (old head) | after fusion + re-fit | gap to own | majority rate | "
+        "cleared majority |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in payload["seen"]:
+        lines.append(
+            f"| {row['setting']} | {100 * row['own_model']:.1f}% | {100 * row['after_fusion_old_head']:.1f}% | "
+            f"{100 * row['after_fusion_refit']:.1f}% | {100 * row['gap_to_own']:+.1f} | "
+            f"{100 * row['majority_rate']:.1f}% | {row['cleared_majority']}/{row['contributors']} |"
+        )
+    lines += ["", "![unseen](unseen.png)", "", "![seen](seen.png)", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--name", default="default")
+    parser.add_argument("--settings", nargs="+", default=["mean", "anchor"], choices=list(SETTINGS))
+    parser.add_argument("--folds", nargs="+", type=int, default=list(range(len(FOLDS))))
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--local-steps", type=int, default=20)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--validation-examples", type=int, default=200)
+    parser.add_argument("--methods", nargs="+", default=["finetune", "linear_probe"])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--max-train-examples", type=int, default=400)
+    parser.add_argument("--max-test-examples", type=int, default=400)
+    parser.add_argument("--finetune-epochs", type=int, default=3)
+    parser.add_argument("--torch-threads", type=int, default=2)
+    parser.add_argument("--work-dir", default="/tmp/coldfusion-quality")
+    parser.add_argument("--output-root", default=str(ROOT / "docs" / "measurements" / "quality"))
+    arguments = parser.parse_args()
+    torch.set_num_threads(arguments.torch_threads)
+    console = Console(highlight=False)
+    output = Path(arguments.output_root) / arguments.name
+    output.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    seen_rows, results, simulation_seconds, evaluation_seconds = [], [], 0.0, 0.0
+    for fold in arguments.folds:
+        bases = {}
+        for setting in arguments.settings:
+            bases[setting], rows, seconds = simulate(fold, setting, arguments, console)
+            seen_rows += rows
+            simulation_seconds += seconds
+        evaluation_started = time.perf_counter()
+        results += evaluate(fold, bases, arguments, console)
+        evaluation_seconds += time.perf_counter() - evaluation_started
+    summary = summarize(results, ["original", *arguments.settings])
+    console.print(results_table(summary))
+    plot_summary(summary, output / "unseen.png")
+    plot_seen(seen_rows, output / "seen.png")
+    payload = {
+        "name": arguments.name,
+        "command": "python " + " ".join(sys.argv),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{arguments.torch_threads} torch threads",
+        "time": time.strftime("%Y-%m-%d %H:%M"),
+        "seconds": time.perf_counter() - started,
+        "simulation_seconds": simulation_seconds,
+        "evaluation_seconds": evaluation_seconds,
+        "arguments": vars(arguments),
+        "folds": [
+            {"unseen": list(FOLDS[f]), "contributors": [d for d in DATASETS if d not in FOLDS[f]]}
+            for f in arguments.folds
+        ],
+        "settings": {name: SETTINGS[name] for name in arguments.settings},
+        "unseen": summary,
+        "seen": seen_summary(seen_rows, arguments.rounds),
+        "rounds": seen_rows,
+        "results": [result.__dict__ for result in results],
+    }
+    (output / "quality.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    (output / "quality.md").write_text(markdown(payload))
+    console.print(
+        f"wrote {output}/quality.md (and quality.json, unseen.png, seen.png): {payload['seconds'] / 60:.1f} min"
+    )
+
+
+if __name__ == "__main__":
+    main()
