@@ -163,3 +163,17 @@ def test_quick_demo_runs_end_to_end_and_writes_the_report(tmp_path):
         for number in (0, 1, 2)
     }
     assert "## Accuracy over rounds" in summary
+
+
+def test_learning_lines_compare_each_contributor_with_its_majority_rate():
+    from coldfusion_p2p.demo import learning_lines, learning_margin
+
+    assert learning_margin(0.876) == pytest.approx(0.062) and learning_margin(0.236) == pytest.approx(0.10)
+    rows = [
+        {"peer": "sms", "round": 1, "accuracy_before": 0.5, "accuracy_after": 0.5, "majority_rate": 0.876},
+        {"peer": "sms", "round": 2, "accuracy_before": 0.99, "accuracy_after": 0.94, "majority_rate": 0.876},
+        {"peer": "trec", "round": 2, "accuracy_before": 0.40, "accuracy_after": 0.33, "majority_rate": 0.236},
+    ]
+    sms, trec = learning_lines(rows)
+    assert sms.startswith("sms learned its task: round 2 94.0%")
+    assert trec.startswith("trec did NOT clearly learn its task: round 2 33.0%")
