@@ -11,7 +11,13 @@ from coldfusion_p2p.errors import UserError
 
 def test_measured_defaults():
     config = PeerConfig()
-    assert (config.training.lr, config.training.local_steps, config.training.batch_size) == (5e-5, 40, 32)
+    assert (config.training.lr, config.training.local_steps, config.training.batch_size) == (2e-4, 20, 32)
+    assert (config.training.refit_steps, config.training.warmup_ratio, config.training.length_bucketing) == (
+        300,
+        0.1,
+        True,
+    )
+    assert (config.fusion.outer_lr, config.fusion.outer_momentum, config.fusion.anchor) == (1.0, 0.0, 0.0)  # the mean
     assert config.data.max_length == 64 and config.run.rounds is None
 
 
@@ -84,4 +90,4 @@ def test_every_shipped_peer_config_is_valid_and_its_dataset_resolves():
     for path in peers:
         config = build_config(read_config_file(path))
         assert Path(config.data.dataset).is_file(), path
-        assert config.data.dataset_name and config.training.local_steps == 40
+        assert config.data.dataset_name and config.training.local_steps == 20 and config.training.lr == 2e-4

@@ -446,7 +446,8 @@ def test_config_defaults_validation_and_help():
     subcommands = build_parser()._subparsers._group_actions[0].choices
     assert "learning rate of full finetuning" in subcommands["evaluate"].format_help()
     assert "claims need 3 or more" in " ".join(subcommands["evaluate"].format_help().split())
-    assert field_help("lr") == field_help("lr", TrainingConfig) == "peak learning rate of a fresh AdamW each round"
+    assert field_help("lr") == field_help("lr", TrainingConfig)
+    assert field_help("lr").startswith("peak learning rate of a fresh AdamW each round")
     assert "fresh AdamW each round" in subcommands["join"].format_help()
 
 
