@@ -77,20 +77,55 @@ def measure(name: str, steps: int, trials: int) -> dict:
     }
 
 
+def padding_table(windows: int = 2) -> list[dict]:
+    """Tokens computed per batch of 32, plain vs bucketed, for every bundled dataset (no timing)."""
+    from coldfusion_p2p.batches import encode_split, stream_batch
+    from coldfusion_p2p.bundled import bundled_names
+    from coldfusion_p2p.data import load_task_data
+    from coldfusion_p2p.model import bundled_model_path, load_tokenizer
+
+    tokenizer, rows = load_tokenizer(bundled_model_path()), []
+    for name in bundled_names():
+        (contributor,) = resolve_contributors([name], minimum=1)
+        config = build_config(read_config_file(contributor.config_path))
+        encoded = encode_split(tokenizer, load_task_data(config.data).train, config.data.max_length)
+        count = windows * BUCKET_WINDOW
+        modes = {
+            mode: [stream_batch(encoded, 32, 0, number, mode == "bucketed") for number in range(count)]
+            for mode in ("plain", "bucketed")
+        }
+        tokens = {
+            mode: sum(len(batch) * int(encoded.lengths[batch].max()) for batch in batches) / count
+            for mode, batches in modes.items()
+        }
+        rows.append(
+            {
+                "dataset": name,
+                "mean_tokens": float(encoded.lengths.mean()),
+                "tokens_per_batch": tokens,
+                "padded_over_real": {mode: padding_ratio(encoded, batches) for mode, batches in modes.items()},
+            }
+        )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=BUCKET_WINDOW)  # one whole window: the same examples
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "bucketing"))
+    parser.add_argument("--padding-only", action="store_true", help="only the tokens-per-batch table (no timing)")
     arguments = parser.parse_args()
     torch.set_num_threads(1)
-    results = [measure(name, arguments.steps, arguments.trials) for name in DATASETS]
+    padding = padding_table()
+    results = [] if arguments.padding_only else [measure(name, arguments.steps, arguments.trials) for name in DATASETS]
     payload = {
         "command": "python " + " ".join(sys.argv),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, 1 torch thread",
         "load_average_at_end": os.getloadavg(),
         "time": time.strftime("%Y-%m-%d %H:%M"),
         "results": results,
+        "padding": padding,
     }
     Path(arguments.output + ".json").write_text(json.dumps(payload, indent=2) + "\n")
     lines = [
@@ -110,6 +145,19 @@ def main() -> None:
             f"| {result['dataset']} | {plain['min']:.1f} / {plain['median']:.1f} / {plain['max']:.1f} | "
             f"{bucketed['min']:.1f} / {bucketed['median']:.1f} / {bucketed['max']:.1f} | "
             f"{result['ratio_of_medians']:.2f}x | {pads['plain']:.2f} -> {pads['bucketed']:.2f} |"
+        )
+    lines += [
+        "",
+        "Tokens the model computes per batch of 32 (each batch padded to its own longest), every bundled dataset:",
+        "",
+        "| dataset | mean tokens | tokens/batch plain | tokens/batch bucketed | padded/real plain -> bucketed |",
+        "|---|---|---|---|---|",
+    ]
+    for row in padding:
+        tokens, pads = row["tokens_per_batch"], row["padded_over_real"]
+        lines.append(
+            f"| {row['dataset']} | {row['mean_tokens']:.1f} | {tokens['plain']:.0f} | {tokens['bucketed']:.0f} | "
+            f"{pads['plain']:.2f} -> {pads['bucketed']:.2f} |"
         )
     Path(arguments.output + ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
