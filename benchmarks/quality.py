@@ -226,6 +226,9 @@ def main() -> None:
         evaluation_started = time.perf_counter()
         results += evaluate(fold, bases, arguments, console)
         evaluation_seconds += time.perf_counter() - evaluation_started
+        partial = {"folds_done": arguments.folds[: arguments.folds.index(fold) + 1], "rounds": seen_rows}
+        partial["results"] = [result.__dict__ for result in results]  # a long run killed later keeps its folds
+        (output / "partial.json").write_text(json.dumps(partial, default=str) + "\n")
     summary = summarize(results, ["original", *arguments.settings])
     console.print(results_table(summary))
     plot_summary(summary, output / "unseen.png")
@@ -251,6 +254,7 @@ def main() -> None:
         "results": [result.__dict__ for result in results],
     }
     (output / "quality.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    (output / "partial.json").unlink(missing_ok=True)
     (output / "quality.md").write_text(markdown(payload))
     console.print(
         f"wrote {output}/quality.md (and quality.json, unseen.png, seen.png): {payload['seconds'] / 60:.1f} min"
