@@ -1,6 +1,6 @@
 """The reproducible quality run: does ColD Fusion's base beat the original, on seen and unseen tasks?
 
-    python benchmarks/quality.py                                  # the default run (~60 min on 2 cores)
+    python benchmarks/quality.py                                  # the default run (~80 min on 2 cores)
     python benchmarks/quality.py --settings mean anchor ties --methods linear_probe --folds 0 1   # a sweep
 
 For each *fold* (leave-group-out, as the paper's cross-validation over datasets) the bundled
@@ -198,13 +198,13 @@ def main() -> None:
     parser.add_argument("--name", default="default")
     parser.add_argument("--settings", nargs="+", default=["mean", "anchor"], choices=list(SETTINGS))
     parser.add_argument("--folds", nargs="+", type=int, default=list(range(len(FOLDS))))
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--local-steps", type=int, default=20)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--validation-examples", type=int, default=200)
     parser.add_argument("--methods", nargs="+", default=["finetune", "linear_probe"])
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--max-train-examples", type=int, default=400)
+    parser.add_argument("--max-train-examples", type=int, default=300)
     parser.add_argument("--max-test-examples", type=int, default=400)
     parser.add_argument("--finetune-epochs", type=int, default=3)
     parser.add_argument("--torch-threads", type=int, default=2)
