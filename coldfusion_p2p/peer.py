@@ -45,25 +45,21 @@ from coldfusion_p2p.checkpoints import (
 )
 from coldfusion_p2p.config import PeerConfig
 from coldfusion_p2p.console import PeerConsole
-from coldfusion_p2p.data import TaskData, load_task_data
+from coldfusion_p2p.data import TaskData
 from coldfusion_p2p.errors import UserError
 from coldfusion_p2p.fusion import BodyFusion, FusionResult, finite_or_nan
+from coldfusion_p2p.learner import build_learner
 from coldfusion_p2p.model import (
     body_fingerprint,
-    body_parameters,
     body_state_names,
     copy_into,
     head_state,
-    load_classifier,
     load_head_state,
-    load_tokenizer,
     model_fingerprint,
-    resolve_model_name,
 )
 from coldfusion_p2p.network import check_network_config, network_moderation, shut_down, start_dht
 from coldfusion_p2p.records import PeerRecord, RecordBoard, RunKeys
 from coldfusion_p2p.rules import FusionRule
-from coldfusion_p2p.trainer import LocalTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -194,25 +190,15 @@ class Peer:
         self.moderation = network_moderation(config.network)  # ... nor a bad invite
         if config.training.torch_threads:
             torch.set_num_threads(config.training.torch_threads)
-        self.data: TaskData = load_task_data(config.data)
-        self.model_name = resolve_model_name(config.training.model)
-        self.tokenizer = load_tokenizer(self.model_name)
-        self.model = load_classifier(self.model_name, self.data.label_names, seed=config.training.seed)
+        learner = build_learner(config)  # as the simulator builds its contributors: the same rows, head, batches
+        self.data: TaskData = learner.data
+        self.model_name, self.tokenizer, self.model = learner.model_name, learner.tokenizer, learner.model
+        self.body, self.trainer = learner.body, learner.trainer
         self.model_fingerprint = model_fingerprint(self.model)  # of --model itself, before any resume
-        self.body = body_parameters(self.model)
         self.rule = FusionRule.from_config(config.fusion)
         # the anchor pulls toward --model's own body, whatever a resume or a download brings later
         self._original_body = [tensor.detach().clone() for tensor in self.body] if self.rule.needs_original else None
         self._resumed_state: list[torch.Tensor] | None = None  # the fusion rule's state from --resume
-        self.trainer = LocalTrainer(
-            self.model,
-            self.tokenizer,
-            self.data.train,
-            self.data.validation,
-            config.training,
-            max_length=config.data.max_length,
-            max_eval_examples=config.data.max_eval_examples,
-        )
         self._resume_local_checkpoint()
         with signals_deferred():
             self.dht = start_dht(config.network, self.keys, moderation=self.moderation)

@@ -41,7 +41,8 @@ RULES = {
 def test_the_simulator_fuses_the_same_body_as_a_real_swarm(rule, local_swarm, tiny_model_dir, tiny_datasets, tmp_path):
     """Same seeds and settings: every swarm peer's fused body of round 2 equals the simulator's."""
     shared = {"rounds": 2, "min_group_size": 3, "keep_checkpoints": 5, "refit_steps": 20, "local_steps": 4}
-    shared.update(RULES[rule])
+    # the comparison needs every round fused by all three: roomier chunk timeouts than the fault tests'
+    shared.update(next_chunk_timeout=10.0, allreduce_timeout=40.0, **RULES[rule])
     peers = [
         local_swarm.start_peer(f"peer{index}", dataset, tiny_model_dir, seed=index, **shared)
         for index, dataset in enumerate(tiny_datasets)
@@ -64,8 +65,9 @@ def test_the_simulator_fuses_the_same_body_as_a_real_swarm(rule, local_swarm, ti
     moved = max(float((simulated[name] - start[name]).abs().max()) for name in names)
     assert moved > 1e-3, "the simulated base did not move: the comparison would be vacuous"
     for peer in peers:
-        info = peer.round_info(2)
-        assert info["report"]["outcome"] == "fused" and info["report"]["group_size"] == 3, info["report"]
+        for round_number in (1, 2):  # a round that did not fuse everywhere is not what the simulator models
+            report = peer.round_info(round_number)["report"]
+            assert report["outcome"] == "fused" and report["group_size"] == 3, (round_number, report)
         fused = load_body_state(peer.output_dir / "rounds" / "round_00002")
         assert set(fused) == set(simulated)
         close = torch.cat([torch.isclose(fused[name], simulated[name], atol=2e-5).reshape(-1) for name in names])
