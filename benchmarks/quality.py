@@ -67,6 +67,7 @@ SETTINGS = {  # name: peer settings applied to every contributor on top of its b
     "anchor": {"anchor": 0.3},
     "ties": {"aggregation": "ties", "ties_density": 0.2},
     "l2sp": {"l2sp": 0.1},
+    "local_pooler": {"local_modules": ["pooler"]},
 }
 
 
@@ -81,6 +82,20 @@ def simulate(fold: int, setting: str, arguments, console: Console) -> tuple[Path
         **SETTINGS[setting],
     }
     output = Path(arguments.work_dir) / f"fold{fold}" / setting
+    finished = output / "simulation.json"
+    if (
+        arguments.reuse
+        and finished.exists()
+        and json.loads(finished.read_text())["settings"]
+        == {
+            "fold": fold,
+            "setting": setting,
+            **peer_settings,
+        }
+    ):  # the same simulation, finished by an earlier run (a sweep adds settings to a finished run)
+        rows = [{**row, "fold": fold, "setting": setting} for row in json.loads(finished.read_text())["rounds"]]
+        console.print(f"[bold]fold {fold}, {setting}[/]: reusing the finished simulation in {output}")
+        return (output / "latest").resolve(), rows, 0.0
     started = time.perf_counter()
     simulation = Simulation.from_names(contributors, peer_settings, output)
     console.print(f"[bold]fold {fold}, {setting}[/]: {len(contributors)} contributors, {arguments.rounds} rounds")
@@ -208,6 +223,9 @@ def main() -> None:
     parser.add_argument("--max-test-examples", type=int, default=400)
     parser.add_argument("--finetune-epochs", type=int, default=3)
     parser.add_argument("--torch-threads", type=int, default=2)
+    parser.add_argument(
+        "--reuse", action="store_true", help="reuse simulations an earlier run finished with the same settings"
+    )
     parser.add_argument("--work-dir", default="/tmp/coldfusion-quality")
     parser.add_argument("--output-root", default=str(ROOT / "docs" / "measurements" / "quality"))
     arguments = parser.parse_args()

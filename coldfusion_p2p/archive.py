@@ -41,6 +41,7 @@ from coldfusion_p2p.model import (
     body_parameters,
     body_state_names,
     copy_into,
+    keep_local,
     load_classifier,
     load_tokenizer,
     model_fingerprint,
@@ -76,6 +77,7 @@ class RoundArchiver:
         *,
         archive_dir: str | Path,
         model_name: str | None,
+        local_modules: list[str] | tuple[str, ...] = (),
         keep: int | None = None,
         push_to_hub: str | None = None,
         download_timeout: float = 120.0,
@@ -91,6 +93,8 @@ class RoundArchiver:
         self.model_name = resolve_model_name(model_name)
         self.tokenizer = load_tokenizer(self.model_name)
         self.model = load_classifier(self.model_name, ["0", "1"], seed=0)  # the head is never archived
+        if local_modules:
+            keep_local(self.model, local_modules)
         self.body = body_parameters(self.model)
         self.model_fingerprint = model_fingerprint(self.model)
         # client mode: downloads state, never joins a group or serves a body of its own

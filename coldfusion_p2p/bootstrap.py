@@ -55,6 +55,7 @@ class BootstrapNode:
                 self.keys,
                 archive_dir=settings.archive_dir,
                 model_name=settings.base_model,
+                local_modules=settings.local_modules,
                 keep=settings.keep,
                 moderation=moderation,
                 push_to_hub=settings.push_to_hub,

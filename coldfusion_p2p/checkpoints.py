@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
 
 from coldfusion_p2p.errors import UserError
+from coldfusion_p2p.model import copy_into, local_originals
 
 logger = logging.getLogger(__name__)
 
@@ -178,9 +179,23 @@ def ensure_writable_dir(folder: Path, flag: str) -> None:
 
 
 def save_body_folder(model: PreTrainedModel, tokenizer, folder: Path) -> None:
-    """The body as a Hugging Face folder, without this peer's label names in its config."""
+    """The body as a Hugging Face folder, without this peer's label names in its config.
+
+    Submodules kept local (:func:`~coldfusion_p2p.model.keep_local`) are saved with their
+    pretrained values: they are this peer's, like its head, and not part of the fused base.
+    """
     body = model.base_model
-    body.save_pretrained(folder)
+    originals = local_originals(model)
+    if originals:
+        parameters = dict(body.named_parameters())
+        own = {name: parameters[name].detach().clone() for name in originals}
+        copy_into([parameters[name] for name in originals], list(originals.values()))
+        try:
+            body.save_pretrained(folder)
+        finally:
+            copy_into([parameters[name] for name in own], list(own.values()))
+    else:
+        body.save_pretrained(folder)
     config = copy.deepcopy(model.config).to_dict()
     for private_key in ("id2label", "label2id", "problem_type", "finetuning_task"):
         config.pop(private_key, None)

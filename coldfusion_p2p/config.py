@@ -77,6 +77,7 @@ class FusionConfig:
     outer_lr: float = 1.0  # outer optimizer (DiLoCo): step size on the averaged update (1 and no momentum: the mean)
     outer_momentum: float = 0.0  # Nesterov momentum of the outer optimizer; its state travels with the fused base
     anchor: float = 0.0  # WiSE-FT: move the fused base this fraction back toward the original weights
+    local_modules: list[str] = field(default_factory=list)  # base-model parts kept local like the head, e.g. pooler
 
 
 @dataclass
@@ -115,6 +116,7 @@ class BootstrapSettings:
     keep: int | None = None  # archived rounds to keep (default: all)
     push_to_hub: str | None = None  # also upload each archived round to this Hub repo id
     base_model: str | None = None  # the run's base model, for the archive's config and tokenizer (default: bundled)
+    local_modules: list[str] = field(default_factory=list)  # the swarm's --local-modules, so the archive fits its body
     poll_period: float = 1.0  # seconds between looks at the swarm's records
     download_timeout: float = 120.0  # bound on downloading one fused base
 

@@ -15,7 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from coldfusion_p2p.config import PeerConfig
 from coldfusion_p2p.data import TaskData, load_task_data
-from coldfusion_p2p.model import body_parameters, load_classifier, load_tokenizer, resolve_model_name
+from coldfusion_p2p.model import body_parameters, keep_local, load_classifier, load_tokenizer, resolve_model_name
 from coldfusion_p2p.trainer import LocalTrainer
 
 
@@ -38,6 +38,8 @@ def build_learner(config: PeerConfig) -> LocalLearner:
     model_name = resolve_model_name(config.training.model)
     tokenizer = load_tokenizer(model_name)
     model = load_classifier(model_name, data.label_names, seed=config.training.seed)
+    if config.fusion.local_modules:
+        keep_local(model, config.fusion.local_modules)
     trainer = LocalTrainer(
         model,
         tokenizer,

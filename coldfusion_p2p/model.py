@@ -102,15 +102,57 @@ class BodyHeadSplit:
     head: tuple[str, ...]
 
 
+LOCAL_MODULES = "_coldfusion_local_modules"  # model attribute: base_model submodules kept local (keep_local)
+LOCAL_ORIGINALS = "_coldfusion_local_originals"  # model attribute: their pretrained values, for saved bases
+
+
+def keep_local(model: PreTrainedModel, module_names: list[str] | tuple[str, ...]) -> None:
+    """Move some submodules of ``model.base_model`` (e.g. BERT's ``pooler``) from the shared body to the head.
+
+    Why: BERT-style models keep a pooler (dense + tanh) inside ``base_model``, so it is fused, while
+    RoBERTa's equivalent layer sits in its head and stays local. Kept local, each contributor
+    trains its own (like a head) and every saved base carries the *pretrained* values, so an
+    unseen task's fresh head sees the original pooler. The choice changes the body, so it changes
+    :func:`model_fingerprint`: peers that choose differently never fuse together.
+    """
+    base = model.base_model
+    names = tuple(dict.fromkeys(module_names))
+    submodules = dict(base.named_modules())
+    for name in names:
+        if not name or name not in submodules:
+            choices = ", ".join(child for child, _ in base.named_children())
+            raise UserError(
+                f"{type(base).__name__} has no submodule {name!r} to keep local",
+                f"pass --local-modules with names of its submodules ({choices})",
+            )
+    setattr(model, LOCAL_MODULES, names)
+    relative = {id(parameter): name for name, parameter in base.named_parameters()}
+    originals = {}
+    for name in names:
+        for parameter in submodules[name].parameters():
+            originals[relative[id(parameter)]] = parameter.detach().clone()
+    setattr(model, LOCAL_ORIGINALS, originals)
+
+
+def local_originals(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """Pretrained values of the base-model parameters kept local (names as in ``base_model``); {} if none."""
+    return getattr(model, LOCAL_ORIGINALS, {})
+
+
 def split_body_head(model: PreTrainedModel) -> BodyHeadSplit:
-    """Body = parameters under ``model.base_model``; head = all others. Tied weights appear once."""
+    """Body = parameters under ``model.base_model`` except modules kept local; head = all others.
+
+    Tied weights appear once.
+    """
     base = model.base_model
     if base is model:
         raise UserError(
             f"{type(model).__name__} has no separate base model to share",
             "use a model loadable by AutoModelForSequenceClassification with an encoder body",
         )
-    body_ids = {id(parameter) for parameter in base.parameters()}
+    local = [base.get_submodule(name) for name in getattr(model, LOCAL_MODULES, ())]
+    local_ids = {id(parameter) for module in local for parameter in module.parameters()}
+    body_ids = {id(parameter) for parameter in base.parameters()} - local_ids
     body, head = [], []
     for name, parameter in model.named_parameters():
         (body if id(parameter) in body_ids else head).append(name)

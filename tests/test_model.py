@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoModel
 
 from coldfusion_p2p.errors import UserError
 from coldfusion_p2p.model import (
@@ -52,3 +53,28 @@ def test_missing_model_folder_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         resolve_model_name(str(tmp_path / "nope"))
     assert resolve_model_name("org/name") == "org/name"
+
+
+def test_a_module_kept_local_joins_the_head_and_is_saved_with_its_pretrained_values(tmp_path):
+    from coldfusion_p2p.checkpoints import save_body_folder
+    from coldfusion_p2p.model import keep_local, model_fingerprint
+
+    folder = build_tiny_model(tmp_path / "model", "bert")
+    classifier = load_classifier(str(folder), ["a", "b"], seed=0)
+    fused_fingerprint = model_fingerprint(classifier)
+    keep_local(classifier, ["pooler"])
+    pooler = {id(parameter) for parameter in classifier.base_model.pooler.parameters()}
+    assert not pooler & {id(parameter) for parameter in body_parameters(classifier)}
+    assert {"bert.pooler.dense.weight", "bert.pooler.dense.bias"} <= set(head_state(classifier))
+    assert model_fingerprint(classifier) != fused_fingerprint, "peers that fuse the pooler must not group with us"
+
+    pretrained = classifier.base_model.pooler.dense.weight.detach().clone()
+    with torch.no_grad():
+        classifier.base_model.pooler.dense.weight.add_(1.0)  # as local training would
+    save_body_folder(classifier, None, tmp_path / "base")
+    saved = AutoModel.from_pretrained(tmp_path / "base")
+    assert torch.equal(saved.pooler.dense.weight, pretrained)
+    assert torch.equal(classifier.base_model.pooler.dense.weight, pretrained + 1.0), "the peer's own pooler is kept"
+
+    with pytest.raises(UserError, match=r"no submodule 'poolr'.*--local-modules"):
+        keep_local(classifier, ["poolr"])

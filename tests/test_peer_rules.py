@@ -98,3 +98,30 @@ def test_a_resumed_peer_and_a_late_joiner_continue_with_the_swarm_momentum(local
     for peer in group:
         assert_close(load_body_state(round_dir(peer, 2)), base2, (peer.name, 2))
         assert_close(fused_state(peer, 2), momentum2, (peer.name, 2, "momentum"))
+
+
+def test_a_pooler_kept_local_is_trained_by_each_peer_and_never_fused(local_swarm, tiny_model_dir, tiny_datasets):
+    """``--local-modules pooler``: the pooler moves to the head; saved bases carry the pretrained one."""
+    settings = dict(save_local_body=True, keep_checkpoints=5, min_group_size=2, refit_steps=0, rounds=1)
+    settings["local_modules"] = ["pooler"]
+    peers = [local_swarm.start_peer(f"peer{i}", tiny_datasets[i], tiny_model_dir, seed=i, **settings) for i in (0, 1)]
+    local_swarm.wait_all()
+    pretrained = load_classifier(str(tiny_model_dir), ["0", "1"], seed=0).base_model.state_dict()
+    pooler = sorted(name for name in pretrained if name.startswith("pooler."))
+    assert pooler, "the tiny model must have a pooler for this test to mean anything"
+
+    bodies = [pre_fusion(peer, 1, "body") for peer in peers]
+    assert not any(name.startswith("pooler.") for name in bodies[0]), "a local pooler was sent to the swarm"
+    mean = {name: torch.stack([body[name] for body in bodies]).mean(0) for name in bodies[0]}
+    heads = [load_file(round_dir(peer, 1) / "head.safetensors") for peer in peers]
+    for peer in peers:
+        report = peer.round_info(1)["report"]
+        assert report["outcome"] == "fused" and report["group_size"] == 2, report
+        fused = load_body_state(round_dir(peer, 1))
+        assert_close({name: fused[name] for name in mean}, mean, peer.name)
+        for name in pooler:  # the saved base's pooler is the pretrained one, not this peer's
+            assert torch.equal(fused[name], pretrained[name]), (peer.name, name)
+    own = [[head[name] for name in head if ".pooler." in name] for head in heads]
+    assert len(own[0]) == len(pooler), sorted(heads[0])
+    assert not all(torch.equal(a, b) for a, b in zip(*own, strict=True)), "the peers' poolers were fused"
+    assert not all(torch.equal(a, pretrained[name]) for a, name in zip(own[0], pooler, strict=True)), "not trained"
