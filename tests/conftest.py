@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +29,13 @@ os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")
 from coldfusion_p2p.cli import as_flags
 
 from tiny_models import build_tiny_model, sentiment_rows, write_csv
+
+# Every process this pytest process starts inherits this marker (peers get os.environ, p2pd a copy of
+# theirs), so the per-test reaper below finds them by /proc/<pid>/environ even once re-parented, and
+# never touches the processes of another pytest run on the same machine.
+TEST_SESSION_ENV = "COLDFUSION_TEST_SESSION"
+TEST_SESSION = uuid.uuid4().hex
+os.environ[TEST_SESSION_ENV] = TEST_SESSION
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -245,15 +253,79 @@ def wait_until(predicate, timeout: float, interval: float = 0.2, message: str = 
     raise AssertionError(f"timed out after {timeout}s waiting for {message}")
 
 
-@pytest.fixture(scope="session", autouse=True)
-def reap_leftover_daemons():
-    """Kill p2pd daemons that outlived their peers, so one test's leak cannot break the next."""
+LEAK_GRACE = 15.0  # seconds a test's processes get to exit on their own after its teardown
+
+
+def _boot_time() -> float:
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("btime "):
+            return float(line.split()[1])
+    raise RuntimeError("no btime in /proc/stat")
+
+
+_BOOT_TIME = _boot_time()
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def session_processes(since: float) -> dict[int, str]:
+    """``pid -> command line`` of live processes that this pytest process started at or after ``since``
+    (wall clock): those carrying this session's marker in their environment (re-parented or not),
+    and descendants of this process (forked children, whose /proc environ is the parent's initial one)."""
+    marker = f"{TEST_SESSION_ENV}={TEST_SESSION}".encode()
+    me = os.getpid()
+    parents: dict[int, int] = {}
+    candidates: dict[int, tuple[bool, float, str]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        pid = int(entry.name)
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            if fields[0] in ("Z", "X"):  # exited, only not reaped yet
+                continue
+            parents[pid] = int(fields[1])
+            started = _BOOT_TIME + int(fields[19]) / _CLOCK_TICKS
+            try:
+                marked = marker in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except PermissionError:  # another user's process: never ours
+                marked = False
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError, IndexError):  # gone meanwhile
+            continue
+        candidates[pid] = (marked, started, command.strip())
+
+    def descends_from_me(pid: int) -> bool:
+        for _ in range(64):  # bounded walk up the parent chain
+            pid = parents.get(pid, 0)
+            if pid == me:
+                return True
+            if pid <= 1:
+                return False
+        return False
+
+    return {
+        pid: command
+        for pid, (marked, started, command) in candidates.items()
+        if started >= since - 1.0 and (marked or descends_from_me(pid))  # btime has a 1 s resolution
+    }
+
+
+@pytest.fixture(autouse=True)
+def reap_leftover_processes(request):
+    """After each test (and its other fixtures' teardown): processes it started that are still alive
+    (p2pd daemons, hivemind helpers, peers), re-parented or not, are killed and fail the test."""
+    began = time.time()
     yield
-    try:
-        import psutil
-    except ImportError:
+    deadline = time.monotonic() + LEAK_GRACE
+    leftovers = session_processes(began)
+    while leftovers and time.monotonic() < deadline:  # a shut-down p2pd may take a moment to go
+        time.sleep(0.2)
+        leftovers = session_processes(began)
+    if not leftovers:
         return
-    me = psutil.Process()
-    for child in me.children(recursive=True):
-        with contextlib.suppress(psutil.Error):
-            child.kill()
+    for pid in leftovers:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    listing = "\n".join(f"  {pid}: {command[:160]}" for pid, command in sorted(leftovers.items()))
+    test = request.node.nodeid
+    pytest.fail(f"{len(leftovers)} process(es) outlived {test} by {LEAK_GRACE:.0f}s (killed):\n{listing}")
