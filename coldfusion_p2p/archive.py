@@ -35,7 +35,8 @@ from coldfusion_p2p.checkpoints import (
     save_body_folder,
 )
 from coldfusion_p2p.config import FusionConfig
-from coldfusion_p2p.fusion import FusedBodyAverager, download_fused
+from coldfusion_p2p.fusion import download_fused
+from coldfusion_p2p.hivemind_adapter import FusedBodyAverager
 from coldfusion_p2p.model import (
     body_fingerprint,
     body_parameters,

@@ -22,43 +22,35 @@ module wraps it for ColD Fusion:
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import logging
 import math
-import multiprocessing as mp
-import os
 import secrets
-import signal
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator  # noqa: UP035 (hivemind finds streaming RPCs by typing's alias)
+from typing import Any
 
 import torch
 from hivemind import DHT
-from hivemind.averaging import DecentralizedAverager
-from hivemind.averaging import allreduce as allreduce_module
-from hivemind.averaging.allreduce import AllReduceRunner
-from hivemind.averaging.partition import AllreduceException
-from hivemind.compression import CompressionBase, Float16Compression, NoCompression
-from hivemind.p2p import P2PContext, PeerID
-from hivemind.proto import averaging_pb2
 from hivemind.utils import get_dht_time
-from hivemind.utils.asyncio import as_aiter, azip
 
-from coldfusion_p2p.aggregation import ReferenceReducer, combiner, contribution, reference_parts
+from coldfusion_p2p.aggregation import contribution
 from coldfusion_p2p.auth import InviteGate
 from coldfusion_p2p.config import FusionConfig
+from coldfusion_p2p.hivemind_adapter import (  # noqa: F401 (COMPRESSIONS and the counters: old import path)
+    COMPRESSIONS,
+    CountingCompression,
+    FusedBodyAverager,
+    count_reducer_bytes,
+)
 from coldfusion_p2p.model import copy_into
 from coldfusion_p2p.policy import group_bits, group_decision, group_mismatch, poisoned_update, same_start
 from coldfusion_p2p.records import RecordBoard, Verdict
 from coldfusion_p2p.rules import FusionRule
 
 logger = logging.getLogger(__name__)
-
-FAULT_CRASH_ENV = "COLDFUSION_FAULT_CRASH_IN_ALLREDUCE"  # fault injection for tests: SIGKILL mid all-reduce
 
 
 @dataclass(frozen=True)
@@ -82,225 +74,6 @@ class FusionResult:
     rejected: bool = False  # the all-reduce worked but its result failed validation (e.g. poisoning)
     bytes_sent: int = 0  # serialized bytes this peer sent in the all-reduce
     state: list[torch.Tensor] = field(default_factory=list)  # the fusion rule's state after a fusion
-
-
-COMPRESSIONS = {"none": NoCompression, "fp16": Float16Compression}
-
-
-class CountingCompression(CompressionBase):
-    """Wraps a compression to count the bytes of every part this peer serializes to send.
-
-    hivemind keeps no byte counters; parts a peer sends as a sender go through ``compress``, and
-    the averaged parts it returns as a reducer through ``serialize_torch_tensor`` of the all-reduce
-    module, which :func:`count_reducer_bytes` wraps. The counter lives in shared memory because the
-    all-reduce runs in the averager's own process.
-    """
-
-    def __init__(self, inner: CompressionBase, counter):
-        self.inner, self.counter = inner, counter
-        self.compression_type = inner.compression_type
-
-    def compress(self, tensor, info, allow_inplace=False):
-        serialized = self.inner.compress(tensor, info, allow_inplace)
-        with self.counter.get_lock():
-            self.counter.value += serialized.ByteSize()
-        return serialized
-
-    def extract(self, serialized_tensor):
-        return self.inner.extract(serialized_tensor)
-
-    def estimate_compression_ratio(self, info):
-        return self.inner.estimate_compression_ratio(info)
-
-
-_reducer_counter: list = [None]  # the counter of the averager process about to be forked
-
-
-def count_reducer_bytes(counter) -> None:
-    """Count the averaged parts this process returns as a reducer (see :class:`CountingCompression`).
-
-    Call it right before an averager forks its process: the child keeps the counter set here.
-    """
-    _reducer_counter[0] = counter
-    original = allreduce_module.serialize_torch_tensor
-    if getattr(original, "counted", False):
-        return
-
-    def counted(*args, **kwargs):
-        serialized = original(*args, **kwargs)
-        if _reducer_counter[0] is not None:
-            with _reducer_counter[0].get_lock():
-                _reducer_counter[0].value += serialized.ByteSize()
-        return serialized
-
-    counted.counted = True
-    allreduce_module.serialize_torch_tensor = counted
-
-
-class FusedBodyAverager(DecentralizedAverager):
-    """An averager that shares the last fused body (a snapshot) instead of its live buffers.
-
-    hivemind names its RPC handlers after the averager's class, so every node of a run (peers and
-    the archiving bootstrap, which uses ``client_mode=True`` to download without serving) must use
-    this same class.
-    """
-
-    def __init__(
-        self,
-        body: Sequence[torch.Tensor],
-        dht: DHT,
-        *,
-        prefix: str,
-        config: FusionConfig,
-        client_mode: bool = False,
-        gate: InviteGate | None = None,
-    ):
-        self._gate = gate  # moderated runs: who may call our RPCs and share a group with us
-        # (metadata, body, rule state): what newcomers download; the state is empty without momentum
-        self._snapshot: tuple[dict[str, Any], list[torch.Tensor], list[torch.Tensor]] = (
-            {"round": 0},
-            _detached_copy(body),
-            [],
-        )
-        # clipped_mean and ties reduce against the last fused base; shared memory, so the averager's
-        # own process (forked below) sees every publish_fused of this one
-        self._combine = combiner(config.aggregation, config.clip_ratio)
-        self._reference = (
-            [tensor.share_memory_() for tensor in _detached_copy(body)] if self._combine is not None else None
-        )
-        self.bytes_sent = mp.Value(ctypes.c_uint64, 0)  # every serialized part this peer sends
-        count_reducer_bytes(self.bytes_sent)  # before the averager process forks
-        super().__init__(
-            averaged_tensors=_detached_copy(body),
-            dht=dht,
-            start=False,
-            prefix=prefix,
-            initial_group_bits=group_bits(0),
-            target_group_size=None,  # everyone who is ready inside the window joins one group
-            min_group_size=2,
-            min_matchmaking_time=config.matchmaking_time,
-            request_timeout=config.request_timeout,
-            allreduce_timeout=config.allreduce_timeout,
-            next_chunk_timeout=config.next_chunk_timeout,
-            sender_timeout=config.next_chunk_timeout,
-            reducer_timeout=2 * config.next_chunk_timeout,  # hivemind requires reducer > sender
-            declare_state_period=max(2.0, min(30.0, config.matchmaking_time * 2)),
-            client_mode=client_mode,
-            compression=CountingCompression(COMPRESSIONS[config.compression](), self.bytes_sent),
-            shutdown_timeout=3,
-        )
-        self.run_in_background(await_ready=True, timeout=60)
-
-    def publish_fused(
-        self,
-        round_number: int,
-        body: Sequence[torch.Tensor],
-        metadata: dict[str, Any],
-        state: Sequence[torch.Tensor] = (),
-    ) -> None:
-        """Make ``body`` (a fused base of ``round_number``) and the fusion rule's ``state`` that goes
-        with it what newcomers download from this peer."""
-        if state:
-            metadata = {**metadata, "state_tensors": len(state)}
-        self._snapshot = ({**metadata, "round": round_number}, _detached_copy(body), _detached_copy(state))
-        if self._reference is not None:
-            with torch.no_grad():
-                for reference, tensor in zip(self._reference, body, strict=True):
-                    reference.copy_(tensor)
-        # newest rounds are asked first; among equals, bodies really averaged in a group
-        self.state_sharing_priority = 2.0 * round_number + (2.0 if metadata.get("group_size", 0) >= 2 else 1.0)
-
-    def get_current_state(self):
-        """The snapshot: the body's tensors, then ``metadata["state_tensors"]`` tensors of rule state."""
-        metadata, body, state = self._snapshot
-        return metadata, [*body, *state] if state else body, None
-
-    def last_fused_body(self) -> list[torch.Tensor]:
-        """The body this round started from (the last fused base); never modified in place."""
-        return self._snapshot[1]
-
-    def last_fused_state(self) -> list[torch.Tensor]:
-        """The fusion rule's state that belongs to :meth:`last_fused_body` (empty without momentum)."""
-        return self._snapshot[2]
-
-    # ---- moderated runs: hivemind's averager RPCs carry no auth, so each one checks the caller's
-    # (transport-authenticated) peer id against the run's invites; refusals use codes hivemind
-    # never sends itself for these requests, so a refused caller just moves on.
-    async def _refuses(self, context: P2PContext) -> bool:
-        return self._gate is not None and not await self._gate.admits(context.remote_id)
-
-    async def rpc_join_group(
-        self, request: averaging_pb2.JoinRequest, context: P2PContext
-    ) -> AsyncIterator[averaging_pb2.MessageFromLeader]:
-        if await self._refuses(context):
-            yield averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
-            return
-        async for response in super().rpc_join_group(request, context):
-            yield response
-
-    async def rpc_aggregate_part(
-        self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
-    ) -> AsyncIterator[averaging_pb2.AveragingData]:
-        if await self._refuses(context):
-            yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
-            return
-        async for response in super().rpc_aggregate_part(stream, context):
-            yield response
-
-    async def rpc_download_state(
-        self, request: averaging_pb2.DownloadRequest, context: P2PContext
-    ) -> AsyncIterator[averaging_pb2.DownloadData]:
-        if await self._refuses(context):
-            return  # as hivemind denies a download: the caller asks the next peer
-        async for response in super().rpc_download_state(request, context):
-            yield response
-
-    async def _step(self, **kwargs):
-        if self._gate is not None:  # learn the swarm's invites now, not while a joining peer waits
-            self._gate.refresh_soon()
-        return await super()._step(**kwargs)
-
-    async def _aggregate_with_group(self, group_info, *args, **kwargs):
-        """Never send our parts to a group with an uninvited member (e.g. a leader that slipped in)."""
-        uninvited: list[PeerID] = [] if self._gate is None else await self._gate.uninvited(group_info.peer_ids)
-        if uninvited:
-            raise AllreduceException(f"group has {len(uninvited)} uninvited member(s): not averaging with it")
-        return await super()._aggregate_with_group(group_info, *args, **kwargs)
-
-    async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
-        """Like hivemind's, but all or nothing: apply the deltas only if no part failed or lost a sender."""
-        group_id = group_info.group_id if group_id is None else group_id
-        runner = AllReduceRunner(
-            p2p=self._p2p,
-            servicer_type=type(self),
-            prefix=self.prefix,
-            tensors=tensors,
-            group_id=group_id,
-            ordered_peer_ids=group_info.peer_ids,
-            **kwargs,
-        )
-        if self._reference is not None:  # reduce our slice with the run's rule instead of the mean
-            runner.tensor_part_reducer = ReferenceReducer(
-                tuple(part.shape for part in runner.parts_for_local_averaging),
-                len(runner.sender_peer_ids),
-                reference_parts(self._reference, runner.tensor_part_container, group_info.peer_ids.index(self.peer_id)),
-                self._combine,
-            )
-        self._running_groups[group_id].set_result(runner)
-        deltas = []
-        async for _, update in azip(as_aiter(*tensors), runner):
-            deltas.append(update)
-            if os.environ.get(FAULT_CRASH_ENV) == "1":  # test-only: die like a machine mid all-reduce
-                os.killpg(os.getpgid(0), signal.SIGKILL)
-        failed = runner.tensor_part_container.failed_size
-        if failed or runner.banned_senders:
-            raise AllreduceException(
-                f"incomplete all-reduce: {failed} values fell back to local ones, "
-                f"{len(runner.banned_senders)} sender(s) dropped"
-            )
-        for tensor, delta in zip(tensors, deltas, strict=True):
-            tensor.add_(delta, alpha=self._averaging_alpha)
-        self.last_updated = get_dht_time()
 
 
 class BodyFusion:
@@ -592,10 +365,6 @@ def download_fused(
 
 def _shapes_match(tensors: Sequence[torch.Tensor], expected: Sequence[torch.Tensor]) -> bool:
     return all(tensor.shape == own.shape for tensor, own in zip(tensors, expected, strict=True))
-
-
-def _detached_copy(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    return [tensor.detach().clone() for tensor in tensors]
 
 
 def _short_reason(error: BaseException) -> str:

@@ -1,0 +1,47 @@
+"""Test-only fault injection: one seam, read once when the process starts.
+
+The multi-process tests prove that the swarm survives a member SIGKILLed mid all-reduce and that
+a poisoned contribution is rejected by everyone. They need a real peer process to misbehave on
+purpose, and the only channel into a spawned ``coldfusion-peer`` process is its environment. So
+the environment is read here, once, at import (before the averager's process forks, which
+inherits the result), and the production code asks a frozen :class:`Faults` instead of reading
+``os.environ`` on its hot path. With none of the variables set every fault is off.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+CRASH_IN_ALLREDUCE_ENV = "COLDFUSION_FAULT_CRASH_IN_ALLREDUCE"  # "1": SIGKILL our process group mid all-reduce
+SCALE_UPDATE_ENV = "COLDFUSION_FAULT_SCALE_UPDATE"  # k: send k times our update; "nan": send NaNs
+
+
+@dataclass(frozen=True)
+class Faults:
+    crash_in_allreduce: bool = False
+    scale_update: str | None = None
+
+    @classmethod
+    def from_environment(cls, environment: Mapping[str, str] = os.environ) -> Faults:
+        return cls(
+            crash_in_allreduce=environment.get(CRASH_IN_ALLREDUCE_ENV) == "1",
+            scale_update=environment.get(SCALE_UPDATE_ENV) or None,
+        )
+
+    def poison_update(self, body: Sequence[torch.Tensor], start: Sequence[torch.Tensor]) -> None:
+        """With ``scale_update`` set, turn ``body`` into ``start`` plus k times its update (or NaNs), in place."""
+        if self.scale_update is None:
+            return
+        with torch.no_grad():
+            for tensor, origin in zip(body, start, strict=True):
+                if self.scale_update == "nan":
+                    tensor.fill_(float("nan"))
+                else:
+                    tensor.copy_(origin + float(self.scale_update) * (tensor - origin))
+
+
+FAULTS = Faults.from_environment()
