@@ -10,10 +10,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForSequenceClassification
 
-from coldfusion_p2p.checkpoints import latest_checkpoint, load_body_state
+from coldfusion_p2p.checkpoints import apply_body_state, latest_checkpoint, load_body_state, load_head
+from coldfusion_p2p.config import build_config
+from coldfusion_p2p.learner import build_learner
+from coldfusion_p2p.model import load_head_state
 from coldfusion_p2p.peer import PRE_FUSION_FILE
 
-from conftest import wait_until
+from conftest import FAST_SWARM_SETTINGS, wait_until
 
 pytestmark = pytest.mark.swarm
 
@@ -26,6 +29,17 @@ def pre_fusion(peer, round_number: int, part: str) -> dict[str, torch.Tensor]:
     tensors = load_file(round_dir(peer, round_number) / PRE_FUSION_FILE)
     prefix = f"{part}."
     return {name[len(prefix) :]: tensor for name, tensor in tensors.items() if name.startswith(prefix)}
+
+
+def reevaluate(peer, round_number: int) -> tuple[float, int]:
+    """(accuracy, examples) of the saved model of ``round_number`` on the peer's own validation rows,
+    rebuilt in this process from the configuration the checkpoint records."""
+    folder = round_dir(peer, round_number)
+    learner = build_learner(build_config(overrides=peer.round_info(round_number)["config"]))
+    apply_body_state(learner.model, load_body_state(folder))
+    load_head_state(learner.model, load_head(folder)[0])
+    stats = learner.trainer.evaluate()
+    return stats.accuracy, stats.examples
 
 
 def test_three_peers_fuse_bodies_into_their_mean_and_keep_their_heads(local_swarm, tiny_model_dir, tiny_datasets):
@@ -69,8 +83,24 @@ def test_three_peers_fuse_bodies_into_their_mean_and_keep_their_heads(local_swar
             assert all(torch.equal(before[name], after[name]) for name in before), "fusion touched a head"
         assert not torch.equal(heads_after[0]["classifier.weight"], heads_after[1]["classifier.weight"])
 
-    # round 2 started from round 1's fused base: its pre-fusion bodies moved away from it by training only
-    assert peers[0].round_info(2)["report"]["accuracy_after"] is not None
+        # bytes sent: as a sender, (n-1)/n of the body to the other reducers; as a reducer, its averaged
+        # n-th back to each of the n-1 others. Whatever the split, the group sends 2 (n-1) bodies in all.
+        payload = sum(tensor.numel() * tensor.element_size() for tensor in bodies_before[0].values())
+        sent = [info["report"]["bytes_sent"] for info in infos]
+        group = len(peers)
+        for peer, count in zip(peers, sent, strict=True):
+            assert payload / group <= count <= 3 * payload, (peer.name, round_number, count, payload)
+        assert 2 * (group - 1) * payload <= sum(sent) <= 2 * (group - 1) * payload * 1.05 + 65536, (sent, payload)
+        print(f"round {round_number}: bytes sent {sent}, {sum(sent) / payload:.3f} bodies of {payload} bytes")
+
+    # what round 2 reports as its accuracy after fusion is what its saved model really scores
+    for peer in peers:
+        report = peer.round_info(2)["report"]
+        accuracy, examples = reevaluate(peer, 2)
+        assert 0 < examples <= FAST_SWARM_SETTINGS["max_eval_examples"]
+        assert isinstance(report["accuracy_after"], float) and 0.0 <= report["accuracy_after"] <= 1.0, report
+        # one example of slack: another torch thread count may flip an argmax on an exact tie
+        assert abs(report["accuracy_after"] - accuracy) <= 1 / examples + 1e-9, (peer.name, report, accuracy)
 
 
 def test_late_joiner_starts_from_the_swarm_base_and_round(local_swarm, tiny_model_dir, tiny_datasets):
