@@ -251,8 +251,13 @@ def test_a_peer_killed_mid_all_reduce_leaves_no_half_averaged_body_and_rejoins(
     )
     for peer in (*survivors, rejoined):
         assert peer.wait() == 0, peer.log()
-    later = [rejoined.round_info(r)["report"] for r in rejoined.rounds_written() if r >= 2]
-    assert any(report["outcome"] in ("fused", "synced") for report in later), later
+    # after its restart it fuses again, in a group with both survivors (not only downloads a base)
+    survivor_ids = {peer.round_info(1)["peer_id"] for peer in survivors}
+    later = {r: rejoined.round_info(r)["report"] for r in rejoined.rounds_written() if r >= 2}
+    fused = [r for r, report in later.items() if report["outcome"] == "fused"]
+    assert fused, {r: (report["outcome"], report["reason"]) for r, report in later.items()}
+    report = later[fused[0]]
+    assert report["group_size"] == 3 and survivor_ids < set(report["peer_ids"]), report
 
 
 def assert_loadable_and_finite(peer) -> None:
