@@ -19,6 +19,7 @@ from hivemind.utils.multiaddr import Multiaddr
 from coldfusion_p2p.auth import InviteAuthorizer, Moderation, load_moderation, prepare_identity
 from coldfusion_p2p.config import NetworkConfig
 from coldfusion_p2p.errors import UserError
+from coldfusion_p2p.process_safety import install as install_fork_hooks
 from coldfusion_p2p.records import RunKeys, swarm_validators
 
 logger = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ def start_dht(
     checks); UserError when it cannot join."""
     check_network_config(config)
     check_ports_free(config.host_maddrs)
+    install_fork_hooks()  # the DHT's process (and its p2pd) must not outlive this one, even SIGKILLed
     if moderation is None:
         moderation = network_moderation(config)
     options = dict(

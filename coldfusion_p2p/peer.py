@@ -58,6 +58,7 @@ from coldfusion_p2p.model import (
     model_fingerprint,
 )
 from coldfusion_p2p.network import check_network_config, network_moderation, shut_down, start_dht
+from coldfusion_p2p.process_safety import install as install_fork_hooks
 from coldfusion_p2p.records import PeerRecord, RecordBoard, RunKeys
 from coldfusion_p2p.rules import FusionRule
 
@@ -128,8 +129,11 @@ def signals_deferred() -> Iterator[None]:
 
     hivemind shares tensors through torch's shared-memory manager while it starts; a signal that
     interrupts that call left the peer hanging for good (seen in the soak test). Deferred, the
-    signal is handled a moment later by the usual stop handlers.
+    signal is handled a moment later by the usual stop handlers. The processes hivemind forks
+    meanwhile would inherit the blocked signals: :mod:`coldfusion_p2p.process_safety` unblocks them
+    in each child (and makes the children die with this process).
     """
+    install_fork_hooks()
     if threading.current_thread() is not threading.main_thread():
         yield
         return
