@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import resource
 import signal
 import threading
@@ -47,6 +46,7 @@ from coldfusion_p2p.config import PeerConfig
 from coldfusion_p2p.console import PeerConsole
 from coldfusion_p2p.data import TaskData
 from coldfusion_p2p.errors import UserError
+from coldfusion_p2p.faults import FAULTS
 from coldfusion_p2p.fusion import BodyFusion, FusionResult, finite_or_nan
 from coldfusion_p2p.learner import build_learner
 from coldfusion_p2p.model import (
@@ -142,23 +142,6 @@ def signals_deferred() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-
-
-FAULT_SCALE_ENV = "COLDFUSION_FAULT_SCALE_UPDATE"  # fault injection for tests: scale this peer's update
-
-
-def inject_update_fault(body: list[torch.Tensor], start: list[torch.Tensor]) -> None:
-    """Test-only fault injection: with COLDFUSION_FAULT_SCALE_UPDATE=k the peer sends k times its
-    update ("nan" sends NaNs), to prove that the others reject a poisoned contribution."""
-    factor = os.environ.get(FAULT_SCALE_ENV)
-    if not factor:
-        return
-    with torch.no_grad():
-        for tensor, origin in zip(body, start, strict=True):
-            if factor == "nan":
-                tensor.fill_(float("nan"))
-            else:
-                tensor.copy_(origin + float(factor) * (tensor - origin))
 
 
 class Peer:
@@ -367,7 +350,7 @@ class Peer:
                 return decision, None
             set_stage("all-reducing the bodies")
             self._update(status="fusing")
-            inject_update_fault(self.body, self.fusion.averager.last_fused_body())
+            FAULTS.poison_update(self.body, self.fusion.averager.last_fused_body())  # tests only
             result = self.fusion.fuse(
                 self.body,
                 round_number=round_number,
