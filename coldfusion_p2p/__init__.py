@@ -2,7 +2,8 @@
 
 Where things live:
 
-- ``config.py``       PeerConfig and its sections: every setting, default and flag
+- ``config/``         PeerConfig and its sections: schema (every setting, default, help), fields,
+                      loading (file, then flags) and validation
 - ``data.py``         load_task_data: a dataset file/folder/hub name -> validated splits
 - ``model.py``        load any sequence classifier; split_body_head: shared body vs local head
 - ``batches.py``      EncodedSplit and the seeded, length-bucketed batch stream
@@ -12,6 +13,9 @@ Where things live:
 - ``rules.py``        FusionRule: the average -> the next base (mean, outer optimizer, anchor)
 - ``aggregation.py``  reducer-side merges of the all-reduce: clipped mean, TIES
 - ``fusion.py``       BodyFusion: one all-or-nothing fusion round over hivemind's averager
+- ``hivemind_adapter.py``  FusedBodyAverager: every override of hivemind internals (hivemind 1.1.12)
+- ``faults.py``       the test-only fault seam, read once at process start
+- ``process_safety.py``  forked hivemind children die with their node
 - ``records.py``      RunKeys, PeerRecord, RecordBoard: signed, typed DHT records
 - ``policy.py``       pure decisions: fusion window, catch-up, weights, the poisoning guard
 - ``checkpoints.py``  atomic checkpoints of the fused base, the rule's state and the peer's head

@@ -55,20 +55,6 @@ def add_config_flags(parser: argparse.ArgumentParser, config_type: type = PeerCo
         parser.add_argument(flag, **options)
 
 
-def as_flags(values: dict[str, Any]) -> list[str]:
-    """The command-line flags that set ``values`` (the inverse of parsing; for spawning peers)."""
-    flags = []
-    for key, value in values.items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            flags.append(flag if value else "--no-" + key.replace("_", "-"))
-        elif isinstance(value, (list, tuple)):
-            flags += [flag, *map(str, value)]
-        elif value is not None:
-            flags += [flag, str(value)]
-    return flags
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="coldfusion-peer",

@@ -24,52 +24,26 @@ from rich.live import Live
 
 from coldfusion_p2p.bundled import BUNDLED_PEERS, UNSEEN, resolve_contributors
 from coldfusion_p2p.checkpoints import read_history
-from coldfusion_p2p.cli import as_flags
-from coldfusion_p2p.config import DemoConfig, EvaluateConfig, NetworkConfig, build_config
+from coldfusion_p2p.config import (
+    DemoConfig,
+    EvaluateConfig,
+    NetworkConfig,
+    as_flags,
+    build_config,
+    effective_demo_settings,
+)
 from coldfusion_p2p.errors import UserError
 from coldfusion_p2p.model import resolve_model_name
 from coldfusion_p2p.report import CLAIM_SEEDS
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
-QUICK = {  # --quick: the whole idea in about three minutes on two cores
-    "rounds": 2,
-    "local_steps": 8,
-    "batch_size": 16,
-    "validation_examples": 100,
-    "evaluated_contributors": 2,  # seen datasets evaluated (all contributors train)
-    "finetune_steps": 10,
-    "probe_steps": 300,
-    "max_train_examples": 200,
-    "max_test_examples": 120,
-}
-DEFAULTS = {  # measured on two cores: the contributors learn (docs/measurements/demo-defaults)
-    "rounds": 5,
-    "local_steps": 20,  # at the peers' lr 2e-4: TREC 0.63 -> 0.90, tweets 0.64 -> 0.72 after fusion (simulator)
-    "batch_size": 32,
-    "validation_examples": 200,
-    "evaluated_contributors": 2,  # seen datasets evaluated (all contributors train): evaluation dominates the time
-    "finetune_steps": 30,
-    "probe_steps": 300,
-    "max_train_examples": 400,
-    "max_test_examples": 400,
-}
-
-
-def effective(config: DemoConfig) -> dict[str, Any]:
-    """The demo's settings after ``--quick``: explicit flags keep priority over the quick preset."""
-    settings = dict(config.demo.__dict__)
-    preset = QUICK if config.demo.quick else DEFAULTS
-    for key, value in preset.items():
-        if settings.get(key) is None:
-            settings[key] = value
-    return settings
 
 
 class Demo:
     """``setup -> run swarm -> evaluate -> report``; ``shutdown`` kills what is still running."""
 
     def __init__(self, config: DemoConfig, console: Console | None = None):
-        self.config, self.settings = config, effective(config)
+        self.config, self.settings = config, effective_demo_settings(config.demo)
         self.console = console or Console()
         self.report_dir = Path(self.settings["report_dir"]).resolve()
         self.work_dir = self.report_dir / "swarm"

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 # The test process itself (its in-process DHT entry point) shares by file descriptors instead.
 os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")
 
-from coldfusion_p2p.cli import as_flags
+from coldfusion_p2p.config import as_flags
 
 from tiny_models import build_tiny_model, sentiment_rows, write_csv
 

@@ -91,3 +91,18 @@ def test_every_shipped_peer_config_is_valid_and_its_dataset_resolves():
         config = build_config(read_config_file(path))
         assert Path(config.data.dataset).is_file(), path
         assert config.data.dataset_name and config.training.local_steps == 20 and config.training.lr == 2e-4
+
+
+def test_the_demo_help_texts_state_the_defaults_the_demo_really_uses():
+    import re
+    from dataclasses import fields
+
+    from coldfusion_p2p.config import DEMO_DEFAULTS, DEMO_QUICK, DemoSettings, field_help
+
+    documented = {field.name for field in fields(DemoSettings)} & set(DEMO_DEFAULTS)
+    assert len(documented) >= 6
+    for name in documented:
+        text = field_help(name, DemoSettings)
+        assert re.search(rf"default {DEMO_DEFAULTS[name]}\b", text), (name, text)
+        if name in DEMO_QUICK and "--quick" in text:
+            assert re.search(rf"--quick {DEMO_QUICK[name]}\b", text), (name, text)
