@@ -31,6 +31,11 @@ def pre_fusion(peer, round_number: int, part: str) -> dict[str, torch.Tensor]:
     return {name[len(prefix) :]: tensor for name, tensor in tensors.items() if name.startswith(prefix)}
 
 
+def distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """L2 distance between two bodies (over the names of ``b``)."""
+    return sum(((a[name] - b[name]).double() ** 2).sum().item() for name in b) ** 0.5
+
+
 def reevaluate(peer, round_number: int) -> tuple[float, int]:
     """(accuracy, examples) of the saved model of ``round_number`` on the peer's own validation rows,
     rebuilt in this process from the configuration the checkpoint records."""
@@ -104,7 +109,9 @@ def test_three_peers_fuse_bodies_into_their_mean_and_keep_their_heads(local_swar
 
 
 def test_late_joiner_starts_from_the_swarm_base_and_round(local_swarm, tiny_model_dir, tiny_datasets):
-    settings = dict(rounds=8, keep_checkpoints=20, local_steps=20)
+    # min_group_size 3: until the late joiner is there, every window stays open its whole 30 s, so on
+    # a loaded machine the early two cannot finish all rounds before it has started up
+    settings = dict(rounds=8, keep_checkpoints=20, local_steps=20, save_local_body=True, min_group_size=3)
     early = [local_swarm.start_peer(f"early{i}", tiny_datasets[i], tiny_model_dir, seed=i, **settings) for i in (0, 1)]
     wait_until(lambda: all(1 in peer.rounds_written() for peer in early), timeout=120, message="round 1 of early peers")
     late = local_swarm.start_peer("late", tiny_datasets[2], tiny_model_dir, seed=2, **settings)
@@ -121,8 +128,31 @@ def test_late_joiner_starts_from_the_swarm_base_and_round(local_swarm, tiny_mode
         assert torch.allclose(joined_body[name], tensor, atol=1e-6), name
     original = AutoModel.from_pretrained(tiny_model_dir).state_dict()
     assert any(not torch.allclose(joined_body[name], original[name]) for name in joined_body if name in original)
-    later = [late.round_info(r)["report"] for r in late_rounds[1:]]
-    assert any(report["outcome"] == "fused" and report["group_size"] == 3 for report in later), later
+
+    # its first fused round: a group of all three, and it started from the swarm's fused body of
+    # the round before (what it downloaded, or fused after that), so the group's mean is exact
+    later = {r: late.round_info(r)["report"] for r in late_rounds[1:]}
+    fused = [r for r, report in later.items() if report["outcome"] == "fused"]
+    assert fused, {r: report["outcome"] for r, report in later.items()}
+    joined = fused[0]
+    assert all(report["outcome"] == "synced" for r, report in later.items() if r < joined), later
+    assert later[joined]["group_size"] == 3, later[joined]
+    early_ids = {peer.round_info(joined)["peer_id"] for peer in early}
+    assert early_ids < set(later[joined]["peer_ids"]), (early_ids, later[joined]["peer_ids"])
+    start = load_body_state(round_dir(late, joined - 1))
+    swarm_start = load_body_state(round_dir(early[0], joined - 1))
+    assert all(torch.allclose(start[name], swarm_start[name], atol=1e-6) for name in swarm_start)
+    trained = [pre_fusion(peer, joined, "body") for peer in (*early, late)]
+    assert any(not torch.equal(trained[2][name], start[name]) for name in start), "the late joiner did not train"
+    # ... and it trained from that base, not from the model it loaded: its trained body is nearer the base
+    shared = [name for name in start if name in original]
+    gap_to_base = distance(trained[2], {name: start[name] for name in shared})
+    gap_to_original = distance(trained[2], {name: original[name] for name in shared})
+    assert gap_to_base < gap_to_original, (gap_to_base, gap_to_original)
+    fused_body = load_body_state(round_dir(late, joined))
+    for name in trained[0]:
+        mean = torch.stack([body[name] for body in trained]).mean(0)
+        assert torch.allclose(fused_body[name], mean, atol=1e-6), (joined, name)
 
 
 def test_lone_peer_completes_its_rounds_and_keeps_its_body(local_swarm, tiny_model_dir, tiny_dataset):
