@@ -742,7 +742,7 @@ def main() -> None:
     if (arguments.tiny_steps, arguments.minilm_steps) != (200, 12):
         results["notes"].append(
             f"training trials shortened to {arguments.tiny_steps} (tiny) / {arguments.minilm_steps} (MiniLM) "
-            "steps (defaults 200 / 12) so the whole run fits in about 25 minutes on the loaded machine"
+            "steps (defaults 200 / 12) to shorten the run on the loaded machine"
         )
     print("training vs a plain loop ...", flush=True)
     torch.set_num_threads(os.cpu_count() or 1)
