@@ -29,10 +29,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from coldfusion_p2p.batches import BUCKET_WINDOW, padding_ratio  # noqa: E402
-from coldfusion_p2p.bundled import resolve_contributors  # noqa: E402
+from coldfusion_p2p.apps.bundled import resolve_contributors  # noqa: E402
 from coldfusion_p2p.config import build_config, read_config_file  # noqa: E402
-from coldfusion_p2p.learner import build_learner  # noqa: E402
+from coldfusion_p2p.contributor.batches import BUCKET_WINDOW, padding_ratio  # noqa: E402
+from coldfusion_p2p.contributor.learner import build_learner  # noqa: E402
 
 DATASETS = ("trec_question_type", "tweet_sentiment", "sms_spam")
 
@@ -79,10 +79,10 @@ def measure(name: str, steps: int, trials: int) -> dict:
 
 def padding_table(windows: int = 2) -> list[dict]:
     """Tokens computed per batch of 32, plain vs bucketed, for every bundled dataset (no timing)."""
-    from coldfusion_p2p.batches import encode_split, stream_batch
-    from coldfusion_p2p.bundled import bundled_names
-    from coldfusion_p2p.data import load_task_data
-    from coldfusion_p2p.model import bundled_model_path, load_tokenizer
+    from coldfusion_p2p.apps.bundled import bundled_names
+    from coldfusion_p2p.contributor.batches import encode_split, stream_batch
+    from coldfusion_p2p.contributor.data import load_task_data
+    from coldfusion_p2p.contributor.model import bundled_model_path, load_tokenizer
 
     tokenizer, rows = load_tokenizer(bundled_model_path()), []
     for name in bundled_names():

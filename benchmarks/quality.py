@@ -5,7 +5,7 @@
 
 For each *fold* (leave-group-out, as the paper's cross-validation over datasets) the bundled
 datasets of that fold are kept unseen and every other bundled dataset is a contributor. For each
-fusion *setting*, the proven-equal simulator (``tests/test_simulate.py``: its fused body equals a
+fusion *setting*, the proven-equal simulator (``tests/apps/test_simulate.py``: its fused body equals a
 real swarm's) runs the contributors for ``--rounds`` rounds; then the original base and every
 setting's fused base are evaluated on the fold's unseen datasets with the paper's protocol
 (finetuning to convergence and a linear probe, ``--seeds`` seeds), and summarised with paired
@@ -36,12 +36,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-from coldfusion_p2p.bundled import BUNDLED_PEERS  # noqa: E402
+from coldfusion_p2p.apps.bundled import BUNDLED_PEERS  # noqa: E402
+from coldfusion_p2p.apps.simulate import Simulation  # noqa: E402
 from coldfusion_p2p.config import EvaluateConfig, build_config  # noqa: E402
-from coldfusion_p2p.evaluate import evaluate_bases  # noqa: E402
-from coldfusion_p2p.model import bundled_model_path  # noqa: E402
-from coldfusion_p2p.report import plot_summary, results_table, summarize  # noqa: E402
-from coldfusion_p2p.simulate import Simulation  # noqa: E402
+from coldfusion_p2p.contributor.model import bundled_model_path  # noqa: E402
+from coldfusion_p2p.evaluation.evaluate import evaluate_bases  # noqa: E402
+from coldfusion_p2p.evaluation.report import plot_summary, results_table, summarize  # noqa: E402
 
 DATASETS = (
     "trec_question_type",

@@ -1,34 +1,43 @@
 """coldfusion-p2p: ColD Fusion (collaborative descent, arXiv 2212.01378) on a hivemind swarm.
 
-Where things live:
+Where things live (each subpackage is one layer; arrows are the only imports between them)::
 
-- ``config/``         PeerConfig and its sections: schema (every setting, default, help), fields,
-                      loading (file, then flags) and validation
-- ``data.py``         load_task_data: a dataset file/folder/hub name -> validated splits
-- ``model.py``        load any sequence classifier; split_body_head: shared body vs local head
-- ``batches.py``      EncodedSplit and the seeded, length-bucketed batch stream
-- ``trainer.py``      LocalTrainer: local finetuning, evaluation and the head re-fit, no networking
-- ``head_fit.py``     FrozenBody: head-only training on cached body outputs (re-fit, linear probe)
-- ``learner.py``      build_learner: one contributor's data, model and trainer from its config
-- ``rules.py``        FusionRule: the average -> the next base (mean, outer optimizer, anchor)
-- ``aggregation.py``  reducer-side merges of the all-reduce: clipped mean, TIES
-- ``fusion.py``       BodyFusion: one all-or-nothing fusion round over hivemind's averager
-- ``hivemind_adapter.py``  FusedBodyAverager: every override of hivemind internals (hivemind 1.1.12)
-- ``faults.py``       the test-only fault seam, read once at process start
-- ``process_safety.py``  forked hivemind children die with their node
-- ``records.py``      RunKeys, PeerRecord, RecordBoard: signed, typed DHT records
-- ``policy.py``       pure decisions: fusion window, catch-up, weights, the poisoning guard
-- ``checkpoints.py``  atomic checkpoints of the fused base, the rule's state and the peer's head
-- ``network.py``      start_dht: address checks and clear join errors
-- ``auth.py``         Invite, InviteAuthorizer, InviteGate: moderated runs (who may join)
-- ``peer.py``         Peer: the daemon composing the pieces
-- ``simulate.py``     Simulation: the method in one process (equal to a swarm's fused body)
-- ``evaluate.py``     evaluate_bases: the paper's protocol (finetune, linear probe, few-shot)
-- ``statistics.py``   paired bootstrap deltas with confidence intervals, verdicts
-- ``report.py``       summaries, tables, CSV/JSON and plots of an evaluation
-- ``bundled.py``      the bundled contributors (peers/*.toml and peers/data)
-- ``console.py``      PeerConsole: progress bars and round summaries
-- ``cli.py``          the ``coldfusion-peer`` command
+    config/        every setting: schema (defaults, help), fields, loading (file, then flags), validation
+    errors.py      UserError: one line naming the problem and the fix
+    contributor/   a contributor's own machine, no networking
+        data.py         load_task_data: a dataset file/folder/hub name -> validated splits
+        batches.py      EncodedSplit and the seeded, length-bucketed batch stream
+        model.py        load any sequence classifier; split_body_head: shared body vs local head
+        trainer.py      LocalTrainer: local finetuning, evaluation and the head re-fit
+        head_fit.py     FrozenBody: head-only training on cached body outputs (re-fit, linear probe)
+        learner.py      build_learner: one contributor's data, model and trainer from its config
+        checkpoints.py  atomic checkpoints of the fused base, the rule's state and the peer's head
+    merge/         bodies -> the next base: pure tensor code, imports no other layer
+        aggregation.py  reducer-side merges of the all-reduce: clipped mean, TIES
+        rules.py        FusionRule: the average -> the next base (mean, outer optimizer, anchor)
+    swarm/         the peer-to-peer side (-> contributor, merge)
+        network.py      start_dht: address checks and clear join errors
+        records.py      RunKeys, PeerRecord, RecordBoard: signed, typed DHT records
+        auth.py         Invite, InviteAuthorizer, InviteGate: moderated runs (who may join)
+        policy.py       pure decisions: fusion window, catch-up, weights, the poisoning guard
+        hivemind_adapter.py  FusedBodyAverager: every override of hivemind internals (hivemind 1.1.12)
+        fusion.py       BodyFusion: one all-or-nothing fusion round
+        faults.py       the test-only fault seam, read once at process start
+        process_safety.py  forked hivemind children die with their node
+        presence.py     Presence: our DHT record kept fresh, the swarm watched, waits through records
+        round_store.py  RoundReport, resume, the round checkpoint and history
+        console.py      PeerConsole: progress bars and round summaries
+        peer.py         Peer: the daemon composing the pieces (the round loop)
+        bootstrap.py, archive.py, monitor.py   the entry node, its archive, the dashboard
+    evaluation/    does a base beat the original? (-> contributor)
+        evaluate.py     evaluate_bases: the paper's protocol (finetune, linear probe, few-shot)
+        statistics.py   paired bootstrap deltas with confidence intervals, verdicts
+        report.py       summaries, tables, CSV/JSON and plots of an evaluation
+    apps/          whole runs built from the layers above
+        demo.py         the main job: a local swarm on bundled data, then the evaluation
+        simulate.py     Simulation: the method in one process (equal to a swarm's fused body)
+        bundled.py      the bundled contributors (peers/*.toml and peers/data)
+    cli.py         the ``coldfusion-peer`` command: parses into a config, calls the above
 
 The public API below is imported lazily, so ``coldfusion-peer --help`` stays fast::
 
@@ -43,14 +52,14 @@ from typing import Any
 __version__ = "0.1.0"
 
 _PUBLIC = {  # name: module that defines it
-    "Peer": "coldfusion_p2p.peer",
+    "Peer": "coldfusion_p2p.swarm.peer",
     "PeerConfig": "coldfusion_p2p.config",
     "build_config": "coldfusion_p2p.config",
-    "LocalTrainer": "coldfusion_p2p.trainer",
-    "FusionRule": "coldfusion_p2p.rules",
-    "Simulation": "coldfusion_p2p.simulate",
-    "evaluate_bases": "coldfusion_p2p.evaluate",
-    "load_peer_classifier": "coldfusion_p2p.checkpoints",
+    "LocalTrainer": "coldfusion_p2p.contributor.trainer",
+    "FusionRule": "coldfusion_p2p.merge.rules",
+    "Simulation": "coldfusion_p2p.apps.simulate",
+    "evaluate_bases": "coldfusion_p2p.evaluation.evaluate",
+    "load_peer_classifier": "coldfusion_p2p.contributor.checkpoints",
 }
 
 __all__ = ["__version__", *_PUBLIC]

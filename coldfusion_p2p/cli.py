@@ -130,7 +130,7 @@ def stop_on_signals() -> Iterator[threading.Event]:
 
 def run_join(config: PeerConfig) -> int:
     with stop_on_signals() as stop_event:  # before the seconds of torch/hivemind imports: SIGTERM then still exits 0
-        from coldfusion_p2p.peer import Peer
+        from coldfusion_p2p.swarm.peer import Peer
 
         peer = Peer(config, stop_event=stop_event)
         try:
@@ -141,7 +141,7 @@ def run_join(config: PeerConfig) -> int:
 
 
 def run_bootstrap(config: BootstrapConfig) -> int:
-    from coldfusion_p2p.bootstrap import BootstrapNode
+    from coldfusion_p2p.swarm.bootstrap import BootstrapNode
 
     with stop_on_signals() as stop_event:
         node = BootstrapNode(config, stop_event=stop_event)
@@ -154,14 +154,14 @@ def run_bootstrap(config: BootstrapConfig) -> int:
 
 
 def run_monitor(config: MonitorConfig) -> int:
-    from coldfusion_p2p.monitor import monitor_swarm
+    from coldfusion_p2p.swarm.monitor import monitor_swarm
 
     monitor_swarm(config)
     return EXIT_OK
 
 
 def run_identity(config: IdentityConfig) -> int:
-    from coldfusion_p2p.auth import load_identity, prepare_identity, public_key_text
+    from coldfusion_p2p.swarm.auth import load_identity, prepare_identity, public_key_text
 
     path = config.key.identity
     existed = os.path.exists(path)
@@ -175,7 +175,7 @@ def run_identity(config: IdentityConfig) -> int:
 
 
 def run_invite(config: InviteConfig) -> int:
-    from coldfusion_p2p.auth import issue_invite
+    from coldfusion_p2p.swarm.auth import issue_invite
 
     settings = config.invite
     invite = issue_invite(
@@ -202,21 +202,21 @@ def run_invite(config: InviteConfig) -> int:
 
 
 def run_evaluate(config: EvaluateConfig) -> int:
-    from coldfusion_p2p.evaluate import run_evaluation
+    from coldfusion_p2p.evaluation.evaluate import run_evaluation
 
     run_evaluation(config)
     return EXIT_OK
 
 
 def run_simulate(config: SimulateConfig) -> int:
-    from coldfusion_p2p.simulate import run_simulation
+    from coldfusion_p2p.apps.simulate import run_simulation
 
     run_simulation(config)
     return EXIT_OK
 
 
 def run_demo_command(config: DemoConfig) -> int:
-    from coldfusion_p2p.demo import run_demo
+    from coldfusion_p2p.apps.demo import run_demo
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt  # unwinds through the demo's finally, which stops its peers

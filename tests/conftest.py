@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 # hivemind switches torch to the "file_system" sharing strategy, whose torch_shm_manager helper dies
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")
 
 from coldfusion_p2p.config import as_flags
+from coldfusion_p2p.swarm.peer import PRE_FUSION_FILE
 
 from tiny_models import build_tiny_model, sentiment_rows, write_csv
 
@@ -187,7 +189,7 @@ class LocalSwarm:
     def __init__(self, workdir: Path, run_id: str):
         from hivemind import DHT
 
-        from coldfusion_p2p.records import RunKeys, swarm_validators
+        from coldfusion_p2p.swarm.records import RunKeys, swarm_validators
 
         self.workdir, self.run_id = workdir, run_id
         self.dht = DHT(
@@ -329,3 +331,25 @@ def reap_leftover_processes(request):
     listing = "\n".join(f"  {pid}: {command[:160]}" for pid, command in sorted(leftovers.items()))
     test = request.node.nodeid
     pytest.fail(f"{len(leftovers)} process(es) outlived {test} by {LEAK_GRACE:.0f}s (killed):\n{listing}")
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
+    """A user error: exit code 2 and one ``error: ...`` line naming each fragment, no traceback."""
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+def round_dir(peer, round_number: int) -> Path:
+    """The checkpoint folder a peer wrote for ``round_number``."""
+    return peer.output_dir / "rounds" / f"round_{round_number:05d}"
+
+
+def pre_fusion(peer, round_number: int, part: str) -> dict:
+    """The ``body`` or ``head`` tensors a peer saved before fusing ``round_number`` (save_local_body)."""
+    tensors = load_file(round_dir(peer, round_number) / PRE_FUSION_FILE)
+    prefix = f"{part}."
+    return {name[len(prefix) :]: tensor for name, tensor in tensors.items() if name.startswith(prefix)}

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from coldfusion_p2p.checkpoints import save_checkpoint
 from coldfusion_p2p.cli import main
-from coldfusion_p2p.model import head_state, load_classifier, load_tokenizer
+from coldfusion_p2p.contributor.checkpoints import save_checkpoint
+from coldfusion_p2p.contributor.model import head_state, load_classifier, load_tokenizer
 
-from conftest import peer_command, peer_environment
+from conftest import assert_one_line_error, peer_command, peer_environment
 from tiny_models import write_csv
 
 UNREACHABLE = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWCwDC3kXyupnZ2TNUrxghpr5nez39jKjPdxzZ8QCV1EiE"
@@ -36,15 +36,6 @@ def run_join(capsys, *flags) -> tuple[int, str]:
     code = main(["join", *flags])
     captured = capsys.readouterr()
     return code, captured.err
-
-
-def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
-    assert code == 2, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
 
 
 def test_missing_dataset_file(capsys, base_flags, tmp_path):

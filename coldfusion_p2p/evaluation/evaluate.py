@@ -1,0 +1,651 @@
+"""ColD Fusion's evaluation protocol: is a fused base a better starting point than the original?
+
+The paper answers with two kinds of datasets and several ways of using a base:
+
+- *seen* datasets are ones the swarm trained on, *unseen* ones it never saw; each is judged on a
+  held-out test split that no run ever trains on (a folder's ``test`` file, or a seeded split
+  carved from a single file with :func:`coldfusion_p2p.contributor.data.split_indices`).
+- *finetune*: a fresh head on the base, every weight trained to convergence: epochs over the
+  train split less a seeded validation split carved from it, early stopping on that split's
+  accuracy, and the best validated weights tested (``finetune_epochs 0`` instead trains a fixed
+  ``finetune_steps``, the older protocol, which on hard tasks leaves bases at the majority class);
+  *finetune_few_shot*: the same from ``few_shot_examples`` examples per class for a fixed number
+  of steps; *linear_probe*: the body frozen, only the model's own classification head trained.
+
+Every base gets exactly the same datasets, subsamples, validation splits, few-shot examples,
+seeds and hyperparameters, so the accuracy differences are the bases' alone. Each run records
+whether it got each test example right, so :func:`summarize` (in :mod:`coldfusion_p2p.evaluation.report`)
+compares bases paired, with a bootstrap confidence interval over seeds and test examples and a
+verdict; a single seed shows only the test examples' share of the uncertainty, so claims need
+``--seeds 3`` or more. :func:`evaluate_bases` runs the grid, :func:`write_report` leaves CSV,
+JSON and plots behind.
+
+The linear probe computes the frozen body's outputs once per example and replays them into the
+model's own forward (see :mod:`coldfusion_p2p.contributor.head_fit`), at the cost of one body pass per example.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from transformers import AutoConfig, PreTrainedModel
+
+from coldfusion_p2p.config import DataConfig, EvaluateConfig, EvaluationSettings, TrainingConfig
+from coldfusion_p2p.contributor.data import FILE_FORMATS, TaskData, TextSplit, load_task_data, split_indices
+from coldfusion_p2p.errors import UserError
+from coldfusion_p2p.contributor.head_fit import FrozenBody, train_head
+from coldfusion_p2p.contributor.model import (
+    body_parameters,
+    forward_input_names,
+    load_classifier,
+    load_tokenizer,
+    resolve_model_name,
+)
+from coldfusion_p2p.evaluation.report import (  # re-exported: the evaluation's public interface
+    METHOD_TITLES,
+    REPORT_FILES,
+    EvalResult,
+    plot_summary,
+    results_table,
+    summarize,
+    write_report,
+)
+from coldfusion_p2p.evaluation.statistics import at_majority, encode_correct, majority_rate
+from coldfusion_p2p.contributor.trainer import (
+    EVAL_BATCH_SIZE,
+    SCHEDULES,
+    EncodedSplit,
+    LocalTrainer,
+    batch_indices,
+    collate,
+    encode_split,
+    pad_token_id,
+)
+
+__all__ = [
+    "METHOD_TITLES",
+    "REPORT_FILES",
+    "EvalResult",
+    "evaluate_bases",
+    "plot_summary",
+    "results_table",
+    "run_evaluation",
+    "summarize",
+    "write_report",
+]
+
+logger = logging.getLogger(__name__)
+
+BUNDLED = "bundled"
+WEIGHT_DECAY = 0.01  # as TrainingConfig's default, for every method
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalTask:
+    """One dataset of the evaluation: a train split, a held-out test split and the label vocabulary."""
+
+    name: str
+    train: TextSplit
+    test: TextSplit
+    label_names: list[str]
+    seen: bool
+
+
+def load_eval_task(
+    spec: str,
+    *,
+    seen: bool,
+    max_train_examples: int,
+    max_test_examples: int,
+    test_fraction: float = 0.2,
+    split_seed: int = 0,
+    text_column: str | None = None,
+    text_pair_column: str | None = None,
+    label_column: str | None = None,
+) -> EvalTask:
+    """Read a dataset for evaluation; UserError for anything unusable.
+
+    ``spec`` is a folder holding ``train.<ext>`` and ``test.<ext>`` (used as given), or anything
+    ``--dataset`` accepts (a file, a ``save_to_disk`` folder, a Hub name): then its validation
+    split, or a seeded ``test_fraction`` carved from its rows, is the test split. Both splits are
+    then subsampled (seeded) to at most ``max_train_examples`` / ``max_test_examples``.
+    """
+    path = Path(spec).expanduser()
+    columns = dict(text_column=text_column, text_pair_column=text_pair_column, label_column=label_column)
+    train_file = _split_file(path, "train") if path.is_dir() else None
+    if train_file is not None:
+        test_file = _split_file(path, "test")
+        if test_file is None:
+            raise UserError(
+                f"folder {path} has {train_file.name} but no test file",
+                f"add test{train_file.suffix} beside it, or pass {train_file} alone to carve a test split",
+            )
+        name = path.name
+        train_data = load_task_data(DataConfig(dataset=str(train_file), **columns), split_seed)
+        test_data = load_task_data(
+            DataConfig(
+                dataset=str(test_file),
+                text_column=train_data.text_column,
+                text_pair_column=train_data.text_pair_column,
+                label_column=train_data.label_column,
+            ),
+            split_seed,
+        )
+        if (test_data.text_pair_column is None) != (train_data.text_pair_column is None):
+            raise UserError(
+                f"{train_file} and {test_file} disagree on the text pair column "
+                f"({train_data.text_pair_column} vs {test_data.text_pair_column})",
+                "give both files the same columns",
+            )
+        label_names = train_data.label_names
+        train = _whole(train_data)
+        test = _relabel(_whole(test_data), test_data.label_names, label_names, test_file, train_file)
+    else:
+        data = load_task_data(DataConfig(dataset=spec, validation_fraction=test_fraction, **columns), split_seed)
+        name, label_names, train, test = data.name, data.label_names, data.train, data.validation
+    return EvalTask(
+        name=name,
+        train=_subsample(train, max_train_examples, [split_seed, 1]),
+        test=_subsample(test, max_test_examples, [split_seed, 2]),
+        label_names=label_names,
+        seen=seen,
+    )
+
+
+def _split_file(folder: Path, split: str) -> Path | None:
+    found = [folder / f"{split}{suffix}" for suffix in FILE_FORMATS if (folder / f"{split}{suffix}").is_file()]
+    if len(found) > 1:
+        raise UserError(
+            f"folder {folder} has several {split} files ({', '.join(path.name for path in found)})",
+            f"keep only one {split} file",
+        )
+    return found[0] if found else None
+
+
+def _whole(data: TaskData) -> TextSplit:
+    """A file read by load_task_data back in one piece (it always carves a validation split)."""
+    first, second = data.train, data.validation
+    return TextSplit(
+        texts=first.texts + second.texts,
+        text_pairs=None if first.text_pairs is None else first.text_pairs + (second.text_pairs or []),
+        labels=first.labels + second.labels,
+    )
+
+
+def _relabel(split: TextSplit, names: list[str], target: list[str], test_file: Path, train_file: Path) -> TextSplit:
+    """Express the test labels as indices into the train label vocabulary."""
+    index = {name: position for position, name in enumerate(target)}
+    unknown = sorted({names[label] for label in split.labels} - set(index))
+    if unknown:
+        raise UserError(
+            f"label(s) {', '.join(map(repr, unknown))} of {test_file} never occur in {train_file}",
+            "a head cannot learn labels it never sees: add them to the train file or drop those test rows",
+        )
+    return TextSplit(split.texts, split.text_pairs, [index[names[label]] for label in split.labels])
+
+
+def _subsample(split: TextSplit, limit: int, seed: list[int]) -> TextSplit:
+    """At most ``limit`` rows, chosen by a seeded permutation, kept in their original order."""
+    if len(split) <= limit:
+        return split
+    return _rows(split, sorted(np.random.default_rng(seed).permutation(len(split))[:limit].tolist()))
+
+
+def _rows(split: TextSplit, keep: Sequence[int]) -> TextSplit:
+    return TextSplit(
+        texts=[split.texts[i] for i in keep],
+        text_pairs=None if split.text_pairs is None else [split.text_pairs[i] for i in keep],
+        labels=[split.labels[i] for i in keep],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Bases
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BaseSpec:
+    label: str  # how tables and plots name it
+    path: str  # what load_classifier loads
+
+
+def parse_base(value: str) -> BaseSpec:
+    """``PATH``, ``LABEL=PATH`` or ``bundled``; a run's output folder stands for its ``latest`` checkpoint.
+
+    Raises UserError for an empty label or path and for a local-looking path that does not exist.
+    """
+    value = value.strip()
+    label, separator, target = value.partition("=")
+    if not separator or "/" in label or "\\" in label:  # "=" inside a path is not a label
+        label, target = "", value
+    label, target = label.strip(), target.strip()
+    if separator and not target:
+        raise UserError(f"--base {value!r} names no model", "write LABEL=PATH, e.g. --base fused=out/latest")
+    if not target:
+        raise UserError("--base is empty", "pass a model folder, LABEL=PATH or bundled")
+    if target == BUNDLED:
+        return BaseSpec(label or BUNDLED, resolve_model_name(None))
+    path = Path(target).expanduser()
+    if path.exists():
+        if path.is_dir() and not (path / "config.json").exists() and (path / "latest" / "config.json").exists():
+            path = path / "latest"  # a peer's --output-dir: its newest fused base
+        return BaseSpec(label or Path(target.rstrip("/\\")).name or target, str(path))
+    try:
+        resolved = resolve_model_name(target)
+    except UserError:
+        raise UserError(f"base model folder {target} does not exist", "check the --base path") from None
+    return BaseSpec(label or target, resolved)
+
+
+def _check_base(base: BaseSpec) -> None:
+    """Fail before any training when a base has no usable config or tokenizer."""
+    try:
+        AutoConfig.from_pretrained(base.path)
+        load_tokenizer(base.path)
+    except (UserError, OSError, ValueError, KeyError) as error:
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise UserError(
+            f"base {base.label!r} ({base.path}) could not be loaded ({reason})",
+            "pass --base a Hugging Face model folder with config.json, weights and tokenizer files, or bundled",
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The methods
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """What one run of a method leaves: per-example test correctness and how it was trained."""
+
+    correct: np.ndarray  # bool, one per test example in order
+    steps: int  # optimizer steps taken
+    best_step: int  # the step whose weights were tested
+    validation_accuracy: float | None = None  # of those weights, on the early-stopping split
+    history: tuple[tuple[int, float], ...] = ()  # (step, validation accuracy) of every validation
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.correct.mean()) if len(self.correct) else math.nan
+
+
+@dataclass(frozen=True)
+class Convergence:
+    steps: int
+    best_step: int
+    best_accuracy: float
+    history: tuple[tuple[int, float], ...]
+
+
+def finetune_run(
+    base: str,
+    task: EvalTask,
+    *,
+    seed: int,
+    lr: float,
+    batch_size: int,
+    max_length: int,
+    epochs: int,
+    patience: int = 1,
+    steps: int = 0,
+    validation_fraction: float = 0.15,
+    eval_every: int = 0,
+) -> RunOutcome:
+    """Full finetuning from a fresh head seeded by ``seed``, then per-example test correctness.
+
+    With ``epochs`` > 0: up to that many epochs over the train split less a seeded
+    ``validation_fraction`` carved from it, early-stopped (see :func:`finetune_to_convergence`).
+    With ``epochs`` = 0: exactly ``steps`` steps on the whole train split (the fixed budget).
+    """
+    tokenizer = load_tokenizer(base)
+    model = load_classifier(base, task.label_names, seed)
+    test = encode_split(tokenizer, task.test, max_length)
+    if epochs <= 0:
+        config = _training_config(base, steps, lr, batch_size, seed)
+        LocalTrainer(model, tokenizer, task.train, task.test, config, max_length=max_length).train_round(1)
+        return RunOutcome(predict_correct(model, test), steps, steps)
+    fit, validation = carve_validation(task.train, validation_fraction, seed)
+    run = finetune_to_convergence(
+        model,
+        tokenizer,
+        fit,
+        validation,
+        seed=seed,
+        lr=lr,
+        batch_size=batch_size,
+        max_length=max_length,
+        epochs=epochs,
+        patience=patience,
+        eval_every=eval_every,
+    )
+    return RunOutcome(predict_correct(model, test), run.steps, run.best_step, run.best_accuracy, run.history)
+
+
+def finetune_to_convergence(
+    model: PreTrainedModel,
+    tokenizer,
+    train: TextSplit,
+    validation: TextSplit,
+    *,
+    seed: int,
+    lr: float,
+    batch_size: int,
+    max_length: int,
+    epochs: int,
+    patience: int,
+    eval_every: int = 0,
+    on_validation: Callable[[int, float], None] | None = None,
+) -> Convergence:
+    """Finetune ``model`` in place with early stopping; it ends holding its best validated weights.
+
+    One AdamW with a linear warm-up (10%) and decay planned over ``epochs`` epochs; the batches
+    are :class:`LocalTrainer`'s seeded stream. Validation accuracy is measured every epoch (or
+    every ``eval_every`` steps); training stops after ``patience`` validations without a strictly
+    better one, and the state of the best (head and body, kept in memory) is loaded back.
+    ``on_validation(step, accuracy)`` is called after every validation, before any restore.
+    """
+    config = _training_config("", 1, lr, batch_size, seed)
+    trainer = LocalTrainer(
+        model, tokenizer, train, validation, config, max_length=max_length, max_eval_examples=len(validation)
+    )
+    per_epoch = math.ceil(len(trainer.train_data) / batch_size)
+    total, interval = epochs * per_epoch, eval_every or per_epoch
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=WEIGHT_DECAY)
+    schedule = SCHEDULES["linear"](optimizer, math.floor(0.1 * total), total)
+    torch.manual_seed(seed * 1_000_003 + 1)  # dropout, as the trainer's first round
+    best, best_step, best_state, waited, history = (-1.0, -math.inf), 0, None, 0, []
+    model.train()
+    step = 0
+    for step in range(1, total + 1):
+        loss = model(**collate(trainer.train_data, trainer.batch(step - 1), trainer.input_names)).loss
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % interval and step != total:
+            continue
+        stats = trainer.evaluate()
+        history.append((step, stats.accuracy))
+        if on_validation is not None:
+            on_validation(step, stats.accuracy)
+        if (stats.accuracy, -stats.loss) > best:  # ties in accuracy (a plateau) go to the lower loss
+            best, best_step, waited = (stats.accuracy, -stats.loss), step, 0
+            best_state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+        else:
+            waited += 1
+            if waited >= patience:
+                break
+        model.train()
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return Convergence(step, best_step, best[0], tuple(history))
+
+
+def few_shot_run(
+    base: str, task: EvalTask, *, seed: int, lr: float, batch_size: int, max_length: int, shots: int, steps: int
+) -> RunOutcome:
+    """Full finetuning for ``steps`` steps on ``shots`` training examples per class (seeded)."""
+    tokenizer = load_tokenizer(base)
+    model = load_classifier(base, task.label_names, seed)
+    train = few_shot_split(task.train, shots, seed)
+    config = _training_config(base, steps, lr, min(batch_size, len(train)), seed)
+    LocalTrainer(model, tokenizer, train, task.test, config, max_length=max_length).train_round(1)
+    return RunOutcome(predict_correct(model, encode_split(tokenizer, task.test, max_length)), steps, steps)
+
+
+def linear_probe_run(
+    base: str, task: EvalTask, *, seed: int, steps: int, lr: float, batch_size: int, max_length: int
+) -> RunOutcome:
+    """``steps`` AdamW steps on the head alone, the body frozen (and in eval mode)."""
+    tokenizer = load_tokenizer(base)
+    model = load_classifier(base, task.label_names, seed)
+    return probe_model(
+        model, tokenizer, task, seed=seed, steps=steps, lr=lr, batch_size=batch_size, max_length=max_length
+    )
+
+
+def probe_model(
+    model: PreTrainedModel,
+    tokenizer,
+    task: EvalTask,
+    *,
+    seed: int,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    max_length: int,
+    replay: bool = True,
+) -> RunOutcome:
+    """Linear-probe ``model`` in place: freeze its body, train its head, test it.
+
+    ``replay=False`` runs the frozen body in every step instead of replaying its cached outputs
+    (same result up to float rounding, slower; for checks and exotic architectures).
+    """
+    for parameter in body_parameters(model):
+        parameter.requires_grad_(False)
+    body = FrozenBody(model, pad_token_id(tokenizer))
+    train = encode_split(tokenizer, task.train, max_length)
+    test = encode_split(tokenizer, task.test, max_length)
+    batches = [batch_indices(len(train), batch_size, seed, step) for step in range(steps)]
+    needed = np.unique(np.concatenate(batches)) if batches else np.arange(0)
+    train_feed = body.prepare(train, needed, replay=replay)
+    test_feed = body.prepare(test, np.arange(len(test)), replay=replay)
+    train_head(body, train_feed, batches, lr=lr, seed=seed, weight_decay=WEIGHT_DECAY)
+    model.eval()
+    with torch.no_grad():
+        chunks = [
+            body.forward(test_feed, indices).logits.argmax(-1) == test.labels[indices]
+            for indices in np.array_split(np.arange(len(test)), max(1, math.ceil(len(test) / EVAL_BATCH_SIZE)))
+        ]
+    return RunOutcome(torch.cat(chunks).numpy(), steps, steps)
+
+
+def _training_config(base: str, steps: int, lr: float, batch_size: int, seed: int) -> TrainingConfig:
+    return TrainingConfig(
+        model=base or None, local_steps=steps, lr=lr, batch_size=batch_size, weight_decay=WEIGHT_DECAY, seed=seed
+    )
+
+
+@torch.no_grad()
+def predict_correct(model: PreTrainedModel, encoded: EncodedSplit) -> np.ndarray:
+    """Whether ``model`` (in eval mode) classifies each example of ``encoded`` right, in order."""
+    model.eval()
+    names, chunks = forward_input_names(model), [np.zeros(0, dtype=bool)]
+    for start in range(0, len(encoded), EVAL_BATCH_SIZE):
+        batch = collate(encoded, np.arange(start, min(start + EVAL_BATCH_SIZE, len(encoded))), names)
+        chunks.append((model(**batch).logits.argmax(-1) == batch["labels"]).numpy())
+    return np.concatenate(chunks)
+
+
+def carve_validation(train: TextSplit, fraction: float, seed: int) -> tuple[TextSplit, TextSplit]:
+    """(fit, validation): a seeded ``fraction`` of ``train`` held out to pick the best epoch."""
+    fit, held_out = split_indices(len(train), fraction, seed + 1_000)
+    return _rows(train, fit), _rows(train, held_out)
+
+
+def few_shot_split(train: TextSplit, shots: int, seed: int) -> TextSplit:
+    """At most ``shots`` examples of every label (all of a rarer one), seeded, in their original order."""
+    rng = np.random.default_rng([seed, 4])
+    labels = np.asarray(train.labels)
+    keep = []
+    for label in np.unique(labels):
+        where = np.flatnonzero(labels == label)
+        keep += rng.choice(where, size=min(shots, len(where)), replace=False).tolist()
+    return _rows(train, sorted(keep))
+
+
+# ---------------------------------------------------------------------------------------------
+# The grid
+# ---------------------------------------------------------------------------------------------
+
+
+METHODS: dict[str, Callable[..., RunOutcome]] = {
+    "finetune": finetune_run,
+    "finetune_few_shot": few_shot_run,
+    "linear_probe": linear_probe_run,
+}
+
+
+def method_options(settings: EvaluationSettings) -> dict[str, dict]:
+    """Each method's keyword arguments from the settings (the same for every base)."""
+    shared = dict(batch_size=settings.batch_size, max_length=settings.max_length)
+    return {
+        "finetune": dict(
+            shared,
+            lr=settings.lr,
+            epochs=settings.finetune_epochs,
+            patience=settings.patience,
+            steps=settings.finetune_steps,
+            validation_fraction=settings.validation_fraction,
+            eval_every=settings.eval_every,
+        ),
+        "finetune_few_shot": dict(
+            shared, lr=settings.lr, shots=settings.few_shot_examples, steps=settings.few_shot_steps
+        ),
+        "linear_probe": dict(shared, lr=settings.probe_lr, steps=settings.probe_steps),
+    }
+
+
+def _repeated(names: Sequence[str]) -> list[str]:
+    return sorted({name for name in names if names.count(name) > 1})
+
+
+def load_bases(values: Sequence[str]) -> list[BaseSpec]:
+    """Parse and check every ``--base``; labels must be distinct."""
+    bases = [parse_base(value) for value in values]
+    duplicates = _repeated([base.label for base in bases])
+    if duplicates:
+        raise UserError(
+            f"several bases are labelled {', '.join(map(repr, duplicates))}",
+            "name them with LABEL=PATH, e.g. --base original=PATH --base fused=PATH",
+        )
+    for base in bases:
+        _check_base(base)
+    return bases
+
+
+def load_tasks(config: EvaluateConfig) -> list[EvalTask]:
+    """Every seen then unseen dataset, subsampled and split; names must be distinct."""
+    settings = config.evaluation
+    options = dict(
+        max_train_examples=settings.max_train_examples,
+        max_test_examples=settings.max_test_examples,
+        test_fraction=settings.test_fraction,
+    )
+    tasks = [load_eval_task(spec, seen=True, **options) for spec in settings.dataset]
+    tasks += [load_eval_task(spec, seen=False, **options) for spec in settings.unseen]
+    duplicates = _repeated([task.name for task in tasks])
+    if duplicates:
+        raise UserError(
+            f"several datasets are named {', '.join(map(repr, duplicates))} (a file's stem or a folder's name)",
+            "rename the files or folders so that every dataset has its own name",
+        )
+    return tasks
+
+
+def evaluate_bases(config: EvaluateConfig, console: Console | None = None) -> list[EvalResult]:
+    """Run every method on every dataset for every base and seed, with one shared budget.
+
+    Bases and datasets are all loaded and checked first, so a typo fails in seconds, not after
+    the first base's runs. Progress goes to ``console`` (a bar on a terminal, one line per run
+    otherwise; nothing with ``quiet``, JSON lines with ``log_format = "json"``).
+    """
+    settings, logs = config.evaluation, config.logging
+    console = console or Console(highlight=False, soft_wrap=True)
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    bases = load_bases(settings.base)
+    tasks = load_tasks(config)
+    jobs = [
+        (task, base, seed, method)
+        for task in tasks
+        for base in bases
+        for seed in range(settings.seeds)
+        for method in settings.methods
+    ]
+    options = method_options(settings)
+    results = []
+    show_bar = console.is_terminal and not logs.quiet and logs.log_format != "json"
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=True, disable=not show_bar) as progress:
+        bar = progress.add_task("evaluating", total=len(jobs))
+        for task, base, seed, method in jobs:
+            progress.update(bar, description=f"{method} {base.label} on {task.name} (seed {seed})")
+            started = time.perf_counter()
+            outcome = METHODS[method](base.path, task, seed=seed, **options[method])
+            rate = majority_rate(task.test.labels)
+            result = EvalResult(
+                base=base.path,
+                base_label=base.label,
+                dataset=task.name,
+                seen=task.seen,
+                method=method,
+                seed=seed,
+                accuracy=outcome.accuracy,
+                seconds=time.perf_counter() - started,
+                majority_rate=rate,
+                at_majority=at_majority(outcome.accuracy, rate),
+                steps=outcome.steps,
+                best_step=outcome.best_step,
+                validation_accuracy=outcome.validation_accuracy,
+                correct=encode_correct(outcome.correct),
+            )
+            results.append(result)
+            _report_result(console, result, logs.quiet, logs.log_format)
+            progress.advance(bar)
+    return results
+
+
+def _report_result(console: Console, result: EvalResult, quiet: bool, log_format: str) -> None:
+    if log_format == "json":
+        console.file.write(json.dumps({"time": time.time(), "event": "result", **asdict(result)}) + "\n")
+        console.file.flush()
+    elif not quiet:
+        kind = "seen" if result.seen else "unseen"
+        console.print(
+            f"{result.method} {result.base_label} on {result.dataset} ({kind}) seed {result.seed}: "
+            f"accuracy {100 * result.accuracy:.1f}% (majority class {100 * result.majority_rate:.1f}%"
+            f"{': AT MAJORITY' if result.at_majority else ''}) after {result.steps} steps in {result.seconds:.1f}s"
+        )
+
+
+def run_evaluation(config: EvaluateConfig, console: Console | None = None) -> list[EvalResult]:
+    """The ``evaluate`` command: run the grid, print the table, write the report, say where it went."""
+    console = console or Console(highlight=False, soft_wrap=True)
+    results = evaluate_bases(config, console=console)
+    summary = summarize(results, resamples=config.evaluation.bootstrap_resamples)
+    paths = write_report(results, summary, config.evaluation.report_dir, config=config)
+    if config.logging.log_format == "json":
+        record = {"time": time.time(), "event": "summary", "summary": summary}
+        record["files"] = {key: str(path) for key, path in paths.items()}
+        console.file.write(json.dumps(record) + "\n")
+        console.file.flush()
+    else:
+        console.print(results_table(summary))
+        console.print(f"wrote {', '.join(str(path) for path in paths.values())}")
+    return results

@@ -1,0 +1,379 @@
+"""One fusion round: average the bodies of the peers ready in the same round, all-or-nothing.
+
+hivemind's ``DecentralizedAverager`` does the group forming and the butterfly all-reduce. This
+module wraps it for ColD Fusion:
+
+* the averager works on its own buffers, not on the live model: the body is copied in right before
+  the all-reduce and the average is copied back only after it succeeded and passed checks, so a
+  failed round leaves the peer's body exactly as it was (all or nothing, locally);
+* the state it shares with newcomers (``get_current_state``) is a snapshot of the *last fused*
+  body and its round, never the half-trained tensors of a round in progress, together with the
+  fusion rule's state (outer momentum) that belongs to that body;
+* the all-reduce result (the group's average) is what the checks below validate; only once every
+  member confirmed it does the run's :class:`~coldfusion_p2p.merge.rules.FusionRule` turn it into the next
+  fused base (the plain mean: the average itself);
+* every timeout hivemind leaves unset (all-reduce, sender, reducer, chunk) is set, and each wait
+  is bounded, so one stalled peer can never hang a round;
+* hivemind reports success even when a reducer failed (its slices fall back to each peer's own
+  values) or a sender was banned (its slices are averaged without it): each member checks its own
+  view of the all-reduce, publishes a signed verdict, and applies the average only if *every*
+  member of the group reported a complete all-reduce. Otherwise all keep their own body.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import TimeoutError as FutureTimeoutError
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from hivemind import DHT
+from hivemind.utils import get_dht_time
+
+from coldfusion_p2p.config import FusionConfig
+from coldfusion_p2p.contributor.model import copy_into
+from coldfusion_p2p.merge.aggregation import contribution
+from coldfusion_p2p.merge.rules import FusionRule
+from coldfusion_p2p.swarm.auth import InviteGate
+from coldfusion_p2p.swarm.hivemind_adapter import (  # noqa: F401 (COMPRESSIONS and the counters: old import path)
+    COMPRESSIONS,
+    CountingCompression,
+    FusedBodyAverager,
+    count_reducer_bytes,
+)
+from coldfusion_p2p.swarm.policy import group_bits, group_decision, group_mismatch, poisoned_update, same_start
+from coldfusion_p2p.swarm.records import RecordBoard, Verdict
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FusedState:
+    """A fused base downloaded from the swarm."""
+
+    round: int
+    tensors: list[torch.Tensor]
+    source: dict[str, Any] = field(default_factory=dict)
+    state: list[torch.Tensor] = field(default_factory=list)  # the fusion rule's state that goes with it
+
+
+@dataclass(frozen=True)
+class FusionResult:
+    fused: bool  # True: the body now holds the group's average
+    group_size: int  # peers in the all-reduce (1 when nobody joined)
+    peer_ids: tuple[str, ...]  # base58 ids of the group, this peer included
+    seconds: float  # from entering matchmaking to the end of the all-reduce
+    gathered: dict[str, dict[str, Any]] = field(default_factory=dict)  # what each member told the group
+    reason: str = ""  # why the round did not fuse
+    rejected: bool = False  # the all-reduce worked but its result failed validation (e.g. poisoning)
+    bytes_sent: int = 0  # serialized bytes this peer sent in the all-reduce
+    state: list[torch.Tensor] = field(default_factory=list)  # the fusion rule's state after a fusion
+
+
+class BodyFusion:
+    """Fuses one peer's body with its group, round after round.
+
+    >>> fusion = BodyFusion(dht, body, prefix=keys.averager_prefix(fingerprint), config=config.fusion, board=board)
+    >>> result = fusion.fuse(body, round_number=1, scheduled_time=t, weight=1.0, info={"round": 1})
+    >>> result.fused, result.group_size
+    """
+
+    def __init__(
+        self,
+        dht: DHT,
+        body: Sequence[torch.Tensor],
+        *,
+        prefix: str,
+        config: FusionConfig,
+        board: RecordBoard,
+        gate: InviteGate | None = None,
+        should_stop: Callable[[], bool] = lambda: False,
+        rule: FusionRule | None = None,
+        original: Sequence[torch.Tensor] | None = None,
+        state: Sequence[torch.Tensor] | None = None,
+        averager: FusedBodyAverager | None = None,
+    ):
+        """``averager`` is for unit tests of :meth:`fuse`'s decisions only (the default: a real one)."""
+        self.config, self.board, self.should_stop = config, board, should_stop
+        self.rule = rule or FusionRule()
+        if self.rule.needs_original and original is None:
+            raise ValueError("the anchor rule needs the original body")
+        self._original = list(original) if self.rule.needs_original else None  # the pretrained body (anchor)
+        # the rule's state that goes with the body this peer holds: published and checkpointed with it
+        self.state: list[torch.Tensor] = list(state) if state else self.rule.initial_state(body)
+        self._sketch_cache: tuple[list[torch.Tensor], list[float]] | None = None  # (start, its sketch)
+        self.averager = averager or FusedBodyAverager(body, dht, prefix=prefix, config=config, gate=gate)
+
+    @property
+    def peer_id(self) -> str:
+        return self.averager.peer_id.to_base58()
+
+    def _start_sketch(self, start: list[torch.Tensor]) -> list[float]:
+        """The sketch of the body this round started from, computed once per fused base."""
+        if self._sketch_cache is None or self._sketch_cache[0] is not start:
+            self._sketch_cache = (start, count_sketch(start))
+        return self._sketch_cache[1]
+
+    def fuse(
+        self,
+        body: Sequence[torch.Tensor],
+        *,
+        round_number: int,
+        scheduled_time: float,
+        weight: float,
+        info: dict[str, Any],
+    ) -> FusionResult:
+        """All-reduce ``body`` with the peers of ``round_number`` at ``scheduled_time``; update it in place
+        only on success. ``info`` is gathered from every member (it must include ``round``)."""
+        started = time.perf_counter()
+        config = self.config
+        bytes_before = self.averager.bytes_sent.value
+        nonce = secrets.token_hex(8)  # tells this attempt from any earlier one of the same round
+        start = self.averager.last_fused_body()
+        own_norm = update_norm(body, start)
+        own_sketch = self._start_sketch(start)
+        info = {
+            **info,
+            "nonce": nonce,
+            "update_norm": own_norm,
+            "aggregation": config.aggregation,
+            "fusion_rule": self.rule.signature(),
+            "start_sketch": own_sketch,
+        }
+        matchmaking_deadline = (
+            max(scheduled_time, get_dht_time() + config.matchmaking_time) + 2 * config.request_timeout
+        )
+        self.averager.set_group_bits(group_bits(round_number))
+        with self.averager.get_tensors() as buffers:
+            copy_into(list(buffers), contribution(body, start, config.aggregation, config.ties_density))
+        control = self.averager.step(
+            gather=info,
+            weight=weight,
+            scheduled_time=scheduled_time,
+            timeout=matchmaking_deadline - get_dht_time(),
+            allow_retries=False,  # a retry could fuse a different subset than the peers that already applied
+            wait=False,
+        )
+        wait_seconds = max(0.0, matchmaking_deadline - get_dht_time()) + config.allreduce_timeout + 5.0
+        try:
+            gathered = self._wait_for_group(control, time.monotonic() + wait_seconds)
+        except Exception as error:  # hivemind raises several types; all mean "no fusion this round"
+            control.cancel()
+            return self._not_fused(started, round_number, nonce, _short_reason(error))
+        if not gathered:
+            return self._not_fused(started, round_number, nonce, "no group formed")
+        members = {peer.to_base58(): data if isinstance(data, dict) else {} for peer, data in gathered.items()}
+        mismatch = group_mismatch(members, round_number, config.aggregation, self.rule.signature())
+        if mismatch is not None:
+            return self._not_fused(started, round_number, nonce, mismatch)
+        with self.averager.get_tensors() as buffers:
+            finite = all(torch.isfinite(tensor).all() for tensor in buffers)
+            fused_norm = update_norm(buffers, start) if finite else float("nan")
+        member_norms = [float(member.get("update_norm", float("nan"))) for member in members.values()]
+        honest_bounds = [float(member.get("update_bound", float("nan"))) for member in members.values()]
+        start_gaps = [sketch_distance(own_sketch, member.get("start_sketch")) for member in members.values()]
+        if not finite:
+            return self._rejected(started, round_number, nonce, "the average has NaN or Inf values")
+        if poisoned_update(fused_norm, own_norm, member_norms, config.max_update_ratio, start_gaps, honest_bounds):
+            reason = f"the fused update is {fused_norm / max(own_norm, 1e-12):.0f}x ours: a poisoned contribution?"
+            return self._rejected(started, round_number, nonce, reason)
+        self._publish_verdict(round_number, nonce, ok=True)
+        refusal = self._group_verdict(round_number, members)
+        if refusal is not None:
+            return self._not_fused(started, round_number, nonce, refusal, publish=False)
+        starts = [member.get("start_sketch") for member in members.values()]
+        self._apply_rule(body, start, same_start(starts, member_norms))
+        return FusionResult(
+            fused=True,
+            group_size=len(members),
+            peer_ids=tuple(sorted(members)),
+            seconds=time.perf_counter() - started,
+            gathered=members,
+            bytes_sent=self.averager.bytes_sent.value - bytes_before,
+            state=self.state,
+        )
+
+    def _apply_rule(self, body: Sequence[torch.Tensor], start: list[torch.Tensor], starts_agree: bool) -> None:
+        """Write the next fused base into ``body``: the rule applied to the confirmed average.
+
+        Members that started from different bases (see :func:`policy.same_start`, decided alike by
+        all) take the plain mean and restart the rule's state, so they still end on one base.
+        """
+        with self.averager.get_tensors() as buffers:
+            if self.rule.is_plain_mean or not starts_agree:
+                copy_into(list(body), list(buffers))
+                self.state = self.rule.initial_state(start) if self.state else []
+                return
+            state = self.averager.last_fused_state() or self.rule.initial_state(start)
+            step = self.rule.apply(start, list(buffers), self._original, state)
+        copy_into(list(body), step.base)
+        self.state = step.state
+
+    def _wait_for_group(self, control, deadline: float):
+        """The step's result, waited for in slices so that SIGTERM never waits for a whole all-reduce.
+
+        Leaving mid all-reduce is safe for the others: they see an incomplete all-reduce (or our
+        missing verdict) and all keep their own bodies.
+        """
+        while True:
+            try:
+                return control.result(timeout=min(0.5, max(0.0, deadline - time.monotonic())))
+            except FutureTimeoutError:
+                if self.should_stop():
+                    raise InterruptedError("stopped by the user") from None
+                if time.monotonic() >= deadline:
+                    raise
+
+    def _group_verdict(self, round_number: int, members: dict[str, dict[str, Any]]) -> str | None:
+        """Wait (bounded) for every member's verdict; None if all report a complete all-reduce."""
+        deadline = time.monotonic() + self.config.allreduce_timeout
+        while True:
+            decision = group_decision(self.peer_id, members, self.board.fetch_verdicts(round_number))
+            if decision is not None:
+                return None if decision == "apply" else decision
+            if self.should_stop():
+                return "stopped by the user before every member confirmed"
+            if time.monotonic() > deadline:
+                return "rolled back: a group member never confirmed the all-reduce"
+            time.sleep(0.1)
+
+    def _rejected(self, started: float, round_number: int, nonce: str, reason: str) -> FusionResult:
+        """The group's average is unusable: keep our body and make every member roll back too."""
+        result = self._not_fused(started, round_number, nonce, f"rejected: {reason}")
+        return dataclasses.replace(result, rejected=True)
+
+    def _publish_verdict(self, round_number: int, nonce: str, ok: bool) -> None:
+        verdict = Verdict(peer_id=self.peer_id, round=round_number, nonce=nonce, ok=ok, time=get_dht_time())
+        try:
+            self.board.publish_verdict(verdict, ttl=max(60.0, 2 * self.config.allreduce_timeout))
+        except Exception as error:  # the others then time out and roll back: safe
+            logger.debug("publishing the verdict failed: %r", error)
+
+    def _not_fused(
+        self, started: float, round_number: int, nonce: str, reason: str, publish: bool = True
+    ) -> FusionResult:
+        """Keep our own body; tell the group (if any formed) not to apply this round's average."""
+        if publish:
+            self._publish_verdict(round_number, nonce, ok=False)
+        return FusionResult(False, 1, (self.peer_id,), time.perf_counter() - started, reason=reason)
+
+    def publish_fused(self, round_number: int, body: Sequence[torch.Tensor], metadata: dict[str, Any]) -> None:
+        """Serve ``body`` as the fused base of ``round_number``, with the rule's current :attr:`state`."""
+        if not self.rule.is_plain_mean:
+            metadata = {**metadata, "fusion_rule": self.rule.signature()}
+        self.averager.publish_fused(round_number, body, metadata, self.state)
+
+    def download_fused(self, min_round: int, expected: Sequence[torch.Tensor], timeout: float) -> FusedState | None:
+        """The swarm's fused base, with the rule state that goes with it (adopt both, see :attr:`state`)."""
+        return download_fused(self.averager, min_round, expected, timeout, rule=self.rule)
+
+    def shutdown(self) -> None:
+        if self.averager.is_alive():
+            self.averager.shutdown()
+
+
+def update_norm(body: Sequence[torch.Tensor], start: Sequence[torch.Tensor]) -> float:
+    """L2 norm of ``body - start`` over all tensors (how far a round moved the body)."""
+    with torch.no_grad():
+        squares = (
+            float((tensor.float() - origin.float()).pow(2).sum()) for tensor, origin in zip(body, start, strict=True)
+        )
+        total = sum(squares)
+    return total**0.5
+
+
+SKETCH_SIZE = 256  # floats each member gathers about its start: ~9% error on distances between starts
+
+
+def count_sketch(tensors: Sequence[torch.Tensor], size: int = SKETCH_SIZE) -> list[float]:
+    """A CountSketch of the concatenated tensors: every value added, with a seeded random sign, to one
+    of ``size`` seeded random buckets. The sketch is linear, so the distance between two sketches
+    estimates the distance between two bodies (unbiased in its square) from ``size`` numbers each.
+    """
+    sketch = torch.zeros(size, dtype=torch.float32)
+    with torch.no_grad():
+        for index, tensor in enumerate(tensors):
+            values = tensor.detach().reshape(-1).float()
+            generator = torch.Generator().manual_seed(1_000_003 * (index + 1))
+            buckets = torch.randint(0, size, (values.numel(),), generator=generator)
+            signs = torch.randint(0, 2, (values.numel(),), generator=generator, dtype=torch.int8) * 2 - 1
+            sketch.index_add_(0, buckets, values * signs)
+    return sketch.tolist()
+
+
+def sketch_distance(own: Sequence[float], other: Any) -> float:
+    """Estimated distance between the bodies two sketches summarise (NaN for a missing or bad sketch)."""
+    try:
+        other_tensor = torch.tensor([float(value) for value in other], dtype=torch.float64)
+    except (TypeError, ValueError):
+        return float("nan")
+    if other_tensor.shape != (len(own),):
+        return float("nan")
+    return float((torch.tensor(own, dtype=torch.float64) - other_tensor).norm())
+
+
+def download_fused(
+    averager: FusedBodyAverager,
+    min_round: int,
+    expected: Sequence[torch.Tensor],
+    timeout: float,
+    rule: FusionRule | None = None,
+) -> FusedState | None:
+    """The fused base the best-placed peer serves, if its round is at least ``min_round``, its shapes
+    match ``expected`` and it is finite; None otherwise (callers retry, bounded).
+
+    The rule state served with it (``metadata["state_tensors"]`` tensors after the body) must be
+    shaped like the body and finite too. Given our ``rule``, a base fused with another rule (or
+    lacking the state ours needs) is refused; without one (the archiver) any rule is accepted."""
+    future = averager.load_state_from_peers(wait=False, timeout=timeout)
+    try:
+        loaded = future.result(timeout=timeout)
+    except Exception as error:  # several hivemind error types: all mean "not this time"
+        logger.info("state download failed: %s", _short_reason(error))
+        return None
+    if loaded is None:
+        return None
+    metadata, tensors = loaded
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("round"), int):
+        return None
+    state_count = metadata.get("state_tensors", 0)
+    if not isinstance(state_count, int) or state_count not in (0, len(expected)):
+        logger.warning("a peer served %r rule state tensors for a body of %d; ignored", state_count, len(expected))
+        return None
+    if metadata["round"] < min_round or len(tensors) != len(expected) + state_count:
+        return None  # the peer asked had not finished that round yet
+    body, state = list(tensors[: len(expected)]), list(tensors[len(expected) :])
+    if rule is not None:
+        served_rule = metadata.get("fusion_rule", FusionRule().signature())
+        if served_rule != rule.signature() or (rule.has_state and not state):
+            logger.warning(
+                "a peer served a base fused with another rule (%s, ours %s); ignored", served_rule, rule.signature()
+            )
+            return None
+    if not _shapes_match(body, expected) or (state and not _shapes_match(state, expected)):
+        logger.warning("a peer served a body of other shapes (another model?); ignored")
+        return None
+    if not all(torch.isfinite(tensor).all() for tensor in tensors):
+        logger.warning("a peer served a fused base with NaN or Inf values; ignored")
+        return None
+    return FusedState(round=metadata["round"], tensors=body, source=metadata, state=state)
+
+
+def _shapes_match(tensors: Sequence[torch.Tensor], expected: Sequence[torch.Tensor]) -> bool:
+    return all(tensor.shape == own.shape for tensor, own in zip(tensors, expected, strict=True))
+
+
+def _short_reason(error: BaseException) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {text}"[:200] if text else type(error).__name__
+
+
+def finite_or_nan(value: float) -> float | None:
+    """JSON- and record-friendly metric: None instead of NaN/Inf."""
+    return value if value is not None and math.isfinite(value) else None

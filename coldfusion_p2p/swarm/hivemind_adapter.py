@@ -1,0 +1,290 @@
+"""Every override of hivemind internals, in one place: written and checked against hivemind 1.1.12.
+
+ColD Fusion needs four things hivemind's ``DecentralizedAverager`` does not do, and gets them by
+overriding or wrapping its internals. Each is listed here with what it changes, so that a hivemind
+upgrade is one file to re-diff (:data:`HIVEMIND_VERSION` is the version the overrides were diffed
+against; importing this module with another version logs a warning):
+
+* ``DecentralizedAverager.get_current_state`` (public hook): newcomers download a snapshot of the
+  *last fused* body and the fusion rule's state, never the live buffers of a round in progress.
+* ``DecentralizedAverager._run_allreduce_inplace_`` (private): a modified copy of hivemind's. The
+  differences: (1) with ``clipped_mean``/``ties`` our slice is reduced by a
+  :class:`~coldfusion_p2p.merge.aggregation.ReferenceReducer` instead of the mean; (2) the deltas are
+  applied only if no part failed and no sender was banned (hivemind applies whatever it has, with
+  failed slices falling back to local values); (3) hivemind's ``_state_updated`` call after each
+  tensor is dropped (our state is the snapshot above, not the buffers); (4) the test-only crash
+  fault (:mod:`coldfusion_p2p.swarm.faults`).
+* ``rpc_join_group``, ``rpc_aggregate_part``, ``rpc_download_state``, ``_step`` and
+  ``_aggregate_with_group`` (private): moderated runs check each caller's transport-authenticated
+  peer id against the run's invites before hivemind's own handler runs.
+* ``hivemind.averaging.allreduce.serialize_torch_tensor`` (module function, wrapped process-wide by
+  :func:`count_reducer_bytes`): counts the bytes a reducer returns, since hivemind keeps no byte
+  counters; :class:`CountingCompression` counts what a sender sends.
+
+hivemind names its RPC handlers after the averager's class, so every node of a run (peers and the
+archiving bootstrap) must use :class:`FusedBodyAverager`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing as mp
+import os
+import signal
+from collections.abc import Sequence
+from typing import Any, AsyncIterator  # noqa: UP035 (hivemind finds streaming RPCs by typing's alias)
+
+import hivemind
+import torch
+from hivemind import DHT
+from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging import allreduce as allreduce_module
+from hivemind.averaging.allreduce import AllReduceRunner
+from hivemind.averaging.partition import AllreduceException
+from hivemind.compression import CompressionBase, Float16Compression, NoCompression
+from hivemind.p2p import P2PContext, PeerID
+from hivemind.proto import averaging_pb2
+from hivemind.utils import get_dht_time
+from hivemind.utils.asyncio import as_aiter, azip
+
+from coldfusion_p2p.config import FusionConfig
+from coldfusion_p2p.merge.aggregation import ReferenceReducer, combiner, reference_parts
+from coldfusion_p2p.swarm.auth import InviteGate
+from coldfusion_p2p.swarm.faults import FAULTS, Faults
+from coldfusion_p2p.swarm.policy import group_bits
+
+logger = logging.getLogger(__name__)
+
+HIVEMIND_VERSION = "1.1.12"  # the overrides below were diffed against this release
+if hivemind.__version__ != HIVEMIND_VERSION:
+    logger.warning(
+        "coldfusion-p2p overrides hivemind internals diffed against hivemind %s, but %s is installed: "
+        "install hivemind==%s",
+        HIVEMIND_VERSION,
+        hivemind.__version__,
+        HIVEMIND_VERSION,
+    )
+
+COMPRESSIONS = {"none": NoCompression, "fp16": Float16Compression}
+
+
+class CountingCompression(CompressionBase):
+    """Wraps a compression to count the bytes of every part this peer serializes to send.
+
+    hivemind keeps no byte counters; parts a peer sends as a sender go through ``compress``, and
+    the averaged parts it returns as a reducer through ``serialize_torch_tensor`` of the all-reduce
+    module, which :func:`count_reducer_bytes` wraps. The counter lives in shared memory because the
+    all-reduce runs in the averager's own process.
+    """
+
+    def __init__(self, inner: CompressionBase, counter):
+        self.inner, self.counter = inner, counter
+        self.compression_type = inner.compression_type
+
+    def compress(self, tensor, info, allow_inplace=False):
+        serialized = self.inner.compress(tensor, info, allow_inplace)
+        with self.counter.get_lock():
+            self.counter.value += serialized.ByteSize()
+        return serialized
+
+    def extract(self, serialized_tensor):
+        return self.inner.extract(serialized_tensor)
+
+    def estimate_compression_ratio(self, info):
+        return self.inner.estimate_compression_ratio(info)
+
+
+_reducer_counter: list = [None]  # the counter of the averager process about to be forked
+
+
+def count_reducer_bytes(counter) -> None:
+    """Count the averaged parts this process returns as a reducer (see :class:`CountingCompression`).
+
+    Call it right before an averager forks its process: the child keeps the counter set here.
+    """
+    _reducer_counter[0] = counter
+    original = allreduce_module.serialize_torch_tensor
+    if getattr(original, "counted", False):
+        return
+
+    def counted(*args, **kwargs):
+        serialized = original(*args, **kwargs)
+        if _reducer_counter[0] is not None:
+            with _reducer_counter[0].get_lock():
+                _reducer_counter[0].value += serialized.ByteSize()
+        return serialized
+
+    counted.counted = True
+    allreduce_module.serialize_torch_tensor = counted
+
+
+class FusedBodyAverager(DecentralizedAverager):
+    """An averager that shares the last fused body (a snapshot) instead of its live buffers, fuses
+    all or nothing, and admits only invited peers in moderated runs (see the module docstring).
+
+    The archiving bootstrap uses ``client_mode=True`` to download without serving.
+    """
+
+    def __init__(
+        self,
+        body: Sequence[torch.Tensor],
+        dht: DHT,
+        *,
+        prefix: str,
+        config: FusionConfig,
+        client_mode: bool = False,
+        gate: InviteGate | None = None,
+        faults: Faults = FAULTS,
+    ):
+        self._gate = gate  # moderated runs: who may call our RPCs and share a group with us
+        self._faults = faults  # read once at process start, never on the hot path
+        # (metadata, body, rule state): what newcomers download; the state is empty without momentum
+        self._snapshot: tuple[dict[str, Any], list[torch.Tensor], list[torch.Tensor]] = (
+            {"round": 0},
+            detached_copy(body),
+            [],
+        )
+        # clipped_mean and ties reduce against the last fused base; shared memory, so the averager's
+        # own process (forked below) sees every publish_fused of this one
+        self._combine = combiner(config.aggregation, config.clip_ratio)
+        self._reference = (
+            [tensor.share_memory_() for tensor in detached_copy(body)] if self._combine is not None else None
+        )
+        self.bytes_sent = mp.Value(ctypes.c_uint64, 0)  # every serialized part this peer sends
+        count_reducer_bytes(self.bytes_sent)  # before the averager process forks
+        super().__init__(
+            averaged_tensors=detached_copy(body),
+            dht=dht,
+            start=False,
+            prefix=prefix,
+            initial_group_bits=group_bits(0),
+            target_group_size=None,  # everyone who is ready inside the window joins one group
+            min_group_size=2,
+            min_matchmaking_time=config.matchmaking_time,
+            request_timeout=config.request_timeout,
+            allreduce_timeout=config.allreduce_timeout,
+            next_chunk_timeout=config.next_chunk_timeout,
+            sender_timeout=config.next_chunk_timeout,
+            reducer_timeout=2 * config.next_chunk_timeout,  # hivemind requires reducer > sender
+            declare_state_period=max(2.0, min(30.0, config.matchmaking_time * 2)),
+            client_mode=client_mode,
+            compression=CountingCompression(COMPRESSIONS[config.compression](), self.bytes_sent),
+            shutdown_timeout=3,
+        )
+        self.run_in_background(await_ready=True, timeout=60)
+
+    def publish_fused(
+        self,
+        round_number: int,
+        body: Sequence[torch.Tensor],
+        metadata: dict[str, Any],
+        state: Sequence[torch.Tensor] = (),
+    ) -> None:
+        """Make ``body`` (a fused base of ``round_number``) and the fusion rule's ``state`` that goes
+        with it what newcomers download from this peer."""
+        if state:
+            metadata = {**metadata, "state_tensors": len(state)}
+        self._snapshot = ({**metadata, "round": round_number}, detached_copy(body), detached_copy(state))
+        if self._reference is not None:
+            with torch.no_grad():
+                for reference, tensor in zip(self._reference, body, strict=True):
+                    reference.copy_(tensor)
+        # newest rounds are asked first; among equals, bodies really averaged in a group
+        self.state_sharing_priority = 2.0 * round_number + (2.0 if metadata.get("group_size", 0) >= 2 else 1.0)
+
+    def get_current_state(self):
+        """The snapshot: the body's tensors, then ``metadata["state_tensors"]`` tensors of rule state."""
+        metadata, body, state = self._snapshot
+        return metadata, [*body, *state] if state else body, None
+
+    def last_fused_body(self) -> list[torch.Tensor]:
+        """The body this round started from (the last fused base); never modified in place."""
+        return self._snapshot[1]
+
+    def last_fused_state(self) -> list[torch.Tensor]:
+        """The fusion rule's state that belongs to :meth:`last_fused_body` (empty without momentum)."""
+        return self._snapshot[2]
+
+    # ---- moderated runs: hivemind's averager RPCs carry no auth, so each one checks the caller's
+    # (transport-authenticated) peer id against the run's invites; refusals use codes hivemind
+    # never sends itself for these requests, so a refused caller just moves on.
+    async def _refuses(self, context: P2PContext) -> bool:
+        return self._gate is not None and not await self._gate.admits(context.remote_id)
+
+    async def rpc_join_group(
+        self, request: averaging_pb2.JoinRequest, context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.MessageFromLeader]:
+        if await self._refuses(context):
+            yield averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
+            return
+        async for response in super().rpc_join_group(request, context):
+            yield response
+
+    async def rpc_aggregate_part(
+        self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.AveragingData]:
+        if await self._refuses(context):
+            yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
+            return
+        async for response in super().rpc_aggregate_part(stream, context):
+            yield response
+
+    async def rpc_download_state(
+        self, request: averaging_pb2.DownloadRequest, context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.DownloadData]:
+        if await self._refuses(context):
+            return  # as hivemind denies a download: the caller asks the next peer
+        async for response in super().rpc_download_state(request, context):
+            yield response
+
+    async def _step(self, **kwargs):
+        if self._gate is not None:  # learn the swarm's invites now, not while a joining peer waits
+            self._gate.refresh_soon()
+        return await super()._step(**kwargs)
+
+    async def _aggregate_with_group(self, group_info, *args, **kwargs):
+        """Never send our parts to a group with an uninvited member (e.g. a leader that slipped in)."""
+        uninvited: list[PeerID] = [] if self._gate is None else await self._gate.uninvited(group_info.peer_ids)
+        if uninvited:
+            raise AllreduceException(f"group has {len(uninvited)} uninvited member(s): not averaging with it")
+        return await super()._aggregate_with_group(group_info, *args, **kwargs)
+
+    async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
+        """Like hivemind's, but all or nothing: apply the deltas only if no part failed or lost a sender."""
+        group_id = group_info.group_id if group_id is None else group_id
+        runner = AllReduceRunner(
+            p2p=self._p2p,
+            servicer_type=type(self),
+            prefix=self.prefix,
+            tensors=tensors,
+            group_id=group_id,
+            ordered_peer_ids=group_info.peer_ids,
+            **kwargs,
+        )
+        if self._reference is not None:  # reduce our slice with the run's rule instead of the mean
+            runner.tensor_part_reducer = ReferenceReducer(
+                tuple(part.shape for part in runner.parts_for_local_averaging),
+                len(runner.sender_peer_ids),
+                reference_parts(self._reference, runner.tensor_part_container, group_info.peer_ids.index(self.peer_id)),
+                self._combine,
+            )
+        self._running_groups[group_id].set_result(runner)
+        deltas = []
+        async for _, update in azip(as_aiter(*tensors), runner):
+            deltas.append(update)
+            if self._faults.crash_in_allreduce:  # test-only: die like a machine mid all-reduce
+                os.killpg(os.getpgid(0), signal.SIGKILL)
+        failed = runner.tensor_part_container.failed_size
+        if failed or runner.banned_senders:
+            raise AllreduceException(
+                f"incomplete all-reduce: {failed} values fell back to local ones, "
+                f"{len(runner.banned_senders)} sender(s) dropped"
+            )
+        for tensor, delta in zip(tensors, deltas, strict=True):
+            tensor.add_(delta, alpha=self._averaging_alpha)
+        self.last_updated = get_dht_time()
+
+
+def detached_copy(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    return [tensor.detach().clone() for tensor in tensors]

@@ -1,0 +1,198 @@
+"""A peer's presence in the swarm: its record, kept fresh by one thread, and the swarm watched by another.
+
+The round loop (:class:`~coldfusion_p2p.swarm.peer.Peer`) only states its progress
+(:meth:`Presence.update`); this module turns that into a signed :class:`PeerRecord` on the DHT
+every ``record_period`` seconds, so the monitor, the fusion window and late joiners always see
+a live record, whatever the loop is busy with. Reading the swarm runs on a thread of its own: a
+slow DHT read must never delay our record past its expiration.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from hivemind.utils import get_dht_time
+
+from coldfusion_p2p import __version__
+from coldfusion_p2p.config import FusionConfig
+from coldfusion_p2p.swarm import policy
+from coldfusion_p2p.swarm.records import PeerRecord, RecordBoard
+
+logger = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.2
+
+
+@dataclass
+class Progress:
+    """The mutable state behind this peer's DHT record (guarded by ``Presence``'s lock)."""
+
+    status: str = "starting"
+    round: int = 1
+    fused_round: int = 0
+    step: int = 0
+    train_loss: float | None = None
+    accuracy_before: float | None = None
+    accuracy_after: float | None = None
+    samples_per_second: float = 0.0
+    last_group_size: int = 0
+    last_fusion_seconds: float = 0.0
+    fuse_at: float | None = None
+    fingerprint: str = ""
+    last_outcome: str = ""
+    last_reason: str = ""
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What a peer's record says about it that never changes while it runs."""
+
+    dataset_name: str
+    num_examples: int
+    total_steps: int
+    model_fingerprint: str
+    invite: str = ""
+
+
+class Presence:
+    """Publishes this peer's record periodically and tracks the newest round the others fused."""
+
+    def __init__(self, identity: Identity, record_period: float, stop_event: threading.Event):
+        self.identity, self.record_period, self.stop_event = identity, record_period, stop_event
+        self.progress = Progress()
+        self.swarm_fused_round = 0  # the newest round another compatible peer fused, as last seen
+        self.peer_id = ""
+        self.board: RecordBoard | None = None
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+
+    def update(self, **changes: Any) -> None:
+        with self._lock:
+            for name, value in changes.items():
+                setattr(self.progress, name, value)
+
+    def record(self) -> PeerRecord:
+        with self._lock:
+            progress, identity = self.progress, self.identity
+            return PeerRecord(
+                peer_id=self.peer_id,
+                dataset_name=identity.dataset_name[:128],
+                num_examples=identity.num_examples,
+                status=progress.status,
+                round=progress.round,
+                fused_round=progress.fused_round,
+                step=progress.step,
+                total_steps=identity.total_steps,
+                train_loss=progress.train_loss,
+                accuracy_before=progress.accuracy_before,
+                accuracy_after=progress.accuracy_after,
+                samples_per_second=float(progress.samples_per_second),
+                last_group_size=progress.last_group_size,
+                last_fusion_seconds=float(progress.last_fusion_seconds),
+                fuse_at=progress.fuse_at,
+                last_outcome=progress.last_outcome,
+                last_reason=progress.last_reason,
+                body_fingerprint=progress.fingerprint,
+                model_fingerprint=identity.model_fingerprint,
+                version=__version__,
+                invite=identity.invite,
+                time=get_dht_time(),
+            )
+
+    def publish(self) -> None:
+        if self.board is None:
+            return
+        try:
+            self.board.publish(self.record(), ttl=max(3 * self.record_period, 3.0))
+        except Exception as error:  # a DHT hiccup must not kill a training peer; the next refresh retries
+            logger.debug("publishing the record failed: %r", error)
+
+    def start(self, board: RecordBoard, peer_id: str) -> None:
+        """Begin publishing (now, then every ``record_period``) and watching the swarm."""
+        self.board, self.peer_id = board, peer_id
+        for target, name in ((self._publish_periodically, "record-publisher"), (self._watch_swarm, "swarm-watcher")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        """Stop both threads (the stop event is set by the caller) and publish a last ``stopped`` record."""
+        for thread in self._threads:
+            thread.join(timeout=5)
+        if self.board is not None:
+            self.update(status="stopped", fuse_at=None)
+            self.publish()
+
+    # ------------------------------------------------------------ waiting on the swarm, through records
+    def wait_for_fusion_window(self, round_number: int, fusion_config: FusionConfig) -> tuple[str, float]:
+        """Publish readiness, then wait for the round's fusion time (the decisions are :mod:`policy`'s).
+
+        Returns ``("fuse", time)``, ``("alone", 0)``, ``("missed", 0)`` or ``("stop", 0)``.
+        Bounded: the earliest proposal is at most ``fusion_window`` away.
+        """
+        proposal = get_dht_time() + fusion_config.fusion_window
+        self.update(status="ready", fuse_at=proposal)
+        self.publish()
+        while not self.stop_event.is_set():
+            records = self.board.fetch()
+            others = policy.others(records, self.board.subkey, self.identity.model_fingerprint)
+            if policy.missed_round(round_number, others):
+                return "missed", 0.0
+            everyone = [*others, self.record()]
+            scheduled = policy.fusion_time(everyone, round_number)
+            now = get_dht_time()
+            if not policy.has_partners(others, round_number):
+                if fusion_config.min_group_size <= 1 or now >= scheduled:
+                    return "alone", 0.0
+            elif now >= scheduled - fusion_config.matchmaking_time:
+                return "fuse", scheduled
+            elif policy.everyone_ready(everyone, round_number, fusion_config.min_group_size):
+                proposal = now + fusion_config.matchmaking_time  # the whole swarm is here: close the window
+                self.update(fuse_at=proposal)
+                self.publish()
+                return "fuse", min(scheduled, proposal)
+            self.stop_event.wait(POLL_SECONDS)
+        return "stop", 0.0
+
+    def wait_for_archivers(self, timeout: float) -> None:
+        """Return once every archiver holds our last fused round, or after ``timeout`` (or a stop)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self.stop_event.is_set():
+            if not policy.archivers_behind(self.board.fetch().values(), self.progress.fused_round):
+                return
+            self.stop_event.wait(POLL_SECONDS)
+
+    def round_to_download(self, min_round: int | None, deadline: float) -> int | None:
+        """The fused round worth downloading now, or None (nothing newer; or a stop or the deadline).
+
+        Plainly (``min_round`` None): the swarm's newest fused round, if it is ahead of ours. Right
+        after a missed or failed fusion of ``min_round``: wait while others are still fusing it, then
+        only a round they really fused in a group.
+        """
+        while not self.stop_event.is_set() and time.monotonic() < deadline:
+            others = policy.others(self.board.fetch(), self.board.subkey, self.identity.model_fingerprint)
+            if min_round is None:
+                target = policy.swarm_fused_round(others)
+                return target if target > self.progress.fused_round else None
+            if not policy.still_fusing(others, min_round):
+                return policy.fused_without_us(others, min_round)
+            self.stop_event.wait(POLL_SECONDS)
+        return None
+
+    def _publish_periodically(self) -> None:
+        while not self.stop_event.wait(self.record_period):
+            self.publish()
+
+    def _watch_swarm(self) -> None:
+        """Keep :attr:`swarm_fused_round` fresh, so that training notices when the swarm left us behind."""
+        while not self.stop_event.wait(self.record_period):
+            try:
+                others = policy.others(self.board.fetch(), self.board.subkey, self.identity.model_fingerprint)
+            except Exception as error:  # like publishing: a DHT hiccup only delays the news
+                logger.debug("fetching the records failed: %r", error)
+                continue
+            self.swarm_fused_round = policy.swarm_fused_round(others)

@@ -1,0 +1,173 @@
+"""The swarm's shared state in the DHT: run keys, and each peer's signed progress record.
+
+Every peer publishes one :class:`PeerRecord` under ``<prefix>_peers`` with its own public key as
+the subkey, refreshed every few seconds with a short expiration, so the set of fresh records *is*
+the set of live peers. Records are typed by a strict pydantic schema (``SchemaValidator``) and
+signed (``RSASignatureValidator``): the subkey type ``BytesWithPublicKey`` makes an unsigned record
+invalid rather than merely unprotected, so no peer can write or overwrite another's record.
+
+Round agreement lives here too: a peer ready to fuse round ``r`` writes ``fuse_at`` (the time it
+proposes for the round's all-reduce) into its record; every peer fuses at the earliest proposal
+for ``r`` (see :mod:`coldfusion_p2p.swarm.policy`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from hivemind import DHT
+from hivemind.dht.schema import BytesWithPublicKey, RSASignatureValidator, SchemaValidator
+from hivemind.utils import ValueWithExpiration, get_dht_time
+from hivemind.utils.crypto import RSAPrivateKey
+from pydantic.v1 import BaseModel, StrictBool, StrictFloat, StrictStr, confloat, conint, constr
+
+Status = Literal["starting", "downloading", "training", "ready", "fusing", "idle", "stopped", "archiving"]
+ARCHIVER = "archiving"  # the status of a bootstrap node's archiver: not a contributor
+
+
+@dataclass(frozen=True)
+class RunKeys:
+    """DHT keys and the averager prefix of one run, derived from any printable run id.
+
+    hivemind forbids dots in averager prefixes and parses group keys with a regex, so the run id is
+    reduced to ``[A-Za-z0-9_]`` and suffixed with a hash of the full id (distinct ids never collide).
+
+    >>> RunKeys.from_run_id("my.run/1").prefix
+    'cf_my_run_1_...'  # doctest: +SKIP
+    """
+
+    run_id: str
+    prefix: str
+
+    @classmethod
+    def from_run_id(cls, run_id: str) -> RunKeys:
+        readable = re.sub(r"[^A-Za-z0-9_]+", "_", run_id).strip("_")[:40] or "run"
+        digest = hashlib.sha256(run_id.encode()).hexdigest()[:10]
+        return cls(run_id=run_id, prefix=f"cf_{readable}_{digest}")
+
+    def averager_prefix(self, model_fingerprint: str) -> str:
+        """Averagers of different models never meet: the model's fingerprint is part of the key."""
+        return f"{self.prefix}_body_{model_fingerprint}"
+
+    @property
+    def records_key(self) -> str:
+        return f"{self.prefix}_peers"
+
+    @property
+    def verdicts_key(self) -> str:
+        return f"{self.prefix}_verdicts"
+
+
+class PeerRecord(BaseModel):
+    """What a peer tells the swarm about itself; never its data or its head."""
+
+    peer_id: StrictStr  # base58 libp2p peer id, to match records with averaging groups
+    dataset_name: constr(strict=True, max_length=128)  # public label chosen by the volunteer
+    num_examples: conint(ge=0, strict=True)
+    status: Status
+    round: conint(ge=0, strict=True)  # the round this peer is working on
+    fused_round: conint(ge=0, strict=True)  # the last fused base this peer holds (0 = the original model)
+    step: conint(ge=0, strict=True)
+    total_steps: conint(ge=0, strict=True)
+    train_loss: confloat(strict=True) | None = None
+    accuracy_before: confloat(ge=0.0, le=1.0, strict=True) | None = None  # validation accuracy before fusion
+    accuracy_after: confloat(ge=0.0, le=1.0, strict=True) | None = None  # ... and after the last fusion
+    samples_per_second: confloat(ge=0.0, strict=True) = 0.0
+    last_group_size: conint(ge=0, strict=True) = 0
+    last_fusion_seconds: confloat(ge=0.0, strict=True) = 0.0
+    last_outcome: constr(strict=True, max_length=16) = ""  # fused / alone / failed / missed / synced / rejected
+    last_reason: constr(strict=True, max_length=200) = ""  # why the last round did not fuse, if it did not
+    fuse_at: StrictFloat | None = None  # proposed DHT time for the all-reduce of ``round``
+    body_fingerprint: constr(strict=True, max_length=32) = ""  # short hash of the fused body
+    model_fingerprint: constr(strict=True, max_length=32) = ""  # architecture, shapes and starting weights
+    version: constr(strict=True, max_length=32) = ""
+    invite: constr(strict=True, max_length=4096) = ""  # moderated runs: the run owner's invite of this peer id
+    time: StrictFloat  # DHT time of publication
+
+
+class Verdict(BaseModel):
+    """A group member's word on a finished all-reduce: did every part of *its* view succeed?"""
+
+    peer_id: StrictStr
+    round: conint(ge=0, strict=True)
+    nonce: constr(strict=True, max_length=32)  # this member's random nonce of the attempt, shared in the group
+    ok: StrictBool
+    time: StrictFloat
+
+
+class SwarmSchema(BaseModel):
+    peers: dict[BytesWithPublicKey, PeerRecord | None]
+    verdicts: dict[BytesWithPublicKey, Verdict | None]
+
+
+def swarm_validators(keys: RunKeys, private_key: RSAPrivateKey | None = None) -> list:
+    """Validators every node of a run (peer, bootstrap, monitor) installs on its DHT."""
+    return [SchemaValidator(SwarmSchema, prefix=keys.prefix), RSASignatureValidator(private_key)]
+
+
+class RecordBoard:
+    """Publishes this node's record and reads everyone's, over one DHT.
+
+    >>> board = RecordBoard(dht, RunKeys.from_run_id("demo"))
+    >>> board.publish(record, ttl=6.0)
+    >>> board.fetch()   # {subkey: PeerRecord} of the live peers
+    """
+
+    def __init__(self, dht: DHT, keys: RunKeys, private_key: RSAPrivateKey | None = None):
+        self.dht, self.keys = dht, keys
+        self.signature_validator = RSASignatureValidator(private_key)
+        dht.add_validators([SchemaValidator(SwarmSchema, prefix=keys.prefix), self.signature_validator])
+
+    @property
+    def subkey(self) -> bytes:
+        return self.signature_validator.local_public_key
+
+    def publish(self, record: PeerRecord, ttl: float) -> bool:
+        return bool(
+            self.dht.store(
+                self.keys.records_key,
+                subkey=self.subkey,
+                value=record.dict(),
+                expiration_time=get_dht_time() + ttl,
+            )
+        )
+
+    def fetch(self, timeout: float | None = 5.0) -> dict[bytes, PeerRecord]:
+        """Fresh, well-formed records by subkey; malformed ones are skipped, never fatal."""
+        return self._fetch(self.keys.records_key, PeerRecord, timeout)
+
+    def publish_verdict(self, verdict: Verdict, ttl: float = 120.0) -> bool:
+        return bool(
+            self.dht.store(
+                self.keys.verdicts_key,
+                subkey=self.subkey,
+                value=verdict.dict(),
+                expiration_time=get_dht_time() + ttl,
+            )
+        )
+
+    def fetch_verdicts(self, round_number: int, timeout: float | None = 5.0) -> dict[str, Verdict]:
+        """Verdicts on ``round_number``, by the libp2p peer id they name."""
+        verdicts = self._fetch(self.keys.verdicts_key, Verdict, timeout).values()
+        return {verdict.peer_id: verdict for verdict in verdicts if verdict.round == round_number}
+
+    def _fetch(self, key: str, model: type[BaseModel], timeout: float | None) -> dict:
+        future = self.dht.get(key, latest=True, return_future=True)
+        try:
+            found = future.result(timeout=timeout)
+        except Exception:  # a slow DHT must not stop training: no news is an empty board
+            return {}
+        if found is None or not isinstance(found.value, dict):
+            return {}
+        parsed = {}
+        for subkey, entry in found.value.items():
+            if not isinstance(entry, ValueWithExpiration) or entry.value is None:
+                continue
+            try:
+                parsed[subkey] = model.parse_obj(entry.value)
+            except ValueError:
+                continue
+        return parsed

@@ -1,0 +1,154 @@
+"""A peer's own record of its rounds on disk: the round report, the checkpoint, the history, resuming.
+
+Each completed round (fused, alone, failed or synced) becomes an atomic checkpoint of the fused
+base with this peer's head, the fusion rule's state and the report (``round.json``), plus one line
+of ``history.jsonl``; ``--resume`` restarts from the newest. With ``--save-local-body`` the body
+and head before fusion are saved beside it, so audits (and the tests) can check what fusion did.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from coldfusion_p2p import __version__
+from coldfusion_p2p.config import PeerConfig, RunConfig
+from coldfusion_p2p.contributor.checkpoints import (
+    append_history,
+    apply_body_state,
+    latest_checkpoint,
+    load_body_state,
+    load_fusion_state,
+    load_head,
+    save_checkpoint,
+)
+from coldfusion_p2p.contributor.data import TaskData
+from coldfusion_p2p.contributor.model import body_state_names, head_state, load_head_state
+from coldfusion_p2p.errors import UserError
+
+PRE_FUSION_FILE = "pre_fusion.safetensors"  # written with --save-local-body
+
+
+@dataclass
+class RoundReport:
+    """What one round did; saved in the checkpoint's round.json and shown on the console."""
+
+    round: int
+    outcome: str  # fused | alone | failed | synced
+    group_size: int
+    peer_ids: list[str]
+    train_loss: float | None
+    accuracy_before: float | None
+    accuracy_after: float | None  # after fusion and the head re-fit (the head this peer goes on with)
+    train_seconds: float
+    wait_seconds: float
+    fusion_seconds: float
+    samples_per_second: float
+    reason: str = ""
+    members: dict[str, dict[str, Any]] = field(default_factory=dict)
+    bytes_sent: int = 0  # serialized bytes this peer sent in the all-reduce
+    peak_rss_mb: float = 0.0  # peak resident memory of this peer's main process so far
+    accuracy_after_old_head: float | None = None  # after fusion, before the head re-fit
+    majority_rate: float | None = None  # validation accuracy of always answering the most common label
+
+
+@dataclass(frozen=True)
+class RoundOwner:
+    """The peer whose round is saved: who it is, its data and the model that holds its body and head."""
+
+    peer_id: str
+    data: TaskData
+    model_name: str
+    model: PreTrainedModel
+    tokenizer: Any
+    body: list[torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Resumed:
+    path: Path
+    round: int
+    group_size: int
+    fusion_state: list[torch.Tensor] | None
+
+
+def resume_checkpoint(
+    run: RunConfig, label_names: list[str], model: PreTrainedModel, body: list[torch.Tensor], has_state: bool
+) -> Resumed | None:
+    """Load our newest checkpoint into ``model`` with ``--resume``; None if there is none.
+
+    Without ``--resume`` an existing checkpoint is an error (never overwritten silently). Every
+    check runs before the model is touched, so a refused resume leaves it as it was.
+    """
+    checkpoint = latest_checkpoint(run.output_dir)
+    if checkpoint is None:
+        return None
+    if not run.resume:
+        raise UserError(
+            f"{run.output_dir} already holds a checkpoint (round {checkpoint.round})",
+            "pass --resume to continue from it, or choose another --output-dir",
+        )
+    head, saved_labels = load_head(checkpoint.path)
+    if saved_labels != label_names:
+        raise UserError(
+            f"the dataset's labels {label_names} differ from the checkpoint's {saved_labels}",
+            "use the dataset the checkpoint was trained on, or a fresh --output-dir",
+        )
+    state = None
+    if has_state:
+        shapes = [tensor.shape for tensor in body]
+        state = load_fusion_state(checkpoint.path, body_state_names(model), shapes)
+    apply_body_state(model, load_body_state(checkpoint.path))
+    load_head_state(model, head)
+    group_size = int((checkpoint.metadata.get("report") or {}).get("group_size", 0))
+    return Resumed(checkpoint.path, checkpoint.round, group_size, state)
+
+
+def pre_fusion_audit(model: PreTrainedModel, body: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """This round's body and head before fusion, saved with ``--save-local-body`` for audits."""
+    named_body = {
+        f"body.{name}": tensor.detach().clone() for name, tensor in zip(body_state_names(model), body, strict=True)
+    }
+    head = {f"head.{name}": tensor for name, tensor in head_state(model).items()}
+    return {**named_body, **head}
+
+
+def save_round(
+    config: PeerConfig,
+    owner: RoundOwner,
+    report: RoundReport,
+    *,
+    fusion_state: list[torch.Tensor],
+    pre_fusion: dict[str, torch.Tensor] | None,
+    fingerprint: str,
+) -> None:
+    """Checkpoint the body ``owner`` holds as the base of ``report.round`` and append the history line."""
+    names = body_state_names(owner.model)
+    save_checkpoint(
+        config.run.output_dir,
+        round_number=report.round,
+        model=owner.model,
+        tokenizer=owner.tokenizer,
+        head=head_state(owner.model),
+        label_names=owner.data.label_names,
+        metadata={
+            "peer_id": owner.peer_id,
+            "dataset": owner.data.name,
+            "examples": len(owner.data.train),
+            "report": report.__dict__,
+            "fingerprint": fingerprint,
+            "model": owner.model_name,
+            "config": config.to_dict(),
+            "version": __version__,
+            "time": time.time(),
+        },
+        keep=config.run.keep_checkpoints,
+        extra_files=None if pre_fusion is None else {PRE_FUSION_FILE: pre_fusion},
+        fusion_state=dict(zip(names, fusion_state, strict=True)) if fusion_state else None,
+    )
+    append_history(config.run.output_dir, {"peer_id": owner.peer_id, "dataset": owner.data.name, **report.__dict__})

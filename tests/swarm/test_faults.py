@@ -1,0 +1,27 @@
+"""The test-only fault seam: off unless its variables are set, read once, exact when on."""
+
+from __future__ import annotations
+
+import torch
+
+from coldfusion_p2p.swarm.faults import CRASH_IN_ALLREDUCE_ENV, SCALE_UPDATE_ENV, Faults
+
+
+def test_no_variables_means_no_faults():
+    faults = Faults.from_environment({})
+    assert faults == Faults() and not faults.crash_in_allreduce and faults.scale_update is None
+    body, start = [torch.ones(3)], [torch.zeros(3)]
+    faults.poison_update(body, start)
+    assert torch.equal(body[0], torch.ones(3))
+
+
+def test_the_variables_turn_the_faults_on():
+    faults = Faults.from_environment({CRASH_IN_ALLREDUCE_ENV: "1", SCALE_UPDATE_ENV: "100"})
+    assert faults.crash_in_allreduce
+    body, start = [torch.full((3,), 1.5)], [torch.ones(3)]
+    faults.poison_update(body, start)
+    assert torch.allclose(body[0], torch.full((3,), 51.0))  # start + 100 x the update of 0.5
+    nan = [torch.ones(2)]
+    Faults.from_environment({SCALE_UPDATE_ENV: "nan"}).poison_update(nan, [torch.zeros(2)])
+    assert torch.isnan(nan[0]).all()
+    assert not Faults.from_environment({CRASH_IN_ALLREDUCE_ENV: "0"}).crash_in_allreduce
