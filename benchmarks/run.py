@@ -58,15 +58,15 @@ from hivemind.utils.asyncio import as_aiter, azip  # noqa: E402
 from wire import NetNamespace, loopback_tx_bytes  # noqa: E402
 
 from coldfusion_p2p.config import DataConfig, FusionConfig, TrainingConfig, as_flags  # noqa: E402
-from coldfusion_p2p.data import load_task_data  # noqa: E402
-from coldfusion_p2p.model import (  # noqa: E402
+from coldfusion_p2p.contributor.data import load_task_data  # noqa: E402
+from coldfusion_p2p.contributor.model import (  # noqa: E402
     body_parameters,
     forward_input_names,
     load_classifier,
     load_tokenizer,
     resolve_model_name,
 )
-from coldfusion_p2p.trainer import LocalTrainer, collate  # noqa: E402
+from coldfusion_p2p.contributor.trainer import LocalTrainer, collate  # noqa: E402
 
 from tiny_models import build_tiny_model  # noqa: E402
 
@@ -241,8 +241,9 @@ def _fusion_worker(index, shapes, n_peers, compression, trials, settings, namesp
     torch.set_num_threads(1)
     from hivemind import DHT
 
-    from coldfusion_p2p.fusion import COMPRESSIONS, BodyFusion, CountingCompression, count_reducer_bytes
-    from coldfusion_p2p.records import RecordBoard, RunKeys, swarm_validators
+    from coldfusion_p2p.swarm.fusion import BodyFusion
+    from coldfusion_p2p.swarm.hivemind_adapter import COMPRESSIONS, CountingCompression, count_reducer_bytes
+    from coldfusion_p2p.swarm.records import RecordBoard, RunKeys, swarm_validators
 
     keys = RunKeys.from_run_id(f"bench-{n_peers}-{compression}-{len(shapes)}")
     peers = [] if index == 0 else list(initial)
@@ -476,8 +477,8 @@ def run_swarm(model: str, n_peers: int, workdir: Path, **settings) -> list[dict]
     """N real peer processes on loopback for a few rounds; returns every peer's round history."""
     from hivemind import DHT
 
-    from coldfusion_p2p.checkpoints import read_history
-    from coldfusion_p2p.records import RunKeys, swarm_validators
+    from coldfusion_p2p.contributor.checkpoints import read_history
+    from coldfusion_p2p.swarm.records import RunKeys, swarm_validators
 
     run_id = f"bench-swarm-{workdir.name}"
     entry = DHT(start=True, host_maddrs=[LOOPBACK], record_validators=swarm_validators(RunKeys.from_run_id(run_id)))

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")
 
 from coldfusion_p2p.config import as_flags
-from coldfusion_p2p.swarm.peer import PRE_FUSION_FILE
+from coldfusion_p2p.swarm.round_store import PRE_FUSION_FILE
 
 from tiny_models import build_tiny_model, sentiment_rows, write_csv
 

@@ -41,12 +41,7 @@ from coldfusion_p2p.contributor.model import copy_into
 from coldfusion_p2p.merge.aggregation import contribution
 from coldfusion_p2p.merge.rules import FusionRule
 from coldfusion_p2p.swarm.auth import InviteGate
-from coldfusion_p2p.swarm.hivemind_adapter import (  # noqa: F401 (COMPRESSIONS and the counters: old import path)
-    COMPRESSIONS,
-    CountingCompression,
-    FusedBodyAverager,
-    count_reducer_bytes,
-)
+from coldfusion_p2p.swarm.hivemind_adapter import FusedBodyAverager
 from coldfusion_p2p.swarm.policy import group_bits, group_decision, group_mismatch, poisoned_update, same_start
 from coldfusion_p2p.swarm.records import RecordBoard, Verdict
 

@@ -48,8 +48,7 @@ from coldfusion_p2p.swarm.network import check_network_config, network_moderatio
 from coldfusion_p2p.swarm.presence import Identity, Presence
 from coldfusion_p2p.swarm.process_safety import install as install_fork_hooks
 from coldfusion_p2p.swarm.records import RecordBoard, RunKeys
-from coldfusion_p2p.swarm.round_store import (  # noqa: F401 (PRE_FUSION_FILE: tests read the audit file)
-    PRE_FUSION_FILE,
+from coldfusion_p2p.swarm.round_store import (
     RoundOwner,
     RoundReport,
     pre_fusion_audit,

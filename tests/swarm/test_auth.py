@@ -31,7 +31,7 @@ from coldfusion_p2p.swarm.auth import (
     public_key_text,
     sign_invite,
 )
-from coldfusion_p2p.swarm.fusion import FusedBodyAverager
+from coldfusion_p2p.swarm.hivemind_adapter import FusedBodyAverager
 from coldfusion_p2p.swarm.network import network_moderation, shut_down, start_dht
 from coldfusion_p2p.swarm.records import PeerRecord, RecordBoard, RunKeys
 

@@ -13,13 +13,8 @@ from hivemind.compression import Float16Compression, NoCompression
 from hivemind.compression.base import CompressionInfo
 from hivemind.proto.runtime_pb2 import CompressionType
 
-from coldfusion_p2p.swarm.fusion import (
-    CountingCompression,
-    count_reducer_bytes,
-    count_sketch,
-    sketch_distance,
-    update_norm,
-)
+from coldfusion_p2p.swarm.fusion import count_sketch, sketch_distance, update_norm
+from coldfusion_p2p.swarm.hivemind_adapter import CountingCompression, count_reducer_bytes
 
 
 def bodies(seed: int, scale: float = 1.0) -> list[torch.Tensor]:
