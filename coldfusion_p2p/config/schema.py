@@ -57,7 +57,7 @@ class FusionConfig:
     next_chunk_timeout: float = 10.0  # a silent sender is dropped after this many seconds
     state_download_timeout: float = 120.0  # bound on downloading the fused base from the swarm
     max_update_ratio: float = 10.0  # reject a fused update this many times the typical one (poisoning guard)
-    compression: Literal["none", "fp16"] = "none"  # fp16 halves the bytes each peer sends per round
+    compression: Literal["none", "fp16", "int8"] = "none"  # fp16 halves the bytes each peer sends; int8 quarters them
     aggregation: Literal["mean", "clipped_mean", "ties"] = "mean"  # clipped_mean: robust to bad updates; ties: TIES
     clip_ratio: float = 2.0  # clipped_mean caps each update's norm at this many times the group's median
     ties_density: float = 0.2  # ties keeps this fraction of each member's largest update entries per tensor

@@ -20,6 +20,10 @@ against; importing this module with another version logs a warning):
 * ``hivemind.averaging.allreduce.serialize_torch_tensor`` (module function, wrapped process-wide by
   :func:`count_reducer_bytes`): counts the bytes a reducer returns, since hivemind keeps no byte
   counters; :class:`CountingCompression` counts what a sender sends.
+* ``Uniform8BitQuantization.extract`` (replaced in hivemind's deserializer registry,
+  ``hivemind.compression.serialization._BASE_COMPRESSION_TYPES``, process-wide): hivemind 1.1.12
+  calls ``int()`` on a one-element array there, a TypeError with numpy 2, so no 8-bit part could
+  be decoded. :class:`Uniform8Bit` reads the same bytes the same way, without that call.
 
 hivemind names its RPC handlers after the averager's class, so every node of a run (peers and the
 archiving bootstrap) must use :class:`FusedBodyAverager`.
@@ -36,13 +40,15 @@ from collections.abc import Sequence
 from typing import Any, AsyncIterator  # noqa: UP035 (hivemind finds streaming RPCs by typing's alias)
 
 import hivemind
+import numpy as np
 import torch
 from hivemind import DHT
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging import allreduce as allreduce_module
 from hivemind.averaging.allreduce import AllReduceRunner
 from hivemind.averaging.partition import AllreduceException
-from hivemind.compression import CompressionBase, Float16Compression, NoCompression
+from hivemind.compression import CompressionBase, Float16Compression, NoCompression, Uniform8BitQuantization
+from hivemind.compression import serialization as serialization_module
 from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2
 from hivemind.utils import get_dht_time
@@ -66,7 +72,24 @@ if hivemind.__version__ != HIVEMIND_VERSION:
         HIVEMIND_VERSION,
     )
 
-COMPRESSIONS = {"none": NoCompression, "fp16": Float16Compression}
+
+class Uniform8Bit(Uniform8BitQuantization):
+    """hivemind's uniform 8-bit quantization (a 256-entry codebook of bucket means per part, 6 sigma
+    wide), with an ``extract`` that works with numpy 2 (see the module docstring)."""
+
+    def extract(self, serialized_tensor):
+        buffer = serialized_tensor.buffer
+        codebook_size = int(np.frombuffer(buffer, count=1, dtype=np.int64)[0])
+        codebook = np.frombuffer(buffer, offset=8, count=codebook_size, dtype=self.codebook_dtype)
+        quantized = np.frombuffer(buffer, offset=8 + codebook.nbytes, dtype=self.indices_dtype)
+        indices = torch.as_tensor(quantized, dtype=torch.int64).reshape(tuple(serialized_tensor.size))
+        values = torch.as_tensor(codebook).to(dtype=getattr(torch, serialized_tensor.dtype))
+        return values[indices].requires_grad_(serialized_tensor.requires_grad)
+
+
+serialization_module._BASE_COMPRESSION_TYPES["UNIFORM_8BIT"] = Uniform8Bit()  # receivers decode with it
+
+COMPRESSIONS = {"none": NoCompression, "fp16": Float16Compression, "int8": Uniform8Bit}
 
 
 class CountingCompression(CompressionBase):

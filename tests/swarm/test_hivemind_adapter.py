@@ -1,0 +1,56 @@
+"""The hivemind adapter's compressions: what a peer sends and what its partners decode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.proto.runtime_pb2 import CompressionType
+
+from coldfusion_p2p.contributor.checkpoints import load_body_state
+from coldfusion_p2p.swarm.hivemind_adapter import COMPRESSIONS
+
+from conftest import pre_fusion, round_dir
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*quantize_per_tensor:UserWarning")
+
+
+def test_int8_parts_are_a_quarter_of_fp32_and_decode_through_hiveminds_own_deserializer():
+    generator = torch.Generator().manual_seed(0)
+    tensor = 0.04 * torch.randn(4096, 64, generator=generator)
+    serialized = serialize_torch_tensor(tensor, CompressionType.UNIFORM_8BIT)
+    assert serialized.ByteSize() <= 0.26 * tensor.numel() * 4
+    decoded = deserialize_torch_tensor(serialized)  # what a partner does with our part: hivemind's registry
+    assert decoded.shape == tensor.shape and decoded.dtype == tensor.dtype
+    inside = tensor.abs() < 2.5 * tensor.std()  # the 6-sigma-wide codebook: buckets of 6 sigma / 256
+    bucket = 6 * float(tensor.std()) / 256
+    assert float((decoded - tensor)[inside].abs().max()) <= bucket
+    assert COMPRESSIONS["int8"]().compression_type == CompressionType.UNIFORM_8BIT
+
+
+@pytest.mark.swarm
+def test_two_peers_fuse_with_int8_near_the_exact_mean_for_a_quarter_of_the_bytes(
+    local_swarm, tiny_model_dir, tiny_datasets
+):
+    settings = dict(rounds=1, min_group_size=2, save_local_body=True, refit_steps=0, compression="int8")
+    peers = [local_swarm.start_peer(f"peer{i}", tiny_datasets[i], tiny_model_dir, seed=i, **settings) for i in (0, 1)]
+    local_swarm.wait_all()
+    bodies = [pre_fusion(peer, 1, "body") for peer in peers]
+    mean = {name: (bodies[0][name] + bodies[1][name]) / 2 for name in bodies[0]}
+    payload = sum(tensor.numel() * 4 for tensor in mean.values())
+    update = max(float((bodies[0][name] - bodies[1][name]).abs().max()) for name in mean)
+    assert update > 1e-3, "the peers trained alike: nothing to average"
+    for peer in peers:
+        report = peer.round_info(1)["report"]
+        assert report["outcome"] == "fused" and report["group_size"] == 2, report
+        fused = load_body_state(round_dir(peer, 1))
+        # 8 bits per value: within a few codebook buckets of the exact mean, never the own body
+        error = torch.cat([(fused[name] - mean[name]).abs().reshape(-1) for name in mean])
+        assert float(error.median()) < 0.01 * update, (peer.name, float(error.median()), update)
+    # each part carries one byte per value plus its codebook (8 + 256 x 4 bytes); this tiny model's many
+    # small tensors make the codebooks weigh (on MiniLM they are under 1% of the bytes). Both peers
+    # send each part once: as a sender or, averaged, as its reducer
+    int8_body = sum(tensor.numel() + 8 + 1024 for tensor in mean.values())
+    sent = sum(peer.round_info(1)["report"]["bytes_sent"] for peer in peers)
+    assert 2 * int8_body <= sent <= 2 * int8_body * 1.05 + 8192, (sent, int8_body, payload)
+    assert sent < 0.8 * 2 * payload, "no cheaper than fp32"
