@@ -16,7 +16,6 @@ Writes ``output_dir/round_NNNNN/`` (the fused base as a Hugging Face folder, lik
 
 from __future__ import annotations
 
-import csv
 import json
 import time
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from safetensors.torch import save_file
 
 from coldfusion_p2p.apps.bundled import resolve_contributors
+from coldfusion_p2p.apps.demo_report import write_rounds
 from coldfusion_p2p.config import PeerConfig, SimulateConfig, build_config, read_config_file
 from coldfusion_p2p.contributor.checkpoints import (
     atomic_folder,
@@ -225,14 +225,8 @@ class Simulation:
         return final
 
     def write_report(self, settings: dict[str, Any]) -> Path:
-        from coldfusion_p2p.apps.demo import plot_rounds
-
         rows = [row.__dict__ for row in self.rows]
-        with open(self.output_dir / "rounds.csv", "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        plot_rounds(rows, self.output_dir / "rounds.png")
+        write_rounds(rows, self.output_dir)
         path = self.output_dir / "simulation.json"
         path.write_text(json.dumps({"settings": settings, "rule": self.rule.signature(), "rounds": rows}, indent=2))
         return path

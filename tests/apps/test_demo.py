@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from coldfusion_p2p.apps.demo import accuracy_curve, archived_round, curve_lines, curve_rounds, verdict_lines
+from coldfusion_p2p.apps.demo_report import accuracy_curve, archived_round, curve_lines, curve_rounds, verdict_lines
 
 from conftest import peer_command, peer_environment
 
@@ -167,7 +167,7 @@ def test_quick_demo_runs_end_to_end_and_writes_the_report(tmp_path):
 
 
 def test_learning_lines_compare_each_contributor_with_its_majority_rate():
-    from coldfusion_p2p.apps.demo import learning_lines, learning_margin
+    from coldfusion_p2p.apps.demo_report import learning_lines, learning_margin
 
     assert learning_margin(0.876) == pytest.approx(0.062) and learning_margin(0.236) == pytest.approx(0.10)
     rows = [
