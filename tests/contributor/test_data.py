@@ -9,15 +9,10 @@ import time
 import pytest
 
 from coldfusion_p2p.config import DataConfig
-from coldfusion_p2p.contributor import data
-from coldfusion_p2p.contributor.data import (
-    TaskData,
-    canonical_label,
-    load_task_data,
-    looks_like_path,
-    order_labels,
-    split_indices,
-)
+from coldfusion_p2p.contributor import sources
+from coldfusion_p2p.contributor.columns import canonical_label, order_labels
+from coldfusion_p2p.contributor.data import TaskData, load_task_data, split_indices
+from coldfusion_p2p.contributor.sources import looks_like_path
 from coldfusion_p2p.errors import UserError
 
 from data_fixtures import labelled_rows, save_dataset, save_dataset_dict, write_rows
@@ -183,7 +178,7 @@ def test_na_like_texts_stay_strings(tmp_path):
 
 def test_rows_with_empty_text_are_dropped(tmp_path, caplog):
     rows = [*labelled_rows(10), {"text": "", "label": "positive"}, {"text": "   ", "label": "negative"}]
-    with caplog.at_level(logging.WARNING, logger="coldfusion_p2p.contributor.data"):
+    with caplog.at_level(logging.WARNING, logger="coldfusion_p2p.contributor.columns"):
         task = load(write_rows(tmp_path / "gaps.csv", rows))
     assert len(task.train) + len(task.validation) == 10
     assert "dropped 2 of 12 rows" in caplog.text
@@ -355,7 +350,7 @@ def _online_environment(monkeypatch):
 
 def test_unreachable_hub_fails_fast_without_retries(monkeypatch):
     _online_environment(monkeypatch)
-    monkeypatch.setattr(data, "_probe_hub", lambda name: "[Errno -2] Name or service not known")
+    monkeypatch.setattr(sources, "_probe_hub", lambda name: "[Errno -2] Name or service not known")
     start = time.monotonic()
     with pytest.raises(UserError, match=r"\(the Hub is unreachable: \[Errno -2\] Name or service not known; no cached"):
         load("nobody-here/no-such-dataset")
