@@ -22,6 +22,10 @@ JSON and plots behind.
 
 The linear probe computes the frozen body's outputs once per example and replays them into the
 model's own forward (see :mod:`coldfusion_p2p.contributor.head_fit`), at the cost of one body pass per example.
+
+This module is the protocol itself: the methods and the grid that runs them. The datasets and
+their splits are read in :mod:`coldfusion_p2p.evaluation.tasks`, the ``--base`` models resolved
+and checked in :mod:`coldfusion_p2p.evaluation.bases`, so each can be read and tested alone.
 """
 
 from __future__ import annotations
@@ -30,37 +34,19 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from transformers import AutoConfig, PreTrainedModel
+from transformers import PreTrainedModel
 
-from coldfusion_p2p.config import DataConfig, EvaluateConfig, EvaluationSettings, TrainingConfig
-from coldfusion_p2p.contributor.data import FILE_FORMATS, TaskData, TextSplit, load_task_data, split_indices
-from coldfusion_p2p.errors import UserError
+from coldfusion_p2p.config import EvaluateConfig, EvaluationSettings, TrainingConfig
+from coldfusion_p2p.contributor.data import TextSplit
 from coldfusion_p2p.contributor.head_fit import FrozenBody, train_head
-from coldfusion_p2p.contributor.model import (
-    body_parameters,
-    forward_input_names,
-    load_classifier,
-    load_tokenizer,
-    resolve_model_name,
-)
-from coldfusion_p2p.evaluation.report import (  # re-exported: the evaluation's public interface
-    METHOD_TITLES,
-    REPORT_FILES,
-    EvalResult,
-    plot_summary,
-    results_table,
-    summarize,
-    write_report,
-)
-from coldfusion_p2p.evaluation.statistics import at_majority, encode_correct, majority_rate
+from coldfusion_p2p.contributor.model import body_parameters, forward_input_names, load_classifier, load_tokenizer
 from coldfusion_p2p.contributor.trainer import (
     EVAL_BATCH_SIZE,
     SCHEDULES,
@@ -71,6 +57,18 @@ from coldfusion_p2p.contributor.trainer import (
     encode_split,
     pad_token_id,
 )
+from coldfusion_p2p.evaluation.bases import load_bases
+from coldfusion_p2p.evaluation.report import (  # re-exported: the evaluation's public interface
+    METHOD_TITLES,
+    REPORT_FILES,
+    EvalResult,
+    plot_summary,
+    results_table,
+    summarize,
+    write_report,
+)
+from coldfusion_p2p.evaluation.statistics import at_majority, encode_correct, majority_rate
+from coldfusion_p2p.evaluation.tasks import EvalTask, carve_validation, few_shot_split, load_tasks
 
 __all__ = [
     "METHOD_TITLES",
@@ -86,184 +84,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-BUNDLED = "bundled"
 WEIGHT_DECAY = 0.01  # as TrainingConfig's default, for every method
-
-
-# ---------------------------------------------------------------------------------------------
-# Datasets
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class EvalTask:
-    """One dataset of the evaluation: a train split, a held-out test split and the label vocabulary."""
-
-    name: str
-    train: TextSplit
-    test: TextSplit
-    label_names: list[str]
-    seen: bool
-
-
-def load_eval_task(
-    spec: str,
-    *,
-    seen: bool,
-    max_train_examples: int,
-    max_test_examples: int,
-    test_fraction: float = 0.2,
-    split_seed: int = 0,
-    text_column: str | None = None,
-    text_pair_column: str | None = None,
-    label_column: str | None = None,
-) -> EvalTask:
-    """Read a dataset for evaluation; UserError for anything unusable.
-
-    ``spec`` is a folder holding ``train.<ext>`` and ``test.<ext>`` (used as given), or anything
-    ``--dataset`` accepts (a file, a ``save_to_disk`` folder, a Hub name): then its validation
-    split, or a seeded ``test_fraction`` carved from its rows, is the test split. Both splits are
-    then subsampled (seeded) to at most ``max_train_examples`` / ``max_test_examples``.
-    """
-    path = Path(spec).expanduser()
-    columns = dict(text_column=text_column, text_pair_column=text_pair_column, label_column=label_column)
-    train_file = _split_file(path, "train") if path.is_dir() else None
-    if train_file is not None:
-        test_file = _split_file(path, "test")
-        if test_file is None:
-            raise UserError(
-                f"folder {path} has {train_file.name} but no test file",
-                f"add test{train_file.suffix} beside it, or pass {train_file} alone to carve a test split",
-            )
-        name = path.name
-        train_data = load_task_data(DataConfig(dataset=str(train_file), **columns), split_seed)
-        test_data = load_task_data(
-            DataConfig(
-                dataset=str(test_file),
-                text_column=train_data.text_column,
-                text_pair_column=train_data.text_pair_column,
-                label_column=train_data.label_column,
-            ),
-            split_seed,
-        )
-        if (test_data.text_pair_column is None) != (train_data.text_pair_column is None):
-            raise UserError(
-                f"{train_file} and {test_file} disagree on the text pair column "
-                f"({train_data.text_pair_column} vs {test_data.text_pair_column})",
-                "give both files the same columns",
-            )
-        label_names = train_data.label_names
-        train = _whole(train_data)
-        test = _relabel(_whole(test_data), test_data.label_names, label_names, test_file, train_file)
-    else:
-        data = load_task_data(DataConfig(dataset=spec, validation_fraction=test_fraction, **columns), split_seed)
-        name, label_names, train, test = data.name, data.label_names, data.train, data.validation
-    return EvalTask(
-        name=name,
-        train=_subsample(train, max_train_examples, [split_seed, 1]),
-        test=_subsample(test, max_test_examples, [split_seed, 2]),
-        label_names=label_names,
-        seen=seen,
-    )
-
-
-def _split_file(folder: Path, split: str) -> Path | None:
-    found = [folder / f"{split}{suffix}" for suffix in FILE_FORMATS if (folder / f"{split}{suffix}").is_file()]
-    if len(found) > 1:
-        raise UserError(
-            f"folder {folder} has several {split} files ({', '.join(path.name for path in found)})",
-            f"keep only one {split} file",
-        )
-    return found[0] if found else None
-
-
-def _whole(data: TaskData) -> TextSplit:
-    """A file read by load_task_data back in one piece (it always carves a validation split)."""
-    first, second = data.train, data.validation
-    return TextSplit(
-        texts=first.texts + second.texts,
-        text_pairs=None if first.text_pairs is None else first.text_pairs + (second.text_pairs or []),
-        labels=first.labels + second.labels,
-    )
-
-
-def _relabel(split: TextSplit, names: list[str], target: list[str], test_file: Path, train_file: Path) -> TextSplit:
-    """Express the test labels as indices into the train label vocabulary."""
-    index = {name: position for position, name in enumerate(target)}
-    unknown = sorted({names[label] for label in split.labels} - set(index))
-    if unknown:
-        raise UserError(
-            f"label(s) {', '.join(map(repr, unknown))} of {test_file} never occur in {train_file}",
-            "a head cannot learn labels it never sees: add them to the train file or drop those test rows",
-        )
-    return TextSplit(split.texts, split.text_pairs, [index[names[label]] for label in split.labels])
-
-
-def _subsample(split: TextSplit, limit: int, seed: list[int]) -> TextSplit:
-    """At most ``limit`` rows, chosen by a seeded permutation, kept in their original order."""
-    if len(split) <= limit:
-        return split
-    return _rows(split, sorted(np.random.default_rng(seed).permutation(len(split))[:limit].tolist()))
-
-
-def _rows(split: TextSplit, keep: Sequence[int]) -> TextSplit:
-    return TextSplit(
-        texts=[split.texts[i] for i in keep],
-        text_pairs=None if split.text_pairs is None else [split.text_pairs[i] for i in keep],
-        labels=[split.labels[i] for i in keep],
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Bases
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BaseSpec:
-    label: str  # how tables and plots name it
-    path: str  # what load_classifier loads
-
-
-def parse_base(value: str) -> BaseSpec:
-    """``PATH``, ``LABEL=PATH`` or ``bundled``; a run's output folder stands for its ``latest`` checkpoint.
-
-    Raises UserError for an empty label or path and for a local-looking path that does not exist.
-    """
-    value = value.strip()
-    label, separator, target = value.partition("=")
-    if not separator or "/" in label or "\\" in label:  # "=" inside a path is not a label
-        label, target = "", value
-    label, target = label.strip(), target.strip()
-    if separator and not target:
-        raise UserError(f"--base {value!r} names no model", "write LABEL=PATH, e.g. --base fused=out/latest")
-    if not target:
-        raise UserError("--base is empty", "pass a model folder, LABEL=PATH or bundled")
-    if target == BUNDLED:
-        return BaseSpec(label or BUNDLED, resolve_model_name(None))
-    path = Path(target).expanduser()
-    if path.exists():
-        if path.is_dir() and not (path / "config.json").exists() and (path / "latest" / "config.json").exists():
-            path = path / "latest"  # a peer's --output-dir: its newest fused base
-        return BaseSpec(label or Path(target.rstrip("/\\")).name or target, str(path))
-    try:
-        resolved = resolve_model_name(target)
-    except UserError:
-        raise UserError(f"base model folder {target} does not exist", "check the --base path") from None
-    return BaseSpec(label or target, resolved)
-
-
-def _check_base(base: BaseSpec) -> None:
-    """Fail before any training when a base has no usable config or tokenizer."""
-    try:
-        AutoConfig.from_pretrained(base.path)
-        load_tokenizer(base.path)
-    except (UserError, OSError, ValueError, KeyError) as error:
-        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        raise UserError(
-            f"base {base.label!r} ({base.path}) could not be loaded ({reason})",
-            "pass --base a Hugging Face model folder with config.json, weights and tokenizer files, or bundled",
-        ) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -476,23 +297,6 @@ def predict_correct(model: PreTrainedModel, encoded: EncodedSplit) -> np.ndarray
     return np.concatenate(chunks)
 
 
-def carve_validation(train: TextSplit, fraction: float, seed: int) -> tuple[TextSplit, TextSplit]:
-    """(fit, validation): a seeded ``fraction`` of ``train`` held out to pick the best epoch."""
-    fit, held_out = split_indices(len(train), fraction, seed + 1_000)
-    return _rows(train, fit), _rows(train, held_out)
-
-
-def few_shot_split(train: TextSplit, shots: int, seed: int) -> TextSplit:
-    """At most ``shots`` examples of every label (all of a rarer one), seeded, in their original order."""
-    rng = np.random.default_rng([seed, 4])
-    labels = np.asarray(train.labels)
-    keep = []
-    for label in np.unique(labels):
-        where = np.flatnonzero(labels == label)
-        keep += rng.choice(where, size=min(shots, len(where)), replace=False).tolist()
-    return _rows(train, sorted(keep))
-
-
 # ---------------------------------------------------------------------------------------------
 # The grid
 # ---------------------------------------------------------------------------------------------
@@ -523,43 +327,6 @@ def method_options(settings: EvaluationSettings) -> dict[str, dict]:
         ),
         "linear_probe": dict(shared, lr=settings.probe_lr, steps=settings.probe_steps),
     }
-
-
-def _repeated(names: Sequence[str]) -> list[str]:
-    return sorted({name for name in names if names.count(name) > 1})
-
-
-def load_bases(values: Sequence[str]) -> list[BaseSpec]:
-    """Parse and check every ``--base``; labels must be distinct."""
-    bases = [parse_base(value) for value in values]
-    duplicates = _repeated([base.label for base in bases])
-    if duplicates:
-        raise UserError(
-            f"several bases are labelled {', '.join(map(repr, duplicates))}",
-            "name them with LABEL=PATH, e.g. --base original=PATH --base fused=PATH",
-        )
-    for base in bases:
-        _check_base(base)
-    return bases
-
-
-def load_tasks(config: EvaluateConfig) -> list[EvalTask]:
-    """Every seen then unseen dataset, subsampled and split; names must be distinct."""
-    settings = config.evaluation
-    options = dict(
-        max_train_examples=settings.max_train_examples,
-        max_test_examples=settings.max_test_examples,
-        test_fraction=settings.test_fraction,
-    )
-    tasks = [load_eval_task(spec, seen=True, **options) for spec in settings.dataset]
-    tasks += [load_eval_task(spec, seen=False, **options) for spec in settings.unseen]
-    duplicates = _repeated([task.name for task in tasks])
-    if duplicates:
-        raise UserError(
-            f"several datasets are named {', '.join(map(repr, duplicates))} (a file's stem or a folder's name)",
-            "rename the files or folders so that every dataset has its own name",
-        )
-    return tasks
 
 
 def evaluate_bases(config: EvaluateConfig, console: Console | None = None) -> list[EvalResult]:

@@ -12,33 +12,30 @@ import pytest
 import torch
 from rich.console import Console
 
-from coldfusion_p2p.evaluation import evaluate
-from coldfusion_p2p.contributor.checkpoints import save_body_folder
 from coldfusion_p2p.cli import build_parser, main
 from coldfusion_p2p.config import EvaluateConfig, TrainingConfig, build_config, field_help
+from coldfusion_p2p.contributor.checkpoints import save_body_folder
+from coldfusion_p2p.contributor.head_fit import FrozenBody
+from coldfusion_p2p.contributor.model import body_parameters, load_classifier, load_tokenizer, split_body_head
+from coldfusion_p2p.contributor.trainer import EvalStats, LocalTrainer, encode_split
 from coldfusion_p2p.errors import UserError
+from coldfusion_p2p.evaluation import evaluate
+from coldfusion_p2p.evaluation.bases import parse_base
 from coldfusion_p2p.evaluation.evaluate import (
     EvalResult,
-    EvalTask,
     RunOutcome,
-    carve_validation,
     evaluate_bases,
-    few_shot_split,
     finetune_run,
     finetune_to_convergence,
     linear_probe_run,
-    load_eval_task,
-    parse_base,
     predict_correct,
     probe_model,
     results_table,
     summarize,
     write_report,
 )
-from coldfusion_p2p.contributor.head_fit import FrozenBody
-from coldfusion_p2p.contributor.model import body_parameters, load_classifier, load_tokenizer, split_body_head
 from coldfusion_p2p.evaluation.statistics import decode_correct, encode_correct
-from coldfusion_p2p.contributor.trainer import EvalStats, LocalTrainer, encode_split
+from coldfusion_p2p.evaluation.tasks import EvalTask, carve_validation, few_shot_split, load_eval_task
 
 from conftest import assert_one_line_error
 from tiny_models import ARCHITECTURES, build_tiny_model, sentiment_rows, write_csv
