@@ -158,7 +158,6 @@ def few_shot_split(train: TextSplit, shots: int, seed: int) -> TextSplit:
     return _rows(train, sorted(keep))
 
 
-
 def repeated_names(names: Sequence[str]) -> list[str]:
     """The names that occur more than once, sorted."""
     return sorted({name for name in names if names.count(name) > 1})
