@@ -1,0 +1,1 @@
+"""Does a base beat the original? The paper's protocol, paired statistics, and the reports."""
