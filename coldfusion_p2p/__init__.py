@@ -6,6 +6,8 @@ Where things live (each subpackage is one layer; arrows are the only imports bet
     errors.py      UserError: one line naming the problem and the fix
     contributor/   a contributor's own machine, no networking
         data.py         load_task_data: a dataset file/folder/hub name -> validated splits
+        sources.py      reading a file, save_to_disk folder or hub dataset into tables
+        columns.py      finding and checking the text, pair and label columns
         batches.py      EncodedSplit and the seeded, length-bucketed batch stream
         model.py        load any sequence classifier; split_body_head: shared body vs local head
         trainer.py      LocalTrainer: local finetuning, evaluation and the head re-fit
@@ -31,10 +33,13 @@ Where things live (each subpackage is one layer; arrows are the only imports bet
         bootstrap.py, archive.py, monitor.py   the entry node, its archive, the dashboard
     evaluation/    does a base beat the original? (-> contributor)
         evaluate.py     evaluate_bases: the paper's protocol (finetune, linear probe, few-shot)
+        tasks.py        the evaluation datasets and their splits (seen, unseen, few-shot)
+        bases.py        --base values -> model folders, checked
         statistics.py   paired bootstrap deltas with confidence intervals, verdicts
         report.py       summaries, tables, CSV/JSON and plots of an evaluation
     apps/          whole runs built from the layers above
         demo.py         the main job: a local swarm on bundled data, then the evaluation
+        demo_report.py  its rounds, accuracy curve, verdicts, Markdown and plots
         simulate.py     Simulation: the method in one process (equal to a swarm's fused body)
         bundled.py      the bundled contributors (peers/*.toml and peers/data)
     cli.py         the ``coldfusion-peer`` command: parses into a config, calls the above
