@@ -44,6 +44,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # Small timeouts that are still safe on 2 busy cores; the window closes early once all are ready.
+REPO_ROOT = Path(__file__).resolve().parent.parent  # the checkout: peers/, bootstrap/, benchmarks/
+
 FAST_SWARM_SETTINGS = {
     "local_steps": 3,
     "batch_size": 8,
@@ -53,7 +55,7 @@ FAST_SWARM_SETTINGS = {
     "torch_threads": 1,
     "matchmaking_time": 1.5,
     "request_timeout": 0.5,
-    "fusion_window": 30.0,
+    "fusion_window": 60.0,  # closed early once min_group_size peers are ready: only a slow start waits
     "allreduce_timeout": 20.0,
     "next_chunk_timeout": 5.0,
     "state_download_timeout": 30.0,

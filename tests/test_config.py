@@ -8,6 +8,8 @@ from coldfusion_p2p.cli import build_parser, parse_config
 from coldfusion_p2p.config import PeerConfig, build_config, config_fields, read_config_file
 from coldfusion_p2p.errors import UserError
 
+from conftest import REPO_ROOT
+
 
 def test_measured_defaults():
     config = PeerConfig()
@@ -85,7 +87,7 @@ def test_to_dict_round_trips_through_build_config():
 def test_every_shipped_peer_config_is_valid_and_its_dataset_resolves():
     from pathlib import Path
 
-    peers = sorted((Path(__file__).parent.parent / "peers").glob("*.toml"))
+    peers = sorted((REPO_ROOT / "peers").glob("*.toml"))
     assert len(peers) >= 4
     for path in peers:
         config = build_config(read_config_file(path))

@@ -18,13 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import resource
 import signal
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import torch
 from hivemind import DHT
@@ -37,7 +34,6 @@ from coldfusion_p2p.contributor.model import (
     copy_into,
     model_fingerprint,
 )
-from coldfusion_p2p.errors import UserError
 from coldfusion_p2p.merge.rules import FusionRule
 from coldfusion_p2p.swarm import policy
 from coldfusion_p2p.swarm.auth import InviteGate
@@ -53,24 +49,13 @@ from coldfusion_p2p.swarm.round_store import (
     RoundReport,
     pre_fusion_audit,
     resume_checkpoint,
+    round_report,
     save_round,
 )
 
 logger = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.2
-OUTCOME_REASONS = {"alone": "no other peer in the swarm", "missed": "the swarm fused this round without us"}
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (VmHWM; unlike ru_maxrss it does not inherit the parent's)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 @contextlib.contextmanager
@@ -128,12 +113,9 @@ class Peer:
         self.model_name, self.tokenizer, self.model = learner.model_name, learner.tokenizer, learner.model
         self.body, self.trainer = learner.body, learner.trainer
         self.model_fingerprint = model_fingerprint(self.model)  # of --model itself, before any resume
+        invite = self.moderation.invite.encode() if self.moderation is not None else ""
         identity = Identity(
-            dataset_name=self.data.name,
-            num_examples=len(self.data.train),
-            total_steps=config.training.local_steps,
-            model_fingerprint=self.model_fingerprint,
-            invite=self.moderation.invite.encode() if self.moderation is not None else "",
+            self.data.name, len(self.data.train), config.training.local_steps, self.model_fingerprint, invite
         )
         self.presence = Presence(identity, config.network.record_period, self.stop_event)
         self.rule = FusionRule.from_config(config.fusion)
@@ -144,38 +126,30 @@ class Peer:
         with signals_deferred():
             self.dht = start_dht(config.network, self.keys, moderation=self.moderation)
         self.board = RecordBoard(self.dht, self.keys)
-        with signals_deferred():
-            self.fusion = self._start_fusion()
-        self.fusion.publish_fused(self.presence.progress.fused_round, self.body, self._snapshot_metadata())
-        self.console.joined(self.fusion.peer_id, self.dht.get_visible_maddrs(), self.data, self.keys.run_id)
-        self._check_compatible()  # before publishing anything: a stranger must not disturb the swarm
-        self.presence.start(self.board, self.fusion.peer_id)
-
-    def _start_fusion(self) -> BodyFusion:
-        config = self.config
-        return BodyFusion(
-            self.dht,
-            self.body,
-            prefix=self.keys.averager_prefix(self.model_fingerprint),
-            config=config.fusion,
-            board=self.board,
-            gate=None if self.moderation is None else InviteGate(self.dht, self.keys.records_key, self.moderation),
-            should_stop=self.stop_event.is_set,
-            rule=self.rule,
-            original=self._original_body,
-            state=self._resumed_state,
+        gate = None if self.moderation is None else InviteGate(self.dht, self.keys.records_key, self.moderation)
+        prefix, original, state = (
+            self.keys.averager_prefix(self.model_fingerprint),
+            self._original_body,
+            self._resumed_state,
         )
-
-    def _check_compatible(self) -> None:
-        """A newcomer with another model gets a clear error instead of silently forming its own swarm."""
-        everyone_else = policy.others(self.board.fetch(), self.board.subkey)
-        theirs = policy.incompatible_swarm(everyone_else, self.model_fingerprint)
-        if theirs is not None:
-            raise UserError(
-                f"this swarm (run {self.keys.run_id!r}) fuses a different model (fingerprint {theirs}, "
-                f"yours {self.model_fingerprint}: another architecture, shapes or starting weights)",
-                "pass the --model the swarm started from, or another --run-id",
+        with signals_deferred():
+            self.fusion = BodyFusion(
+                self.dht,
+                self.body,
+                prefix=prefix,
+                config=config.fusion,
+                board=self.board,
+                gate=gate,
+                should_stop=self.stop_event.is_set,
+                rule=self.rule,
+                original=original,
+                state=state,
             )
+        alone = {"group_size": 0, "peer_ids": [], "fingerprint": body_fingerprint(self.body)}
+        self.fusion.publish_fused(self.presence.progress.fused_round, self.body, alone)
+        self.console.joined(self.fusion.peer_id, self.dht.get_visible_maddrs(), self.data, self.keys.run_id)
+        self.presence.check_compatible(self.board, self.keys.run_id)  # before publishing: strangers stay out
+        self.presence.start(self.board, self.fusion.peer_id)
 
     def _resume_local_checkpoint(self) -> None:
         """With ``--resume``, start from our checkpoint; without it, refuse to overwrite one."""
@@ -193,38 +167,23 @@ class Peer:
         if self.dht is None:
             self.setup()
         self.catch_up(reason="joining")
-        while not self._should_stop():
+        while not self.presence.done(self.config.run.rounds):
             report = self.run_round(self.presence.progress.fused_round + 1)
             if report is None:  # stopped mid-round: the last checkpoint stays as it was
                 break
             self.reports.append(report)
             self.console.round_summary(report)
-        self.wait_for_archivers()
-        self.presence.update(status="stopped", fuse_at=None)
-        self.presence.publish()
-        return self.reports
-
-    def wait_for_archivers(self) -> None:
-        """Before leaving, keep serving our last fused base until archivers have stored it (bounded)."""
+        # before leaving, keep serving our last fused base until archivers have stored it (bounded)
         self.presence.wait_for_archivers(self.config.fusion.state_download_timeout)
-
-    def _should_stop(self) -> bool:
-        return self.stop_event.is_set() or policy.rounds_done(
-            self.presence.progress.fused_round, self.config.run.rounds
-        )
-
-    def _behind_swarm(self, round_number: int) -> bool:
-        """Stop training early when asked to, or when the swarm already fused this round without us
-        (e.g. we were frozen): the round is lost anyway, and the sooner we catch up the sooner we
-        are back in the swarm's current round instead of chasing it one stale round after another."""
-        return self.stop_event.is_set() or self.presence.swarm_fused_round >= round_number
+        self.presence.announce(status="stopped", fuse_at=None)
+        return self.reports
 
     def run_round(self, round_number: int) -> RoundReport | None:
         """Train, evaluate, fuse (or not), evaluate, checkpoint; None when stopped mid-round."""
         self.presence.update(status="training", round=round_number, step=0, fuse_at=None)
         with self.console.training(round_number, self.config.training.local_steps) as on_step:
             stats = self.trainer.train_round(
-                round_number, on_step=self._on_step(on_step), should_stop=lambda: self._behind_swarm(round_number)
+                round_number, on_step=self._on_step(on_step), should_stop=lambda: self.presence.behind(round_number)
             )
         if self.stop_event.is_set():
             return None
@@ -242,29 +201,25 @@ class Peer:
             return None
         if outcome in ("failed", "missed") and self.catch_up(f"round {round_number} {outcome}", round_number):
             outcome = "synced"
-        fused = result is not None and result.fused
         new_body = outcome in ("fused", "synced")
         after_old_head = self.trainer.evaluate().accuracy if new_body else None
         if new_body and outcome != "synced":  # a synced round was re-fitted when it was downloaded
             self.trainer.refit_head(round_number)
-        report = RoundReport(
-            round=round_number,
-            outcome=outcome,
-            group_size=result.group_size if fused else 1,
-            peer_ids=list(result.peer_ids) if fused else [self.fusion.peer_id],
-            train_loss=finite_or_nan(stats.loss),
-            accuracy_before=before.accuracy,
-            accuracy_after=self.trainer.evaluate().accuracy if new_body else before.accuracy,
-            accuracy_after_old_head=after_old_head,
-            majority_rate=self.trainer.majority_rate(),
-            train_seconds=stats.seconds,
-            wait_seconds=time.perf_counter() - waited - (result.seconds if result is not None else 0.0),
-            fusion_seconds=result.seconds if result is not None else 0.0,
-            samples_per_second=stats.samples_per_second,
-            reason=result.reason if result is not None else OUTCOME_REASONS.get(outcome, ""),
-            members=result.gathered if fused else {},
-            bytes_sent=result.bytes_sent if result is not None else 0,
-            peak_rss_mb=peak_rss_mb(),
+        accuracy = {
+            "before": before.accuracy,
+            "after": self.trainer.evaluate().accuracy if new_body else before.accuracy,
+            "after_old_head": after_old_head,
+            "majority": self.trainer.majority_rate(),
+        }
+        spent = time.perf_counter() - waited - (result.seconds if result is not None else 0.0)
+        report = round_report(
+            round_number,
+            outcome,
+            own_peer_id=self.fusion.peer_id,
+            training=stats,
+            accuracy=accuracy,
+            result=result,
+            wait_seconds=spent,
         )
         if outcome != "synced":  # a synced round already checkpointed the downloaded base
             self._complete_round(round_number, report, pre_fusion)
@@ -277,7 +232,7 @@ class Peer:
         validation), ``alone``, ``missed`` (the swarm fused without us), ``stop``.
         """
         with self.console.fusing(round_number) as set_stage:
-            decision, scheduled_time = self.wait_for_fusion_window(round_number)
+            decision, scheduled_time = self.presence.wait_for_fusion_window(round_number, self.config.fusion)
             if decision != "fuse":
                 return decision, None
             set_stage("all-reducing the bodies")
@@ -301,10 +256,6 @@ class Peer:
             )
         return ("fused" if result.fused else "rejected" if result.rejected else "failed"), result
 
-    def wait_for_fusion_window(self, round_number: int) -> tuple[str, float]:
-        """See :meth:`Presence.wait_for_fusion_window`."""
-        return self.presence.wait_for_fusion_window(round_number, self.config.fusion)
-
     def catch_up(self, reason: str, min_round: int | None = None) -> bool:
         """Download the swarm's newest fused base if it is ahead of ours; bounded in time.
 
@@ -313,14 +264,12 @@ class Peer:
         """
         deadline = time.monotonic() + self.config.fusion.state_download_timeout
         if min_round is not None:  # no longer "fusing": the others must not wait for us while we wait for them
-            self.presence.update(status="downloading", fuse_at=None)
-            self.presence.publish()
+            self.presence.announce(status="downloading", fuse_at=None)
         while not self.stop_event.is_set() and time.monotonic() < deadline:
             target = self.presence.round_to_download(min_round, deadline)
             if target is None:
                 return False
-            self.presence.update(status="downloading", fuse_at=None)
-            self.presence.publish()
+            self.presence.announce(status="downloading", fuse_at=None)
             state = self.fusion.download_fused(target, self.body, timeout=max(1.0, deadline - time.monotonic()))
             if state is None:
                 self.stop_event.wait(POLL_SECONDS)
@@ -328,19 +277,9 @@ class Peer:
             copy_into(self.body, state.tensors)
             self.fusion.state = state.state  # the fusion rule's state (outer momentum) travels with the base
             self.trainer.refit_head(state.round)  # our old head does not fit the downloaded base
-            report = RoundReport(
-                round=state.round,
-                outcome="synced",
-                group_size=int(state.source.get("group_size", 0)),
-                peer_ids=list(state.source.get("peer_ids", [])),
-                train_loss=None,
-                accuracy_before=None,
-                accuracy_after=None,
-                train_seconds=0.0,
-                wait_seconds=0.0,
-                fusion_seconds=0.0,
-                samples_per_second=0.0,
-                reason=f"downloaded the swarm's fused base ({reason})",
+            why = f"downloaded the swarm's fused base ({reason})"
+            report = round_report(
+                state.round, "synced", own_peer_id=self.fusion.peer_id, source=state.source, reason=why
             )
             self._complete_round(state.round, report, None)
             self.console.info(f"caught up with the swarm: fused base of round {state.round} ({reason})")
@@ -367,19 +306,7 @@ class Peer:
             pre_fusion=pre_fusion,
             fingerprint=fingerprint,
         )
-        self.presence.update(
-            status="idle",
-            fused_round=round_number,
-            round=round_number + 1,
-            accuracy_after=report.accuracy_after,
-            last_group_size=report.group_size,
-            last_fusion_seconds=report.fusion_seconds,
-            fuse_at=None,
-            fingerprint=fingerprint,
-            last_outcome=report.outcome,
-            last_reason=report.reason[:200],
-        )
-        self.presence.publish()
+        self.presence.announce_round(report, fingerprint)
 
     # ---------------------------------------------------------------- records
     def _on_step(self, console_callback):
@@ -388,9 +315,6 @@ class Peer:
             console_callback(step, loss)
 
         return on_step
-
-    def _snapshot_metadata(self) -> dict[str, Any]:
-        return {"group_size": 0, "peer_ids": [], "fingerprint": body_fingerprint(self.body)}
 
     # ---------------------------------------------------------------- shutdown
     def shutdown(self) -> None:

@@ -19,6 +19,7 @@ from hivemind.utils import get_dht_time
 
 from coldfusion_p2p import __version__
 from coldfusion_p2p.config import FusionConfig
+from coldfusion_p2p.errors import UserError
 from coldfusion_p2p.swarm import policy
 from coldfusion_p2p.swarm.records import PeerRecord, RecordBoard
 
@@ -103,6 +104,36 @@ class Presence:
                 time=get_dht_time(),
             )
 
+    def announce(self, **changes: Any) -> None:
+        """:meth:`update`, then publish at once (not at the next period): others act on it now."""
+        self.update(**changes)
+        self.publish()
+
+    def announce_round(self, report: Any, fingerprint: str) -> None:
+        """Announce a completed round (a RoundReport): its base is now the one we hold and serve."""
+        self.announce(
+            status="idle",
+            fused_round=report.round,
+            round=report.round + 1,
+            accuracy_after=report.accuracy_after,
+            last_group_size=report.group_size,
+            last_fusion_seconds=report.fusion_seconds,
+            fuse_at=None,
+            fingerprint=fingerprint,
+            last_outcome=report.outcome,
+            last_reason=report.reason[:200],
+        )
+
+    def done(self, rounds: int | None) -> bool:
+        """Stop the round loop: asked to, or the fused round reached ``--rounds``."""
+        return self.stop_event.is_set() or policy.rounds_done(self.progress.fused_round, rounds)
+
+    def behind(self, round_number: int) -> bool:
+        """Stop training early when asked to, or when the swarm already fused this round without us
+        (e.g. we were frozen): the round is lost anyway, and the sooner we catch up the sooner we
+        are back in the swarm's current round instead of chasing it one stale round after another."""
+        return self.stop_event.is_set() or self.swarm_fused_round >= round_number
+
     def publish(self) -> None:
         if self.board is None:
             return
@@ -124,8 +155,18 @@ class Presence:
         for thread in self._threads:
             thread.join(timeout=5)
         if self.board is not None:
-            self.update(status="stopped", fuse_at=None)
-            self.publish()
+            self.announce(status="stopped", fuse_at=None)
+
+    def check_compatible(self, board: RecordBoard, run_id: str) -> None:
+        """A newcomer with another model gets a clear error instead of silently forming its own swarm."""
+        everyone_else = policy.others(board.fetch(), board.subkey)
+        theirs = policy.incompatible_swarm(everyone_else, self.identity.model_fingerprint)
+        if theirs is not None:
+            raise UserError(
+                f"this swarm (run {run_id!r}) fuses a different model (fingerprint {theirs}, "
+                f"yours {self.identity.model_fingerprint}: another architecture, shapes or starting weights)",
+                "pass the --model the swarm started from, or another --run-id",
+            )
 
     # ------------------------------------------------------------ waiting on the swarm, through records
     def wait_for_fusion_window(self, round_number: int, fusion_config: FusionConfig) -> tuple[str, float]:
@@ -135,8 +176,7 @@ class Presence:
         Bounded: the earliest proposal is at most ``fusion_window`` away.
         """
         proposal = get_dht_time() + fusion_config.fusion_window
-        self.update(status="ready", fuse_at=proposal)
-        self.publish()
+        self.announce(status="ready", fuse_at=proposal)
         while not self.stop_event.is_set():
             records = self.board.fetch()
             others = policy.others(records, self.board.subkey, self.identity.model_fingerprint)
@@ -152,8 +192,7 @@ class Presence:
                 return "fuse", scheduled
             elif policy.everyone_ready(everyone, round_number, fusion_config.min_group_size):
                 proposal = now + fusion_config.matchmaking_time  # the whole swarm is here: close the window
-                self.update(fuse_at=proposal)
-                self.publish()
+                self.announce(fuse_at=proposal)
                 return "fuse", min(scheduled, proposal)
             self.stop_event.wait(POLL_SECONDS)
         return "stop", 0.0

@@ -25,6 +25,10 @@ from hivemind.utils.crypto import RSAPrivateKey
 from pydantic.v1 import BaseModel, StrictBool, StrictFloat, StrictStr, confloat, conint, constr
 
 Status = Literal["starting", "downloading", "training", "ready", "fusing", "idle", "stopped", "archiving"]
+# how a round ended for a peer (its RoundReport and its record's last_outcome): fused in a group; kept its own
+# body (alone: nobody to fuse with; failed: the all-reduce broke; rejected: its result failed validation);
+# missed (the swarm fused without it) or synced (it downloaded the swarm's fused base instead)
+Outcome = Literal["fused", "alone", "failed", "rejected", "missed", "synced"]
 ARCHIVER = "archiving"  # the status of a bootstrap node's archiver: not a contributor
 
 
@@ -78,7 +82,7 @@ class PeerRecord(BaseModel):
     samples_per_second: confloat(ge=0.0, strict=True) = 0.0
     last_group_size: conint(ge=0, strict=True) = 0
     last_fusion_seconds: confloat(ge=0.0, strict=True) = 0.0
-    last_outcome: constr(strict=True, max_length=16) = ""  # fused / alone / failed / missed / synced / rejected
+    last_outcome: Outcome | Literal[""] = ""  # "" before the first round
     last_reason: constr(strict=True, max_length=200) = ""  # why the last round did not fuse, if it did not
     fuse_at: StrictFloat | None = None  # proposed DHT time for the all-reduce of ``round``
     body_fingerprint: constr(strict=True, max_length=32) = ""  # short hash of the fused body

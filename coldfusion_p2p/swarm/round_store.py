@@ -8,6 +8,8 @@ and head before fusion are saved beside it, so audits (and the tests) can check 
 
 from __future__ import annotations
 
+import math
+import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +32,7 @@ from coldfusion_p2p.contributor.checkpoints import (
 from coldfusion_p2p.contributor.data import TaskData
 from coldfusion_p2p.contributor.model import body_state_names, head_state, load_head_state
 from coldfusion_p2p.errors import UserError
+from coldfusion_p2p.swarm.records import Outcome
 
 PRE_FUSION_FILE = "pre_fusion.safetensors"  # written with --save-local-body
 
@@ -39,7 +42,7 @@ class RoundReport:
     """What one round did; saved in the checkpoint's round.json and shown on the console."""
 
     round: int
-    outcome: str  # fused | alone | failed | synced
+    outcome: Outcome
     group_size: int
     peer_ids: list[str]
     train_loss: float | None
@@ -55,6 +58,68 @@ class RoundReport:
     peak_rss_mb: float = 0.0  # peak resident memory of this peer's main process so far
     accuracy_after_old_head: float | None = None  # after fusion, before the head re-fit
     majority_rate: float | None = None  # validation accuracy of always answering the most common label
+
+
+OUTCOME_REASONS = {"alone": "no other peer in the swarm", "missed": "the swarm fused this round without us"}
+
+
+def round_report(
+    round_number: int,
+    outcome: Outcome,
+    *,
+    own_peer_id: str,
+    training: Any = None,
+    accuracy: dict[str, float | None] | None = None,
+    result: Any = None,
+    wait_seconds: float = 0.0,
+    source: dict[str, Any] | None = None,
+    reason: str = "",
+) -> RoundReport:
+    """The one place a RoundReport is built.
+
+    ``training`` is the round's training stats (None for a downloaded base), ``accuracy`` holds
+    ``before``, ``after``, ``after_old_head`` and ``majority``, ``result`` the fusion's result if an
+    all-reduce ran, ``source`` the metadata of a downloaded base (its group).
+    """
+    accuracy = accuracy or {}
+    fused = result is not None and result.fused
+    if fused:
+        group_size, peer_ids = result.group_size, list(result.peer_ids)
+    elif source is not None:
+        group_size, peer_ids = int(source.get("group_size", 0)), list(source.get("peer_ids", []))
+    else:
+        group_size, peer_ids = 1, [own_peer_id]
+    loss = None if training is None else training.loss
+    return RoundReport(
+        round=round_number,
+        outcome=outcome,
+        group_size=group_size,
+        peer_ids=peer_ids,
+        train_loss=None if loss is None or not math.isfinite(loss) else loss,
+        accuracy_before=accuracy.get("before"),
+        accuracy_after=accuracy.get("after"),
+        accuracy_after_old_head=accuracy.get("after_old_head"),
+        majority_rate=accuracy.get("majority"),
+        train_seconds=0.0 if training is None else training.seconds,
+        wait_seconds=wait_seconds,
+        fusion_seconds=0.0 if result is None else result.seconds,
+        samples_per_second=0.0 if training is None else training.samples_per_second,
+        reason=reason or (result.reason if result is not None else OUTCOME_REASONS.get(outcome, "")),
+        members=result.gathered if fused else {},
+        bytes_sent=0 if result is None else result.bytes_sent,
+        peak_rss_mb=0.0 if training is None else peak_rss_mb(),
+    )
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM; unlike ru_maxrss it does not inherit the parent's)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 @dataclass(frozen=True)

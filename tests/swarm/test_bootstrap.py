@@ -14,7 +14,7 @@ import torch
 from coldfusion_p2p.cli import main
 from coldfusion_p2p.contributor.checkpoints import load_body_state
 
-from conftest import assert_one_line_error, wait_until
+from conftest import REPO_ROOT, assert_one_line_error, wait_until
 
 pytestmark = pytest.mark.swarm
 
@@ -149,11 +149,10 @@ def test_archive_dir_not_writable(capsys, tmp_path):
 
 
 def test_the_shipped_example_config_is_valid():
-    from pathlib import Path
 
     from coldfusion_p2p.config import BootstrapConfig, build_config, read_config_file
 
-    example = Path(__file__).parent.parent / "bootstrap" / "bootstrap.toml"
+    example = REPO_ROOT / "bootstrap" / "bootstrap.toml"
     config = build_config(read_config_file(example), config_type=BootstrapConfig)
     assert config.bootstrap.archive_dir and config.bootstrap.keep == 50
     assert config.network.host_maddrs == ["/ip4/0.0.0.0/tcp/31337"]
