@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,23 @@ def test_the_installed_command_exits_2_with_one_line(tmp_path):
         timeout=120,
     )
     assert_one_line_error(result.returncode, result.stderr, "missing.jsonl")
+
+
+@pytest.mark.parametrize("launcher", ["console script", "python -m coldfusion_p2p"])
+def test_the_console_script_and_the_package_run_as_a_user_runs_them(launcher, tmp_path):
+    """What pip installed (the ``coldfusion-peer`` entry point) and ``python -m coldfusion_p2p``."""
+    import sysconfig
+
+    from coldfusion_p2p import __version__
+
+    script = Path(sysconfig.get_path("scripts")) / "coldfusion-peer"
+    command = [str(script)] if launcher == "console script" else [sys.executable, "-m", "coldfusion_p2p"]
+    assert launcher != "console script" or script.is_file(), f"pip did not install {script}"
+    run = dict(capture_output=True, text=True, env=peer_environment(), timeout=120)
+    version = subprocess.run([*command, "--version"], **run)
+    assert version.returncode == 0 and version.stdout.strip() == f"coldfusion-p2p {__version__}", version
+    missing = subprocess.run([*command, "join", "--dataset", str(tmp_path / "missing.csv")], **run)
+    assert_one_line_error(missing.returncode, missing.stderr, "missing.csv", "does not exist")
 
 
 @pytest.mark.parametrize(
