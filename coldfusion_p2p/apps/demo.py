@@ -26,6 +26,7 @@ from coldfusion_p2p.apps.demo_report import (  # plot_rounds: a running quality 
     archived_round,
     curve_rounds,
     plot_rounds,  # noqa: F401
+    round_rows,
     write_demo_report,
 )
 from coldfusion_p2p.config import (
@@ -36,7 +37,6 @@ from coldfusion_p2p.config import (
     build_config,
     effective_demo_settings,
 )
-from coldfusion_p2p.contributor.checkpoints import read_history
 from coldfusion_p2p.contributor.model import resolve_model_name
 from coldfusion_p2p.errors import UserError
 
@@ -253,30 +253,10 @@ class Demo:
         return results, summary, files
 
     # ------------------------------------------------------------------ report
-    def round_rows(self) -> list[dict[str, Any]]:
-        rows = []
-        for contributor in self.contributors:
-            for entry in read_history(self.work_dir / "peers" / contributor.name):
-                rows.append(
-                    {
-                        "peer": contributor.name,
-                        "round": entry["round"],
-                        "outcome": entry["outcome"],
-                        "group_size": entry["group_size"],
-                        "accuracy_before": entry["accuracy_before"],
-                        "accuracy_after_old_head": entry.get("accuracy_after_old_head"),
-                        "accuracy_after": entry["accuracy_after"],
-                        "majority_rate": entry.get("majority_rate"),
-                        "train_loss": entry["train_loss"],
-                        "fusion_seconds": entry["fusion_seconds"],
-                        "train_seconds": entry["train_seconds"],
-                    }
-                )
-        return rows
-
     def write_report(self, summary: list[dict[str, Any]], files: dict[str, Path]) -> tuple[Path, list[str]]:
         """Every report file; returns the summary's path and the verdict lines to print."""
-        rounds = DemoRounds(self.settings, self.timings, self.round_rows(), archived_round(self.fused_base()))
+        rows = round_rows([contributor.name for contributor in self.contributors], self.work_dir / "peers")
+        rounds = DemoRounds(self.settings, self.timings, rows, archived_round(self.fused_base()))
         return write_demo_report(self.report_dir, rounds, summary, files)
 
     def run(self) -> Path:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from coldfusion_p2p.contributor.checkpoints import read_history
 from coldfusion_p2p.evaluation.report import CLAIM_SEEDS
 
 
@@ -404,3 +405,26 @@ def write_demo_report(
         markdown_summary(rounds.settings, rounds.timings, rounds.rows, summary, verdicts, curve)
     )
     return report_dir / "summary.md", verdicts
+
+
+def round_rows(contributors: list[str], peers_dir: Path) -> list[dict[str, Any]]:
+    """Every contributor's rounds, from the history its peer wrote under ``peers_dir/<name>``."""
+    rows = []
+    for name in contributors:
+        for entry in read_history(peers_dir / name):
+            rows.append(
+                {
+                    "peer": name,
+                    "round": entry["round"],
+                    "outcome": entry["outcome"],
+                    "group_size": entry["group_size"],
+                    "accuracy_before": entry["accuracy_before"],
+                    "accuracy_after_old_head": entry.get("accuracy_after_old_head"),
+                    "accuracy_after": entry["accuracy_after"],
+                    "majority_rate": entry.get("majority_rate"),
+                    "train_loss": entry["train_loss"],
+                    "fusion_seconds": entry["fusion_seconds"],
+                    "train_seconds": entry["train_seconds"],
+                }
+            )
+    return rows

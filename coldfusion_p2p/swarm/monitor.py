@@ -231,9 +231,8 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
-def render(snapshot: Snapshot) -> Group:
-    """The dashboard: header, peer table, round history and alerts, from one snapshot."""
-    header = Text.assemble(
+def _header(snapshot: Snapshot) -> Text:
+    return Text.assemble(
         ("run ", "dim"),
         (snapshot.run_id, "bold"),
         ("   swarm round ", "dim"),
@@ -247,6 +246,9 @@ def render(snapshot: Snapshot) -> Group:
         ("   archivers ", "dim"),
         (str(len(snapshot.archivers)), "bold"),
     )
+
+
+def _peer_table(snapshot: Snapshot) -> Table:
     peers = Table(expand=True, box=None, header_style="bold")
     for column in (
         "peer",
@@ -289,6 +291,10 @@ def render(snapshot: Snapshot) -> Group:
         )
     if not snapshot.peers:
         peers.add_row("-", "no peers yet", "", "", "", "", "", "", "", "", "", "")
+    return peers
+
+
+def _history_table(snapshot: Snapshot) -> Table:
     history = Table(expand=True, box=None, header_style="bold")
     for column in ("round", "group size", "fusion s", "mean acc before", "mean acc after", "reports"):
         history.add_column(column)
@@ -303,13 +309,18 @@ def render(snapshot: Snapshot) -> Group:
         )
     if not snapshot.history:
         history.add_row("-", "no fused round seen yet", "", "", "", "")
+    return history
+
+
+def render(snapshot: Snapshot) -> Group:
+    """The dashboard: header, peer table, round history and alerts, from one snapshot."""
     alerts = Text(
         "\n".join(snapshot.alerts) if snapshot.alerts else "no alerts", style="yellow" if snapshot.alerts else "dim"
     )
     return Group(
-        Panel(header, title="ColD Fusion swarm", border_style="blue"),
-        Panel(peers, title="Peers"),
-        Panel(history, title="Round history"),
+        Panel(_header(snapshot), title="ColD Fusion swarm", border_style="blue"),
+        Panel(_peer_table(snapshot), title="Peers"),
+        Panel(_history_table(snapshot), title="Round history"),
         Panel(alerts, title="Alerts"),
     )
 
