@@ -205,11 +205,13 @@ class Peer:
         after_old_head = self.trainer.evaluate().accuracy if new_body else None
         if new_body and outcome != "synced":  # a synced round was re-fitted when it was downloaded
             self.trainer.refit_head(round_number)
+        after = self.trainer.evaluate() if new_body else before
         accuracy = {
             "before": before.accuracy,
-            "after": self.trainer.evaluate().accuracy if new_body else before.accuracy,
+            "after": after.accuracy,
             "after_old_head": after_old_head,
             "majority": self.trainer.majority_rate(),
+            "loss_after": finite_or_nan(after.loss),
         }
         spent = time.perf_counter() - waited - (result.seconds if result is not None else 0.0)
         report = round_report(

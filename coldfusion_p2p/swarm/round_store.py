@@ -58,6 +58,7 @@ class RoundReport:
     peak_rss_mb: float = 0.0  # peak resident memory of this peer's main process so far
     accuracy_after_old_head: float | None = None  # after fusion, before the head re-fit
     majority_rate: float | None = None  # validation accuracy of always answering the most common label
+    validation_loss_after: float | None = None  # validation loss of the model accuracy_after describes
 
 
 OUTCOME_REASONS = {"alone": "no other peer in the swarm", "missed": "the swarm fused this round without us"}
@@ -78,7 +79,7 @@ def round_report(
     """The one place a RoundReport is built.
 
     ``training`` is the round's training stats (None for a downloaded base), ``accuracy`` holds
-    ``before``, ``after``, ``after_old_head`` and ``majority``, ``result`` the fusion's result if an
+    ``before``, ``after``, ``after_old_head``, ``majority`` and ``loss_after``, ``result`` the fusion's result if an
     all-reduce ran, ``source`` the metadata of a downloaded base (its group).
     """
     accuracy = accuracy or {}
@@ -100,6 +101,7 @@ def round_report(
         accuracy_after=accuracy.get("after"),
         accuracy_after_old_head=accuracy.get("after_old_head"),
         majority_rate=accuracy.get("majority"),
+        validation_loss_after=accuracy.get("loss_after"),
         train_seconds=0.0 if training is None else training.seconds,
         wait_seconds=wait_seconds,
         fusion_seconds=0.0 if result is None else result.seconds,
