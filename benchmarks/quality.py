@@ -88,17 +88,10 @@ def simulate(fold: int, setting: str, arguments, console: Console) -> tuple[Path
     }
     output = Path(arguments.work_dir) / f"fold{fold}" / setting
     finished = output / "simulation.json"
-    if (
-        arguments.reuse
-        and finished.exists()
-        and json.loads(finished.read_text())["settings"]
-        == {
-            "fold": fold,
-            "setting": setting,
-            **peer_settings,
-        }
-    ):  # the same simulation, finished by an earlier run (a sweep adds settings to a finished run)
-        rows = [{**row, "fold": fold, "setting": setting} for row in json.loads(finished.read_text())["rounds"]]
+    earlier = json.loads(finished.read_text()) if arguments.reuse and finished.exists() else None
+    if earlier is not None and earlier["settings"] == {"fold": fold, "setting": setting, **peer_settings}:
+        # the same simulation, finished by an earlier run (a sweep adds settings to a finished run)
+        rows = [{**row, "fold": fold, "setting": setting} for row in earlier["rounds"]]
         console.print(f"[bold]fold {fold}, {setting}[/]: reusing the finished simulation in {output}")
         return (output / "latest").resolve(), rows, 0.0
     started = time.perf_counter()

@@ -41,7 +41,7 @@ from coldfusion_p2p.swarm.console import PeerConsole
 from coldfusion_p2p.swarm.faults import FAULTS
 from coldfusion_p2p.swarm.fusion import BodyFusion, FusionResult, finite_or_nan
 from coldfusion_p2p.swarm.network import check_network_config, network_moderation, shut_down, start_dht
-from coldfusion_p2p.swarm.presence import Identity, Presence
+from coldfusion_p2p.swarm.presence import POLL_SECONDS, Identity, Presence
 from coldfusion_p2p.swarm.process_safety import install as install_fork_hooks
 from coldfusion_p2p.swarm.records import RecordBoard, RunKeys
 from coldfusion_p2p.swarm.round_store import (
@@ -54,8 +54,6 @@ from coldfusion_p2p.swarm.round_store import (
 )
 
 logger = logging.getLogger(__name__)
-
-POLL_SECONDS = 0.2
 
 
 @contextlib.contextmanager

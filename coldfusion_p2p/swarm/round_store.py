@@ -8,7 +8,6 @@ and head before fusion are saved beside it, so audits (and the tests) can check 
 
 from __future__ import annotations
 
-import math
 import resource
 import time
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from coldfusion_p2p.contributor.checkpoints import (
 from coldfusion_p2p.contributor.data import TaskData
 from coldfusion_p2p.contributor.model import body_state_names, head_state, load_head_state
 from coldfusion_p2p.errors import UserError
+from coldfusion_p2p.swarm.fusion import finite_or_nan
 from coldfusion_p2p.swarm.records import Outcome
 
 PRE_FUSION_FILE = "pre_fusion.safetensors"  # written with --save-local-body
@@ -90,13 +90,12 @@ def round_report(
         group_size, peer_ids = int(source.get("group_size", 0)), list(source.get("peer_ids", []))
     else:
         group_size, peer_ids = 1, [own_peer_id]
-    loss = None if training is None else training.loss
     return RoundReport(
         round=round_number,
         outcome=outcome,
         group_size=group_size,
         peer_ids=peer_ids,
-        train_loss=None if loss is None or not math.isfinite(loss) else loss,
+        train_loss=None if training is None else finite_or_nan(training.loss),
         accuracy_before=accuracy.get("before"),
         accuracy_after=accuracy.get("after"),
         accuracy_after_old_head=accuracy.get("after_old_head"),
