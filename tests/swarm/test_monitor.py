@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from typing import get_args
 
 import pytest
 from rich.console import Console
 
 from coldfusion_p2p.swarm.monitor import SwarmView, render
-from coldfusion_p2p.swarm.records import PeerRecord
+from coldfusion_p2p.swarm.records import PeerRecord, Status
 
 from conftest import peer_command, peer_environment, wait_until
 
@@ -133,7 +134,8 @@ def test_monitor_once_json_lists_a_real_swarm(local_swarm, tiny_model_dir, tiny_
     rows = {row["dataset_name"]: row for row in snapshot["peers"]}
     assert set(rows) == {"label-0", "label-1"}
     for row in rows.values():
-        assert row["status"] in ("training", "ready", "fusing", "idle")
+        # a live peer past its start: under load one may be catching up after a missed fusion
+        assert row["status"] in set(get_args(Status)) - {"starting", "stopped", "archiving"}
         assert row["fused_round"] >= 1 and row["round"] == row["fused_round"] + 1
         assert row["total_steps"] == 200
 
