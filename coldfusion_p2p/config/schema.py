@@ -73,6 +73,8 @@ class NetworkConfig:
     initial_peers: list[str] = field(default_factory=list)  # multiaddrs of any peers already in the swarm
     host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"])  # where to listen
     announce_maddrs: list[str] = field(default_factory=list)  # public addresses to announce (NAT)
+    reachability: Literal["auto", "public", "private"] = "auto"  # auto: a bootstrap tries to connect back to us
+    use_relay: Literal["auto", "on", "off"] = "auto"  # behind NAT: use a --relay bootstrap (auto: if one is found)
     record_period: float = 2.0  # seconds between refreshes of this peer's swarm record
     identity: str | None = None  # private key file: a stable peer id across restarts (created if absent)
     require_invite: bool = False  # moderated run: refuse DHT and averaging requests of nodes without a valid invite
@@ -99,6 +101,7 @@ class LoggingConfig:
 @dataclass
 class BootstrapSettings:
     peers_file: str | None = None  # write the --initial-peers value here (default: initial_peers.txt)
+    relay: bool = False  # serve libp2p circuit relays for peers behind NAT (needs a public address)
     archive_dir: str | None = None  # keep every round's fused base here
     keep: int | None = None  # archived rounds to keep (default: all)
     push_to_hub: str | None = None  # also upload each archived round to this Hub repo id

@@ -16,9 +16,10 @@ from hivemind import DHT
 
 from coldfusion_p2p.config import BootstrapConfig
 from coldfusion_p2p.contributor.checkpoints import ensure_writable_dir
+from coldfusion_p2p.swarm import reachability
 from coldfusion_p2p.swarm.archive import RoundArchiver
 from coldfusion_p2p.swarm.console import PeerConsole
-from coldfusion_p2p.swarm.network import network_moderation, shut_down, start_dht
+from coldfusion_p2p.swarm.network import network_moderation, shut_down
 from coldfusion_p2p.swarm.records import RunKeys
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,14 @@ class BootstrapNode:
         moderation = network_moderation(self.config.network)  # a bad invite fails before anything starts
         if settings.archive_dir is not None:
             ensure_writable_dir(Path(settings.archive_dir), "--archive-dir")  # fail before joining anything
-        self.dht = start_dht(self.config.network, self.keys, moderation=moderation)
+        self.dht, mode = reachability.join(
+            self.config.network, self.keys, moderation=moderation, serve_relay=settings.relay
+        )
+        if mode.name != "public":
+            self.console.warning(
+                f"{mode.line()}. Peers elsewhere cannot join through this node: give it a public address "
+                "(or forward its port and pass --announce-maddrs)"
+            )
         if settings.archive_dir is not None:  # before announcing: peers leaving early must already see it
             self.archiver = RoundArchiver(
                 self.dht,
@@ -65,6 +73,9 @@ class BootstrapNode:
         peers_file = Path(settings.peers_file or DEFAULT_PEERS_FILE)
         peers_file.write_text(" ".join(self.initial_peers) + "\n")
         self.console.bootstrap_ready(self.dht.peer_id.to_base58(), self.initial_peers, peers_file)
+        self.console.reachability(mode)
+        if settings.relay:
+            self.console.info("serving libp2p circuit relays for peers behind NAT (--relay)")
         return self.initial_peers
 
     def run(self) -> None:

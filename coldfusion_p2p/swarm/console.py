@@ -51,6 +51,10 @@ class PeerConsole:
             addresses=addresses,
         )
 
+    def reachability(self, mode) -> None:
+        """The one line saying how this node takes part (a :class:`~coldfusion_p2p.swarm.reachability.Mode`)."""
+        self._emit("reachability", mode.line(), mode=mode.name, reason=mode.reason)
+
     def bootstrap_ready(self, peer_id: str, initial_peers: list[str], peers_file) -> None:
         loopback_only = all("/ip4/127." in address or "/ip6/::1/" in address for address in initial_peers)
         note = (

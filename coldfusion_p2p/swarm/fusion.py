@@ -93,8 +93,10 @@ class BodyFusion:
         original: Sequence[torch.Tensor] | None = None,
         state: Sequence[torch.Tensor] | None = None,
         averager: FusedBodyAverager | None = None,
+        client_mode: bool = False,
     ):
-        """``averager`` is for unit tests of :meth:`fuse`'s decisions only (the default: a real one)."""
+        """``averager`` is for unit tests of :meth:`fuse`'s decisions only (the default: a real one).
+        ``client_mode``: a node others cannot connect to (see :mod:`~coldfusion_p2p.swarm.reachability`)."""
         self.config, self.board, self.should_stop = config, board, should_stop
         self.rule = rule or FusionRule()
         if self.rule.needs_original and original is None:
@@ -103,7 +105,9 @@ class BodyFusion:
         # the rule's state that goes with the body this peer holds: published and checkpointed with it
         self.state: list[torch.Tensor] = list(state) if state else self.rule.initial_state(body)
         self._sketch_cache: tuple[list[torch.Tensor], list[float]] | None = None  # (start, its sketch)
-        self.averager = averager or FusedBodyAverager(body, dht, prefix=prefix, config=config, gate=gate)
+        self.averager = averager or FusedBodyAverager(
+            body, dht, prefix=prefix, config=config, gate=gate, client_mode=client_mode
+        )
 
     @property
     def peer_id(self) -> str:

@@ -43,6 +43,7 @@ STATUS_STYLES = {
 }
 MAX_ALERTS = 8
 MAX_HISTORY = 10
+MODE_STYLES = {"public": "green", "relayed": "yellow", "client": "cyan"}
 
 
 @dataclass
@@ -64,6 +65,7 @@ class PeerRow:
     last_outcome: str
     fingerprint: str
     version: str
+    reachability: str  # public / relayed / client (swarm.reachability); "" from older versions
     age_seconds: float  # since the peer last published
     stale: bool
 
@@ -218,6 +220,7 @@ def _row(seen: _Seen, monotonic: float, stale_after: float) -> PeerRow:
         last_outcome=record.last_outcome,
         fingerprint=record.body_fingerprint,
         version=record.version,
+        reachability=record.reachability,
         age_seconds=round(age, 1),
         stale=age > stale_after and record.status != "stopped",
     )
@@ -253,6 +256,7 @@ def _peer_table(snapshot: Snapshot) -> Table:
     for column in (
         "peer",
         "dataset",
+        "mode",
         "status",
         "round",
         "progress",
@@ -278,6 +282,7 @@ def _peer_table(snapshot: Snapshot) -> Table:
         peers.add_row(
             _short(row.peer_id),
             row.dataset_name,
+            Text(row.reachability or "-", style=MODE_STYLES.get(row.reachability, "")),
             Text(status, style=style),
             str(row.round),
             bar,
@@ -290,7 +295,7 @@ def _peer_table(snapshot: Snapshot) -> Table:
             f"{row.age_seconds:.0f}s ago",
         )
     if not snapshot.peers:
-        peers.add_row("-", "no peers yet", "", "", "", "", "", "", "", "", "", "")
+        peers.add_row("-", "no peers yet", *[""] * 11)
     return peers
 
 

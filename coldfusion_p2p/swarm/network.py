@@ -10,6 +10,7 @@ import errno
 import logging
 import socket
 from pathlib import Path
+from typing import Literal
 
 from hivemind import DHT
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
@@ -94,9 +95,19 @@ def start_dht(
     client_mode: bool = False,
     private_key: RSAPrivateKey | None = None,
     moderation: Moderation | None = None,
+    relay: Literal["serve", "reserve"] | None = None,
+    restart: bool = False,
 ) -> DHT:
     """Start this node's DHT with the run's record validators (and, in a moderated run, its invite
-    checks); UserError when it cannot join."""
+    checks); UserError when it cannot join.
+
+    ``relay="serve"``: a public node that serves libp2p circuit relays (p2pd's relay service runs
+    only once the node counts as publicly reachable, so that is forced). ``relay="reserve"``: a node
+    behind NAT that reserves a slot at the relays among its initial peers (p2pd's default trusted
+    relays), to be reachable through them. Every node keeps the relay transport, to dial relayed
+    nodes. ``restart``: this identity was online a moment ago (the same node in another mode), so
+    hivemind's "is this identity taken" check would see itself.
+    """
     check_network_config(config)
     check_ports_free(config.host_maddrs)
     install_fork_hooks()  # the DHT's process (and its p2pd) must not outlive this one, even SIGKILLed
@@ -111,6 +122,12 @@ def start_dht(
         start=True,
         await_ready=True,
     )
+    if relay == "serve":
+        options["force_reachability"] = "public"
+    elif relay == "reserve":
+        options.update(use_auto_relay=True, force_reachability="private")
+    if restart:
+        options["check_if_identity_free"] = False
     if config.identity is not None:
         identity = Path(config.identity).expanduser()
         prepare_identity(identity)

@@ -35,12 +35,12 @@ from coldfusion_p2p.contributor.model import (
     model_fingerprint,
 )
 from coldfusion_p2p.merge.rules import FusionRule
-from coldfusion_p2p.swarm import policy
+from coldfusion_p2p.swarm import policy, reachability
 from coldfusion_p2p.swarm.auth import InviteGate
 from coldfusion_p2p.swarm.console import PeerConsole
 from coldfusion_p2p.swarm.faults import FAULTS
 from coldfusion_p2p.swarm.fusion import BodyFusion, FusionResult, finite_or_nan
-from coldfusion_p2p.swarm.network import check_network_config, network_moderation, shut_down, start_dht
+from coldfusion_p2p.swarm.network import check_network_config, network_moderation, shut_down
 from coldfusion_p2p.swarm.presence import POLL_SECONDS, Identity, Presence
 from coldfusion_p2p.swarm.process_safety import install as install_fork_hooks
 from coldfusion_p2p.swarm.records import RecordBoard, RunKeys
@@ -111,18 +111,15 @@ class Peer:
         self.model_name, self.tokenizer, self.model = learner.model_name, learner.tokenizer, learner.model
         self.body, self.trainer = learner.body, learner.trainer
         self.model_fingerprint = model_fingerprint(self.model)  # of --model itself, before any resume
-        invite = self.moderation.invite.encode() if self.moderation is not None else ""
-        identity = Identity(
-            self.data.name, len(self.data.train), config.training.local_steps, self.model_fingerprint, invite
-        )
-        self.presence = Presence(identity, config.network.record_period, self.stop_event)
+        self.presence = Presence(self._identity(""), config.network.record_period, self.stop_event)
         self.rule = FusionRule.from_config(config.fusion)
         # the anchor pulls toward --model's own body, whatever a resume or a download brings later
         self._original_body = [tensor.detach().clone() for tensor in self.body] if self.rule.needs_original else None
         self._resumed_state: list[torch.Tensor] | None = None  # the fusion rule's state from --resume
         self._resume_local_checkpoint()
         with signals_deferred():
-            self.dht = start_dht(config.network, self.keys, moderation=self.moderation)
+            self.dht, self.mode = reachability.join(config.network, self.keys, moderation=self.moderation)
+        self.presence.identity = self._identity(self.mode.name)
         self.board = RecordBoard(self.dht, self.keys)
         gate = None if self.moderation is None else InviteGate(self.dht, self.keys.records_key, self.moderation)
         prefix, original, state = (
@@ -142,12 +139,19 @@ class Peer:
                 rule=self.rule,
                 original=original,
                 state=state,
+                client_mode=self.mode.averager_client_mode,
             )
         alone = {"group_size": 0, "peer_ids": [], "fingerprint": body_fingerprint(self.body)}
         self.fusion.publish_fused(self.presence.progress.fused_round, self.body, alone)
         self.console.joined(self.fusion.peer_id, self.dht.get_visible_maddrs(), self.data, self.keys.run_id)
+        self.console.reachability(self.mode)
         self.presence.check_compatible(self.board, self.keys.run_id)  # before publishing: strangers stay out
         self.presence.start(self.board, self.fusion.peer_id)
+
+    def _identity(self, mode: str) -> Identity:
+        invite = self.moderation.invite.encode() if self.moderation is not None else ""
+        steps = self.config.training.local_steps
+        return Identity(self.data.name, len(self.data.train), steps, self.model_fingerprint, invite, mode)
 
     def _resume_local_checkpoint(self) -> None:
         """With ``--resume``, start from our checkpoint; without it, refuse to overwrite one."""

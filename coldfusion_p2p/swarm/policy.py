@@ -105,6 +105,13 @@ def fused_without_us(other_records: Iterable[PeerRecord], round_number: int) -> 
     return max(rounds, default=None)
 
 
+def no_reducer(records: Iterable[PeerRecord]) -> bool:
+    """True when none of these peers can reduce (all in client mode): hivemind needs one that can.
+
+    Records of older versions carry no mode ("") and count as public, as they ran then."""
+    return all(record.reachability in ("client", "relayed") for record in records)
+
+
 def missed_round(local_round: int, other_records: Iterable[PeerRecord]) -> bool:
     """A peer working on ``local_round`` is behind when the swarm already fused that round."""
     return swarm_fused_round(other_records) >= local_round

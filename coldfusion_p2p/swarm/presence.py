@@ -57,6 +57,7 @@ class Identity:
     total_steps: int
     model_fingerprint: str
     invite: str = ""
+    reachability: str = ""  # this node's mode (swarm.reachability), decided once when it joins
 
 
 class Presence:
@@ -101,6 +102,7 @@ class Presence:
                 model_fingerprint=identity.model_fingerprint,
                 version=__version__,
                 invite=identity.invite,
+                reachability=identity.reachability,
                 time=get_dht_time(),
             )
 
@@ -188,6 +190,12 @@ class Presence:
             if not policy.has_partners(others, round_number):
                 if fusion_config.min_group_size <= 1 or now >= scheduled:
                     return "alone", 0.0
+            elif now >= scheduled - fusion_config.matchmaking_time and policy.no_reducer(everyone):
+                raise UserError(
+                    f"no peer of this swarm accepts inbound connections ({len(everyone)} peers, all behind NAT "
+                    "in client mode), so no group can form",
+                    "run at least one peer on a public address (or with a forwarded port and --announce-maddrs)",
+                )
             elif now >= scheduled - fusion_config.matchmaking_time:
                 return "fuse", scheduled
             elif policy.everyone_ready(everyone, round_number, fusion_config.min_group_size):

@@ -89,6 +89,7 @@ class PeerRecord(BaseModel):
     model_fingerprint: constr(strict=True, max_length=32) = ""  # architecture, shapes and starting weights
     version: constr(strict=True, max_length=32) = ""
     invite: constr(strict=True, max_length=4096) = ""  # moderated runs: the run owner's invite of this peer id
+    reachability: Literal["public", "relayed", "client", ""] = ""  # see swarm.reachability ("": older versions)
     time: StrictFloat  # DHT time of publication
 
 
