@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -107,13 +107,14 @@ def peer_command(*arguments: str) -> list[str]:
 class PeerProcess:
     """A ``coldfusion-peer <command>`` child process (``join`` by default) with its output in a log file."""
 
-    def __init__(self, name: str, workdir: Path, settings: dict, command: str = "join"):
+    def __init__(self, name: str, workdir: Path, settings: dict, command: str = "join", wrap: Sequence[str] = ()):
+        """``wrap`` prefixes the command line: ``ip netns exec <namespace>`` runs it on a lab host."""
         self.name = name
         self.output_dir = Path(settings.get("output_dir", workdir / name))
         self.log_path = workdir / f"{name}.log"
         self._log = open(self.log_path, "w")  # noqa: SIM115 (lives as long as the process)
         self.process = subprocess.Popen(
-            peer_command(command, *as_flags(settings)),
+            [*wrap, *peer_command(command, *as_flags(settings))],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=peer_environment(),
@@ -165,11 +166,11 @@ class PeerProcess:
 class BootstrapProcess(PeerProcess):
     """A ``coldfusion-peer bootstrap`` process; ``initial_peers`` once it has written its peers file."""
 
-    def __init__(self, name: str, workdir: Path, **settings):
+    def __init__(self, name: str, workdir: Path, wrap: Sequence[str] = (), **settings):
         self.peers_file = workdir / f"{name}.peers"
         self.peers_file.unlink(missing_ok=True)
         settings = {"host_maddrs": ["/ip4/127.0.0.1/tcp/0"], "peers_file": str(self.peers_file), **settings}
-        super().__init__(name, workdir, settings, command="bootstrap")
+        super().__init__(name, workdir, settings, command="bootstrap", wrap=wrap)
 
     def wait_ready(self, timeout: float = 60.0) -> list[str]:
         def ready() -> bool:
@@ -245,6 +246,50 @@ def local_swarm(tmp_path, request) -> Iterator[LocalSwarm]:
         yield swarm
     finally:
         swarm.close()
+
+
+class LabSwarm:
+    """Peer processes on the hosts of a :class:`netlab.NetLab`, joined through a bootstrap node on
+    its public side (the test process itself sits outside the lab's networks)."""
+
+    def __init__(self, lab, workdir: Path, run_id: str):
+        self.lab, self.workdir, self.run_id = lab, workdir, run_id
+        self.peers: list[PeerProcess] = []
+        self.initial_peers: list[str] = []
+
+    def _maddrs(self, host: str) -> list[str]:
+        return [f"/ip4/{self.lab.hosts[host].address}/tcp/0"]
+
+    def start_bootstrap(self, name: str = "bootstrap", host: str = "bootstrap", **settings) -> BootstrapProcess:
+        node = BootstrapProcess(
+            name,
+            self.workdir,
+            wrap=self.lab.hosts[host].command([]),
+            **{"run_id": self.run_id, "host_maddrs": self._maddrs(host), **settings},
+        )
+        self.peers.append(node)
+        address = f"/ip4/{self.lab.hosts[host].address}/"
+        self.initial_peers = [peer for peer in node.wait_ready() if peer.startswith(address)]
+        return node
+
+    def start_peer(self, name: str, host: str, dataset: Path, model: Path, **overrides) -> PeerProcess:
+        settings = {
+            **FAST_SWARM_SETTINGS,
+            "dataset": str(dataset),
+            "model": str(model),
+            "run_id": self.run_id,
+            "initial_peers": self.initial_peers,
+            "output_dir": str(self.workdir / name),
+            "host_maddrs": self._maddrs(host),
+            **overrides,
+        }
+        peer = PeerProcess(name, self.workdir, settings, wrap=self.lab.hosts[host].command([]))
+        self.peers.append(peer)
+        return peer
+
+    def close(self) -> None:
+        for peer in self.peers:
+            peer.kill()
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.2, message: str = "condition") -> None:

@@ -213,6 +213,8 @@ class FusedBodyAverager(DecentralizedAverager):
             with torch.no_grad():
                 for reference, tensor in zip(self._reference, body, strict=True):
                     reference.copy_(tensor)
+        if self.client_mode:  # serves nobody (nobody could connect to it); keeps the snapshot for itself
+            return
         # newest rounds are asked first; among equals, bodies really averaged in a group
         self.state_sharing_priority = 2.0 * round_number + (2.0 if metadata.get("group_size", 0) >= 2 else 1.0)
 

@@ -143,7 +143,8 @@ class Peer:
             )
         alone = {"group_size": 0, "peer_ids": [], "fingerprint": body_fingerprint(self.body)}
         self.fusion.publish_fused(self.presence.progress.fused_round, self.body, alone)
-        self.console.joined(self.fusion.peer_id, self.dht.get_visible_maddrs(), self.data, self.keys.run_id)
+        addresses, reachable = self.dht.get_visible_maddrs(), self.mode.name == "public"
+        self.console.joined(self.fusion.peer_id, addresses, self.data, self.keys.run_id, reachable)
         self.console.reachability(self.mode)
         self.presence.check_compatible(self.board, self.keys.run_id)  # before publishing: strangers stay out
         self.presence.start(self.board, self.fusion.peer_id)
