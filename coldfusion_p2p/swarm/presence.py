@@ -187,21 +187,24 @@ class Presence:
             everyone = [*others, self.record()]
             scheduled = policy.fusion_time(everyone, round_number)
             now = get_dht_time()
+            decision: tuple[str, float] | None = None
             if not policy.has_partners(others, round_number):
                 if fusion_config.min_group_size <= 1 or now >= scheduled:
-                    return "alone", 0.0
-            elif now >= scheduled - fusion_config.matchmaking_time and policy.no_reducer(everyone):
-                raise UserError(
-                    f"no peer of this swarm accepts inbound connections ({len(everyone)} peers, all behind NAT "
-                    "in client mode), so no group can form",
-                    "run at least one peer on a public address (or with a forwarded port and --announce-maddrs)",
-                )
+                    decision = ("alone", 0.0)
             elif now >= scheduled - fusion_config.matchmaking_time:
-                return "fuse", scheduled
+                decision = ("fuse", scheduled)
             elif policy.everyone_ready(everyone, round_number, fusion_config.min_group_size):
                 proposal = now + fusion_config.matchmaking_time  # the whole swarm is here: close the window
                 self.announce(fuse_at=proposal)
-                return "fuse", min(scheduled, proposal)
+                decision = ("fuse", min(scheduled, proposal))
+            if decision is not None:
+                if policy.no_reducer(everyone):  # clients only: no group can ever form, alone or not
+                    raise UserError(
+                        f"no peer of this swarm accepts inbound connections ({len(everyone)} live, all in client "
+                        "mode behind NAT or a firewall), so no group can form",
+                        "run at least one peer on a public address (or with a forwarded port and --announce-maddrs)",
+                    )
+                return decision
             self.stop_event.wait(POLL_SECONDS)
         return "stop", 0.0
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import subprocess
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -120,3 +121,143 @@ def test_two_peers_behind_nat_and_a_public_peer_fuse_the_exact_mean_in_groups_of
         assert sorted(modes.values()) == ["client", "client", "public"], snapshot
         for round_number in (1, 2):
             assert_fused_exact_mean(peers, round_number, group_size=3)
+
+
+def test_a_late_joiner_behind_nat_downloads_the_fused_base_then_fuses(tmp_path, tiny_model_dir, tiny_datasets):
+    with lab_swarm(tmp_path, "late") as swarm:
+        swarm.start_bootstrap()
+        # min_group_size 3: until the late joiner is there, each window stays open (90 s), so the
+        # early two cannot finish every round before it has started, however slow the machine
+        settings = dict(rounds=4, min_group_size=3, local_steps=20, **NAT_SETTINGS)
+        early = [
+            swarm.start_peer(host, host, tiny_datasets[i], tiny_model_dir, seed=i, **settings)
+            for i, host in enumerate(("public", "home1"))
+        ]
+        wait_until(lambda: all(1 in peer.rounds_written() for peer in early), timeout=150, message="round 1")
+        late = swarm.start_peer("home2", "home2", tiny_datasets[2], tiny_model_dir, seed=2, **settings)
+        for peer in (*early, late):
+            assert peer.wait() == 0, peer.log()
+
+        assert mode_line(late).startswith("reachability: client (")
+        rounds = late.rounds_written()
+        first = late.round_info(rounds[0])["report"]
+        assert first["outcome"] == "synced", first  # downloaded from the public peer: nobody else serves
+        assert first["peer_ids"] == sorted(early_id(peer, rounds[0]) for peer in early), first
+        swarm_body = load_body_state(round_dir(early[0], rounds[0]))
+        downloaded = load_body_state(round_dir(late, rounds[0]))
+        assert all(torch.allclose(downloaded[name], swarm_body[name], atol=1e-6) for name in swarm_body)
+        fused = [r for r in rounds[1:] if late.round_info(r)["report"]["outcome"] == "fused"]
+        assert fused, [(r, late.round_info(r)["report"]["outcome"]) for r in rounds]
+        assert_fused_exact_mean([*early, late], fused[0], group_size=3)
+
+
+def early_id(peer, round_number: int) -> str:
+    return peer.round_info(round_number)["peer_id"]
+
+
+def router_bytes(swarm: LabSwarm, home: str) -> int:
+    """Bytes the home's router has forwarded so far (both ways): its interfaces' rx counters."""
+    namespace = swarm.lab.routers[home].namespace
+    script = "import glob; print(sum(int(open(p).read()) for p in glob.glob('/sys/class/net/*/statistics/rx_bytes')))"
+    done = subprocess.run(
+        ["ip", "netns", "exec", namespace, "python3", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
+    )
+    return int(done.stdout)
+
+
+def test_a_link_cut_mid_all_reduce_leaves_no_partial_average_and_the_peer_rejoins(
+    tmp_path, tiny_model_dir, tiny_datasets
+):
+    with lab_swarm(tmp_path, "cut") as swarm:
+        # home1's link is slow, so its all-reduce lasts seconds and a cut lands inside it
+        swarm.lab.shape("home1", 0.2)
+        swarm.start_bootstrap()
+        settings = dict(rounds=6, min_group_size=2, local_steps=300, allreduce_timeout=30.0, **NAT_SETTINGS)
+        hosts = ("public", "home1", "home2")
+        peers = [
+            swarm.start_peer(host, host, tiny_datasets[i], tiny_model_dir, seed=i, **settings)
+            for i, host in enumerate(hosts)
+        ]
+        public, cut_peer = peers[0], peers[1]
+        # the body is ~90 kB: at 0.2 Mbit/s (25 kB/s) only the all-reduce keeps the link this busy
+        previous, deadline = router_bytes(swarm, "home1"), time.monotonic() + 240
+        while time.monotonic() < deadline:
+            time.sleep(1.0)
+            now = router_bytes(swarm, "home1")
+            if now - previous > 15_000:
+                break
+            previous = now
+        else:
+            raise AssertionError("home1's all-reduce never started:\n" + cut_peer.log())
+        cut_round = max(cut_peer.rounds_written(), default=0) + 1
+        swarm.lab.cut("home1")
+        time.sleep(25.0)  # past the others' all-reduce: they finish without home1 or roll back
+        swarm.lab.repair("home1")
+        for peer in peers:
+            assert peer.wait(timeout=300) == 0, peer.log()
+
+        reports = {peer.name: peer.round_info(cut_round)["report"] for peer in peers}
+        outcomes = {name: report["outcome"] for name, report in reports.items()}
+        assert outcomes["home1"] != "fused" or reports["home1"]["group_size"] == 3, outcomes
+        trained = {peer.name: pre_fusion(peer, cut_round, "body") for peer in peers}
+        for peer in peers:  # each holds a whole average of a real group, or exactly its own body
+            body = load_body_state(round_dir(peer, cut_round))
+            report = reports[peer.name]
+            if report["outcome"] == "fused":
+                members = [p.name for p in peers if early_id(p, cut_round) in report["peer_ids"]]
+                expected = {n: torch.stack([trained[m][n] for m in members]).mean(0) for n in body}
+            elif report["outcome"] == "synced":
+                expected = load_body_state(round_dir(public, cut_round))
+            else:
+                expected = trained[peer.name]
+            assert all(torch.allclose(body[n], expected[n], atol=1e-6) for n in body), (peer.name, report)
+        assert outcomes["public"] == outcomes["home2"] or "fused" not in outcomes.values(), outcomes
+
+        # after the repair it is back: a later round fused in a group of all three
+        later = [r for r in cut_peer.rounds_written() if r > cut_round]
+        rejoined = [r for r in later if cut_peer.round_info(r)["report"]["outcome"] == "fused"]
+        assert rejoined, [(r, cut_peer.round_info(r)["report"]["outcome"]) for r in later]
+        assert cut_peer.round_info(rejoined[0])["report"]["group_size"] == 3
+
+
+def test_a_peer_whose_router_lets_only_outbound_tcp_through_still_contributes(tmp_path, tiny_model_dir, tiny_datasets):
+    with lab_swarm(tmp_path, "strict", homes=(), strict_homes=("strict",)) as swarm:
+        swarm.start_bootstrap()
+        peers = [
+            swarm.start_peer(
+                host, host, tiny_datasets[i], tiny_model_dir, seed=i, rounds=2, min_group_size=2, **NAT_SETTINGS
+            )
+            for i, host in enumerate(("public", "strict"))
+        ]
+        for peer in peers:
+            assert peer.wait() == 0, peer.log()
+        assert mode_line(peers[1]).startswith("reachability: client (")
+        for round_number in (1, 2):
+            assert_fused_exact_mean(peers, round_number, group_size=2)
+
+
+def test_a_swarm_with_no_public_peer_gets_a_one_line_error_naming_the_fix(tmp_path, tiny_model_dir, tiny_datasets):
+    with lab_swarm(tmp_path, "nopublic") as swarm:
+        swarm.start_bootstrap()
+        peers = [
+            swarm.start_peer(
+                host,
+                host,
+                tiny_datasets[i],
+                tiny_model_dir,
+                seed=i,
+                rounds=2,
+                **{**NAT_SETTINGS, "fusion_window": 30.0},
+            )
+            for i, host in enumerate(("home1", "home2"))
+        ]
+        for peer in peers:
+            assert peer.wait() == 2, peer.log()
+            last = peer.log().strip().splitlines()[-1]
+            assert last.startswith("error: no peer of this swarm accepts inbound connections"), last
+            assert "run at least one peer on a public address" in last and "Traceback" not in peer.log()
+            assert not peer.rounds_written()  # nothing half-done was checkpointed
