@@ -10,6 +10,7 @@ inherits the result), and the production code asks a frozen :class:`Faults` inst
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -18,19 +19,31 @@ import torch
 
 CRASH_IN_ALLREDUCE_ENV = "COLDFUSION_FAULT_CRASH_IN_ALLREDUCE"  # "1": SIGKILL our process group mid all-reduce
 SCALE_UPDATE_ENV = "COLDFUSION_FAULT_SCALE_UPDATE"  # k: send k times our update; "nan": send NaNs
+STALL_IN_ALLREDUCE_ENV = "COLDFUSION_FAULT_STALL_IN_ALLREDUCE"  # a file: create it mid all-reduce, then stall
+STALL_SECONDS = 10.0  # long enough for a test to cut our link while the all-reduce is under way
 
 
 @dataclass(frozen=True)
 class Faults:
     crash_in_allreduce: bool = False
     scale_update: str | None = None
+    stall_marker: str | None = None  # the file a stalled all-reduce creates, so a test knows when to act
 
     @classmethod
     def from_environment(cls, environment: Mapping[str, str] = os.environ) -> Faults:
         return cls(
             crash_in_allreduce=environment.get(CRASH_IN_ALLREDUCE_ENV) == "1",
             scale_update=environment.get(SCALE_UPDATE_ENV) or None,
+            stall_marker=environment.get(STALL_IN_ALLREDUCE_ENV) or None,
         )
+
+    async def stall_in_allreduce(self) -> None:
+        """With ``stall_marker`` set (once per process), create it and pause mid all-reduce."""
+        if self.stall_marker is None or os.path.exists(self.stall_marker):
+            return
+        with open(self.stall_marker, "w") as marker:
+            marker.write(str(os.getpid()))
+        await asyncio.sleep(STALL_SECONDS)
 
     def poison_update(self, body: Sequence[torch.Tensor], start: Sequence[torch.Tensor]) -> None:
         """With ``scale_update`` set, turn ``body`` into ``start`` plus k times its update (or NaNs), in place."""

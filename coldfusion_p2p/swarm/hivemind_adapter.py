@@ -13,7 +13,7 @@ against; importing this module with another version logs a warning):
   applied only if no part failed and no sender was banned (hivemind applies whatever it has, with
   failed slices falling back to local values); (3) hivemind's ``_state_updated`` call after each
   tensor is dropped (our state is the snapshot above, not the buffers); (4) the test-only crash
-  fault (:mod:`coldfusion_p2p.swarm.faults`).
+  and stall faults (:mod:`coldfusion_p2p.swarm.faults`).
 * ``rpc_join_group``, ``rpc_aggregate_part``, ``rpc_download_state``, ``_step`` and
   ``_aggregate_with_group`` (private): moderated runs check each caller's transport-authenticated
   peer id against the run's invites before hivemind's own handler runs.
@@ -24,6 +24,12 @@ against; importing this module with another version logs a warning):
   ``hivemind.compression.serialization._BASE_COMPRESSION_TYPES``, process-wide): hivemind 1.1.12
   calls ``int()`` on a one-element array there, a TypeError with numpy 2, so no 8-bit part could
   be decoded. :class:`Uniform8Bit` reads the same bytes the same way, without that call.
+* ``DHTNode.protocol.routing_table`` and ``P2P._client.connect`` (private, read and called by
+  :func:`reconnect_initial_peers`): hivemind drops every node that fails to answer from the routing
+  table and never re-adds the initial peers, so after a link cut longer than a few requests a node
+  can stay alone for good, even once the link is back (seen on the network lab). While a peer sees
+  nobody, we connect to the initial peers' addresses again and ping them, as hivemind's own
+  bootstrap does; the ping puts them back into the routing table.
 
 hivemind names its RPC handlers after the averager's class, so every node of a run (peers and the
 archiving bootstrap) must use :class:`FusedBodyAverager`.
@@ -31,7 +37,10 @@ archiving bootstrap) must use :class:`FusedBodyAverager`.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ctypes
+import functools
 import logging
 import multiprocessing as mp
 import os
@@ -53,6 +62,7 @@ from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2
 from hivemind.utils import get_dht_time
 from hivemind.utils.asyncio import as_aiter, azip
+from hivemind.utils.multiaddr import Multiaddr
 
 from coldfusion_p2p.config import FusionConfig
 from coldfusion_p2p.merge.aggregation import ReferenceReducer, combiner, reference_parts
@@ -300,6 +310,7 @@ class FusedBodyAverager(DecentralizedAverager):
             deltas.append(update)
             if self._faults.crash_in_allreduce:  # test-only: die like a machine mid all-reduce
                 os.killpg(os.getpgid(0), signal.SIGKILL)
+            await self._faults.stall_in_allreduce()  # test-only: a window to cut our link in
         failed = runner.tensor_part_container.failed_size
         if failed or runner.banned_senders:
             raise AllreduceException(
@@ -309,6 +320,27 @@ class FusedBodyAverager(DecentralizedAverager):
         for tensor, delta in zip(tensors, deltas, strict=True):
             tensor.add_(delta, alpha=self._averaging_alpha)
         self.last_updated = get_dht_time()
+
+
+def reconnect_initial_peers(dht: DHT, initial_peers: Sequence[str], timeout: float = 5.0) -> bool:
+    """Connect to and ping the initial peers again (see the module docstring); True if the routing
+    table was empty before and is not now."""
+    return dht.run_coroutine(functools.partial(_reconnect, initial_peers=list(initial_peers), timeout=timeout))
+
+
+async def _reconnect(_dht: DHT, node, initial_peers: list[str], timeout: float) -> bool:
+    was_alone = len(node.protocol.routing_table.uid_to_peer_id) == 0
+    for address in initial_peers:
+        maddr = Multiaddr(address)
+        peer_id = PeerID.from_base58(maddr["p2p"])
+        with contextlib.suppress(Exception):  # unreachable still: the next look tries again
+            transport = maddr.decapsulate(Multiaddr(f"/p2p/{maddr['p2p']}"))
+            await asyncio.wait_for(node.p2p._client.connect(peer_id, [transport]), timeout)
+            await asyncio.wait_for(node.protocol.call_ping(peer_id), timeout)
+    rejoined = was_alone and len(node.protocol.routing_table.uid_to_peer_id) > 0
+    if rejoined:
+        logger.info("the DHT had lost every node (a cut link?); rejoined through the initial peers")
+    return rejoined
 
 
 def detached_copy(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:

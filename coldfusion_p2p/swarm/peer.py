@@ -147,7 +147,7 @@ class Peer:
         self.console.joined(self.fusion.peer_id, addresses, self.data, self.keys.run_id, reachable)
         self.console.reachability(self.mode)
         self.presence.check_compatible(self.board, self.keys.run_id)  # before publishing: strangers stay out
-        self.presence.start(self.board, self.fusion.peer_id)
+        self.presence.start(self.board, self.fusion.peer_id, self.config.network.initial_peers)
 
     def _identity(self, mode: str) -> Identity:
         invite = self.moderation.invite.encode() if self.moderation is not None else ""

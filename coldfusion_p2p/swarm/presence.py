@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,11 +22,13 @@ from coldfusion_p2p import __version__
 from coldfusion_p2p.config import FusionConfig
 from coldfusion_p2p.errors import UserError
 from coldfusion_p2p.swarm import policy
+from coldfusion_p2p.swarm.hivemind_adapter import reconnect_initial_peers
 from coldfusion_p2p.swarm.records import PeerRecord, RecordBoard
 
 logger = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.2
+RECONNECT_SECONDS = 5.0  # while nobody is in sight, ping the initial peers this often
 
 
 @dataclass
@@ -67,10 +70,13 @@ class Presence:
         self.identity, self.record_period, self.stop_event = identity, record_period, stop_event
         self.progress = Progress()
         self.swarm_fused_round = 0  # the newest round another compatible peer fused, as last seen
+        self.reducer_seen = False  # ever seen a live peer that can reduce (not in client mode)?
         self.peer_id = ""
         self.board: RecordBoard | None = None
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
+        self.initial_peers: list[str] = []
+        self._next_reconnect = 0.0
 
     def update(self, **changes: Any) -> None:
         with self._lock:
@@ -144,9 +150,10 @@ class Presence:
         except Exception as error:  # a DHT hiccup must not kill a training peer; the next refresh retries
             logger.debug("publishing the record failed: %r", error)
 
-    def start(self, board: RecordBoard, peer_id: str) -> None:
-        """Begin publishing (now, then every ``record_period``) and watching the swarm."""
-        self.board, self.peer_id = board, peer_id
+    def start(self, board: RecordBoard, peer_id: str, initial_peers: Sequence[str] = ()) -> None:
+        """Begin publishing (now, then every ``record_period``) and watching the swarm; whenever
+        nobody else is in sight, the watcher checks that the DHT is not cut off for good."""
+        self.board, self.peer_id, self.initial_peers = board, peer_id, list(initial_peers)
         for target, name in ((self._publish_periodically, "record-publisher"), (self._watch_swarm, "swarm-watcher")):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
@@ -185,6 +192,7 @@ class Presence:
             if policy.missed_round(round_number, others):
                 return "missed", 0.0
             everyone = [*others, self.record()]
+            self.reducer_seen = self.reducer_seen or not policy.no_reducer(everyone)
             scheduled = policy.fusion_time(everyone, round_number)
             now = get_dht_time()
             decision: tuple[str, float] | None = None
@@ -198,9 +206,9 @@ class Presence:
                 self.announce(fuse_at=proposal)
                 decision = ("fuse", min(scheduled, proposal))
             if decision is not None:
-                if policy.no_reducer(everyone):  # clients only: no group can ever form, alone or not
+                if not self.reducer_seen:  # clients only, ever: no group can form, alone or not
                     raise UserError(
-                        f"no peer of this swarm accepts inbound connections ({len(everyone)} live, all in client "
+                        f"no peer of this swarm accepts inbound connections ({len(everyone)} seen, all in client "
                         "mode behind NAT or a firewall), so no group can form",
                         "run at least one peer on a public address (or with a forwarded port and --announce-maddrs)",
                     )
@@ -237,6 +245,15 @@ class Presence:
         while not self.stop_event.wait(self.record_period):
             self.publish()
 
+    def _reconnect_now_and_then(self) -> None:
+        if not self.initial_peers or time.monotonic() < self._next_reconnect:
+            return
+        self._next_reconnect = time.monotonic() + RECONNECT_SECONDS
+        try:
+            reconnect_initial_peers(self.board.dht, self.initial_peers)
+        except Exception as error:  # a DHT shutting down; the next look tries again
+            logger.debug("reconnecting to the initial peers failed: %r", error)
+
     def _watch_swarm(self) -> None:
         """Keep :attr:`swarm_fused_round` fresh, so that training notices when the swarm left us behind."""
         while not self.stop_event.wait(self.record_period):
@@ -244,5 +261,9 @@ class Presence:
                 others = policy.others(self.board.fetch(), self.board.subkey, self.identity.model_fingerprint)
             except Exception as error:  # like publishing: a DHT hiccup only delays the news
                 logger.debug("fetching the records failed: %r", error)
+                others = []
+            if not others:  # alone, or cut off: make sure the DHT still knows its way back
+                self._reconnect_now_and_then()
                 continue
             self.swarm_fused_round = policy.swarm_fused_round(others)
+            self.reducer_seen = self.reducer_seen or not policy.no_reducer([*others, self.record()])
