@@ -9,9 +9,10 @@ The modes (:class:`Mode`):
 * **public**: inbound connections work. A full member: reduces a slice, serves the fused base to
   late joiners, answers DHT requests, and answers other nodes' reachability probes.
 * **relayed**: inbound connections fail, but a bootstrap started with ``--relay`` serves libp2p
-  circuit relays: the node reserves a slot there, so others can still reach its DHT through the
-  relay. Its averager runs in client mode like a client's: bodies through a relay would put every
-  byte of the swarm through the bootstrap's link.
+  circuit relays and the node holds a reservation there (a ``/p2p-circuit`` address), so libp2p
+  can still dial it through the relay. It fuses like a client (averager and DHT in client mode):
+  bodies through a relay would put every byte of the swarm through the bootstrap's link. A node
+  that gets no reservation within :data:`RELAY_RESERVATION_TIMEOUT` says so and runs as a client.
 * **client**: inbound connections fail and no relay is used. hivemind's client mode: the averager
   sends its body to the reducers and receives the average but reduces nothing and serves no state,
   and the DHT node only asks. It only ever dials out, which NAT allows.
@@ -33,6 +34,7 @@ import functools
 import ipaddress
 import json
 import logging
+import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -54,6 +56,7 @@ DIALBACK_HANDLER = "coldfusion.reachability.dialback"
 MAX_PROBED_ADDRESSES = 8
 DIAL_TIMEOUT = 3.0  # seconds per address: a NAT drops the SYN silently, so only a timeout tells
 PROBE_TIMEOUT = 2 * DIAL_TIMEOUT + 4.0  # one bootstrap's whole answer
+RELAY_RESERVATION_TIMEOUT = 10.0  # seconds a relayed node waits for its /p2p-circuit address
 
 
 @dataclass(frozen=True)
@@ -70,8 +73,8 @@ class Mode:
 
     @property
     def dht_client_mode(self) -> bool:
-        """A DHT server nobody can reach stalls everyone's lookups; through a relay it can be reached."""
-        return self.name == "client"
+        """A DHT server nobody can reach directly stalls everyone's lookups, relayed or not."""
+        return self.name != "public"
 
     def line(self) -> str:
         what = {
@@ -137,9 +140,24 @@ def join(
         if mode.name != "public":
             dht.shutdown()
             dht = _start(config, keys, mode, moderation, serve_relay=False, restart=True)
+    if mode.name == "relayed" and not _has_relay_address(dht, RELAY_RESERVATION_TIMEOUT):
+        mode = Mode(
+            "client", f"{mode.reason}, but no relay gave a reservation within {RELAY_RESERVATION_TIMEOUT:.0f} s"
+        )
     if mode.name == "public":
         serve_probes(dht, relay=serve_relay)
     return dht, mode
+
+
+def _has_relay_address(dht: DHT, timeout: float) -> bool:
+    """Wait (bounded) until libp2p announces a ``/p2p-circuit`` address: a relay reserved us a slot."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if any("p2p-circuit" in str(address) for address in dht.get_visible_maddrs(latest=True)):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.5)
 
 
 def _start(
