@@ -103,13 +103,18 @@ def test_two_peers_behind_nat_and_a_public_peer_fuse_the_exact_mean_in_groups_of
                 seed=i,
                 rounds=2,
                 min_group_size=3,
-                local_steps=1500,  # round 2 trains long enough for the monitor to look
+                local_steps=800,  # round 2 trains long enough for the monitor to look
                 **NAT_SETTINGS,
             )
             for i, host in enumerate(hosts)
         ]
-        wait_until(lambda: all(1 in peer.rounds_written() for peer in peers), timeout=150, message="round 1")
-        snapshot = monitor_snapshot(swarm)  # while round 2 trains
+        joined = lambda: all("reachability: " in peer.log() for peer in peers)  # noqa: E731
+        wait_until(joined, timeout=150, message="all three to join")
+        snapshot = {"peers": []}
+        for _ in range(6):  # while they train (bounded): until the monitor has seen all three records
+            snapshot = monitor_snapshot(swarm)
+            if len(snapshot["peers"]) == 3 or any(peer.process.poll() is not None for peer in peers):
+                break
         for peer in peers:
             assert peer.wait() == 0, peer.log()
 
@@ -123,8 +128,11 @@ def test_two_peers_behind_nat_and_a_public_peer_fuse_the_exact_mean_in_groups_of
             assert_fused_exact_mean(peers, round_number, group_size=3)
 
 
-def test_a_late_joiner_behind_nat_downloads_the_fused_base_then_fuses(tmp_path, tiny_model_dir, tiny_datasets):
-    with lab_swarm(tmp_path, "late") as swarm:
+def test_a_late_joiner_behind_an_outbound_only_firewall_downloads_the_fused_base_then_fuses(
+    tmp_path, tiny_model_dir, tiny_datasets
+):
+    """The late joiner's router masquerades and lets only outbound TCP out (no UDP, no ICMP)."""
+    with lab_swarm(tmp_path, "late", homes=("home1",), strict_homes=("strict",)) as swarm:
         swarm.start_bootstrap()
         # min_group_size 3: until the late joiner is there, each window stays open (45 s), so the
         # early two cannot finish every round before it has started, however slow the machine
@@ -134,7 +142,7 @@ def test_a_late_joiner_behind_nat_downloads_the_fused_base_then_fuses(tmp_path, 
             for i, host in enumerate(("public", "home1"))
         ]
         wait_until(lambda: all(1 in peer.rounds_written() for peer in early), timeout=150, message="round 1")
-        late = swarm.start_peer("home2", "home2", tiny_datasets[2], tiny_model_dir, seed=2, **settings)
+        late = swarm.start_peer("strict", "strict", tiny_datasets[2], tiny_model_dir, seed=2, **settings)
         for peer in (*early, late):
             assert peer.wait() == 0, peer.log()
 
@@ -215,22 +223,6 @@ def test_a_link_cut_mid_all_reduce_leaves_no_partial_average_and_the_peer_rejoin
         rejoined = [r for r in later if cut_peer.round_info(r)["report"]["outcome"] == "fused"]
         assert rejoined, [(r, cut_peer.round_info(r)["report"]["outcome"]) for r in later]
         assert cut_peer.round_info(rejoined[0])["report"]["group_size"] == 3
-
-
-def test_a_peer_whose_router_lets_only_outbound_tcp_through_still_contributes(tmp_path, tiny_model_dir, tiny_datasets):
-    with lab_swarm(tmp_path, "strict", homes=(), strict_homes=("strict",)) as swarm:
-        swarm.start_bootstrap()
-        peers = [
-            swarm.start_peer(
-                host, host, tiny_datasets[i], tiny_model_dir, seed=i, rounds=2, min_group_size=2, **NAT_SETTINGS
-            )
-            for i, host in enumerate(("public", "strict"))
-        ]
-        for peer in peers:
-            assert peer.wait() == 0, peer.log()
-        assert mode_line(peers[1]).startswith("reachability: client (")
-        for round_number in (1, 2):
-            assert_fused_exact_mean(peers, round_number, group_size=2)
 
 
 def test_a_swarm_with_no_public_peer_gets_a_one_line_error_naming_the_fix(tmp_path, tiny_model_dir, tiny_datasets):
