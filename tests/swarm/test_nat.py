@@ -270,3 +270,45 @@ def test_a_peer_behind_nat_asks_a_relay_bootstrap_and_says_so_when_no_reservatio
         assert "but no relay gave a reservation within 10 s" in line, line
         for round_number in (1, 2):
             assert_fused_exact_mean(peers, round_number, group_size=2)
+
+
+def test_invited_peers_behind_nat_fuse_in_a_moderated_run(tmp_path, tiny_model_dir, tiny_datasets):
+    """Invites are checked on the averager's RPCs, which client peers call and never serve, and on
+    the DHT, which they only ask: a moderated run must still take their bodies."""
+
+    def cli(*arguments: str) -> str:
+        done = subprocess.run(
+            peer_command(*arguments), capture_output=True, text=True, env=peer_environment(), timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    with lab_swarm(tmp_path, "moderated", homes=("home1",)) as swarm:
+        owner_key = str(tmp_path / "owner.key")
+        owner_public = cli("identity", "--identity", owner_key).splitlines()[1].split(":", 1)[1].strip()
+        moderated = {}
+        for name in ("bootstrap", "public", "home1"):
+            key, token = str(tmp_path / f"{name}.key"), str(tmp_path / f"{name}.invite")
+            cli("identity", "--identity", key)
+            cli("invite", "--owner-key", owner_key, "--public-key", key, "--run-id", swarm.run_id, "--output", token)
+            moderated[name] = dict(identity=key, invite=token, require_invite=True, owner_public_key=owner_public)
+        swarm.start_bootstrap(**moderated["bootstrap"])
+        peers = [
+            swarm.start_peer(
+                host,
+                host,
+                tiny_datasets[i],
+                tiny_model_dir,
+                seed=i,
+                rounds=2,
+                min_group_size=2,
+                **NAT_SETTINGS,
+                **moderated[host],
+            )
+            for i, host in enumerate(("public", "home1"))
+        ]
+        for peer in peers:
+            assert peer.wait() == 0, peer.log()
+        assert mode_line(peers[1]).startswith("reachability: client (")
+        for round_number in (1, 2):
+            assert_fused_exact_mean(peers, round_number, group_size=2)
