@@ -220,6 +220,30 @@ def write_report(results: dict, out: Path) -> None:
             for row in results["body_distances"]
         ],
         "",
+        "Within each run: the largest distance between two peers' last fused bodies (in fp32 they hold one base, "
+        "to rounding; with a lossy compression each peer adds its own decoded delta to its own values):",
+        "",
+        "| run | peer pairs | max abs | max L2 |",
+        "|---|---|---|---|",
+        *[
+            f"| {row['run']} | {row['pairs']} | "
+            + ("-" if row["max_abs"] is None else f"{row['max_abs']:.2e} | {row['max_l2']:.2e} |")
+            for row in results.get("peer_spread", [])
+        ],
+        "",
+        "Where they differ most (the tensor with the largest absolute difference, per run and contributor), beside "
+        "that tensor's own largest value and standard deviation in the reference:",
+        "",
+        "| run | contributor | tensor | max abs difference | reference abs max | reference std |",
+        "|---|---|---|---|---|---|",
+        *[
+            f"| {row['run']} | {row['contributor']} | `{row['worst_tensors'][0]['name']}` | "
+            f"{row['worst_tensors'][0]['max_abs']:.2e} | {row['worst_tensors'][0]['reference_abs_max']:.3f} | "
+            f"{row['worst_tensors'][0]['reference_std']:.3f} |"
+            for row in results["body_distances"]
+            if row.get("worst_tensors")
+        ],
+        "",
         "## Per contributor and round",
         "",
         "| contributor | round | "
@@ -400,7 +424,9 @@ def body_distances(runs: list[dict], original: dict) -> list[dict]:
             if mine is None or theirs is None:
                 continue
             names = [name for name in theirs if name in mine and name in original and theirs[name].is_floating_point()]
-            difference = torch.cat([(mine[n].float() - theirs[n].float()).flatten() for n in names])
+            differences = {n: mine[n].float() - theirs[n].float() for n in names}
+            difference = torch.cat([d.flatten() for d in differences.values()])
+            worst = sorted(names, key=lambda n: -float(differences[n].abs().max()))[:3]
             update = torch.cat([(theirs[n].float() - original[n].float()).flatten() for n in names])
             reference_norm = torch.cat([theirs[n].float().flatten() for n in names]).norm()
             rows.append(
@@ -410,8 +436,51 @@ def body_distances(runs: list[dict], original: dict) -> list[dict]:
                     "max_abs": float(difference.abs().max()),
                     "relative_l2": float(difference.norm() / reference_norm),
                     "relative_to_update": float(difference.norm() / update.norm()),
+                    "worst_tensors": [  # where the bodies differ most, beside the reference tensor's own scale
+                        {
+                            "name": n,
+                            "max_abs": float(differences[n].abs().max()),
+                            "reference_abs_max": float(theirs[n].float().abs().max()),
+                            "reference_std": float(theirs[n].float().std()),
+                        }
+                        for n in worst
+                    ],
                 }
             )
+    return rows
+
+
+def peer_spread(runs: list[dict]) -> list[dict]:
+    """Do the peers of one run hold the same fused base? Largest pairwise distances between their last bodies.
+
+    In fp32 they agree to rounding. With a lossy compression each peer adds its own decoded delta to its
+    own part, so they can end a fused round on different bodies."""
+    import itertools
+
+    import torch
+
+    from coldfusion_p2p.contributor.checkpoints import latest_checkpoint, load_body_state
+
+    rows = []
+    for run in runs:
+        bodies = []
+        for peer in run["peers"]:
+            checkpoint = latest_checkpoint(peer["folder"])
+            if checkpoint is not None:
+                bodies.append(load_body_state(checkpoint.path))
+        pairs = []
+        for first, second in itertools.combinations(bodies, 2):
+            names = [n for n in first if n in second and first[n].is_floating_point()]
+            difference = torch.cat([(first[n].float() - second[n].float()).flatten() for n in names])
+            pairs.append((float(difference.abs().max()), float(difference.norm())))
+        rows.append(
+            {
+                "run": run["label"],
+                "pairs": len(pairs),
+                "max_abs": max((pair[0] for pair in pairs), default=None),
+                "max_l2": max((pair[1] for pair in pairs), default=None),
+            }
+        )
     return rows
 
 
@@ -493,8 +562,12 @@ def main() -> None:
         "comparison": compare(runs, arguments.rounds),
         "noise_floor": noise_floor(runs, arguments.rounds),
         "body_distances": body_distances(runs, original),
+        "peer_spread": peer_spread(runs),
         "work_dir": str(workdir),
-        "notes": [],
+        "notes": [
+            "one seed (0) per contributor and 200 validation examples each (one example = 0.5 points): the deltas "
+            "are exact for these seeds when the fp32 noise floor is 0, not an estimate of the expected cost over seeds",
+        ],
         "wall_seconds": time.monotonic() - wall_started,
     }
     write_report(results, Path(arguments.output_dir))

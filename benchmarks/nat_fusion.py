@@ -41,6 +41,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -60,6 +61,7 @@ DATASETS = {"public": "trec_question_type", "home1": "tweet_sentiment", "home2":
 GROUP_SIZE = len(PEERS)
 TCP_GOODPUT = 1448 / 1514  # payload share of a full TCP frame: what tbf lets through as data (netlab)
 BOOTSTRAP_TIMEOUT = 90.0  # seconds for the bootstrap to write its peers file
+ERROR_LINE = re.compile(r"^[A-Za-z_.]*(Error|Exception): ")  # the last line of a logged traceback
 RUN_TIMEOUT = 900.0  # seconds for one run's peers to finish all their rounds
 PEER_SETTINGS = {  # every peer, every run; the run adds dataset, model, addresses and compression
     "local_steps": 1,  # we time fusion, not training
@@ -146,6 +148,10 @@ def bounds(body_bytes: int, payloads: dict[str, int], rate_mbit: float) -> dict:
         "butterfly_payload_seconds": {c: factor * size / rate for c, size in payloads.items()},
         "client_mode_payload_seconds": {c: size / rate for c, size in payloads.items()},
         "client_mode_payload_tcp_seconds": {c: size / (rate * TCP_GOODPUT) for c, size in payloads.items()},
+        # hivemind sends a client its results only once it has sent everything (should_delay_results):
+        # up, then down, one after the other
+        "hivemind_client_floor_seconds": {c: 2 * size / rate for c, size in payloads.items()},
+        "hivemind_client_floor_tcp_seconds": {c: 2 * size / (rate * TCP_GOODPUT) for c, size in payloads.items()},
     }
 
 
@@ -208,7 +214,9 @@ def wait_for_peers_file(bootstrap: Process, path: Path, address: str) -> list[st
     raise RuntimeError(f"the bootstrap wrote no peers file within {BOOTSTRAP_TIMEOUT:.0f}s:\n{bootstrap.log()[-2000:]}")
 
 
-def run_once(model: str, compression: str, rate_mbit: float, rounds: int, workdir: Path, label: str) -> dict:
+def run_once(
+    model: str, compression: str, rate_mbit: float, rounds: int, workdir: Path, label: str, extra: dict | None = None
+) -> dict:
     """One swarm on a fresh lab; every peer's round reports, failures listed (never raised)."""
     from coldfusion_p2p.config import as_flags
     from coldfusion_p2p.contributor.checkpoints import read_history
@@ -220,6 +228,7 @@ def run_once(model: str, compression: str, rate_mbit: float, rounds: int, workdi
     processes: list[Process] = []
     history: dict[str, list[dict]] = {}
     modes: dict[str, str] = {}
+    errors: dict[str, list[str]] = {}
     wire = None
     try:
         with NetLab(homes=PEERS[1:], home_rate_mbit=rate_mbit) as lab:
@@ -248,6 +257,7 @@ def run_once(model: str, compression: str, rate_mbit: float, rounds: int, workdi
                         "output_dir": str(workdir / name),
                         "rounds": rounds,
                         "compression": compression,
+                        **(extra or {}),
                     }
                     processes.append(Process(name, lab.hosts[name].command(cli("join", *as_flags(flags))), workdir))
                 deadline = time.monotonic() + RUN_TIMEOUT
@@ -271,8 +281,10 @@ def run_once(model: str, compression: str, rate_mbit: float, rounds: int, workdi
         failures.append(f"{type(error).__name__}: {str(error)[:600]}")
     for peer in processes[1:]:
         history[peer.name] = read_history(workdir / peer.name)
-        lines = [line for line in peer.log().splitlines() if line.startswith("reachability: ")]
+        text = peer.log().splitlines()
+        lines = [line for line in text if line.startswith("reachability: ")]
         modes[peer.name] = lines[0] if lines else ""
+        errors[peer.name] = [line[:300] for line in text if ERROR_LINE.match(line)]
     for name in PEERS:
         expected = "reachability: public (" if name == "public" else "reachability: client ("
         if name in modes and not modes[name].startswith(expected):
@@ -294,6 +306,7 @@ def run_once(model: str, compression: str, rate_mbit: float, rounds: int, workdi
         "ok": not failures,
         "failures": failures,
         "reachability": modes,
+        "errors_in_logs": errors,  # exception lines the peers logged (e.g. from the averager's threads)
         "link_bytes": wire,
         "rounds": {
             name: [
@@ -330,6 +343,7 @@ def summarize(runs: list[dict], compressions: list[str], sizes: dict, rounds: in
                     round_times.append(max(times))
         butterfly = sizes["bounds"]["butterfly_payload_seconds"][compression]
         client = sizes["bounds"]["client_mode_payload_seconds"][compression]
+        floor = sizes["bounds"]["hivemind_client_floor_tcp_seconds"][compression]
         fp32 = sizes["bounds"]["butterfly_fp32_seconds"]
         links = {
             f"{home}_{way}": [run["link_bytes"][home][way] for run in mine if run["link_bytes"]]
@@ -341,6 +355,8 @@ def summarize(runs: list[dict], compressions: list[str], sizes: dict, rounds: in
                 "compression": compression,
                 "runs": len(mine),
                 "failed_runs": [run["label"] for run in mine if not run["ok"]],
+                "rounds_fused": len(round_times),
+                "rounds_run": len(mine) * rounds,
                 "failures": [f"{run['label']}: {failure}" for run in mine for failure in run["failures"]],
                 "payload_bytes": sizes["payload_bytes"][compression],
                 "fusion_seconds": {name: spread(values) for name, values in per_peer.items()},
@@ -349,6 +365,7 @@ def summarize(runs: list[dict], compressions: list[str], sizes: dict, rounds: in
                 "round_over_butterfly_fp32": spread(t / fp32 for t in round_times),
                 "round_over_butterfly_payload": spread(t / butterfly for t in round_times),
                 "round_over_client_mode_payload": spread(t / client for t in round_times),
+                "round_over_hivemind_client_floor_tcp": spread(t / floor for t in round_times),
                 "bytes_sent": {name: spread(values) for name, values in sent.items()},
                 "link_bytes_per_run": {key: spread(values) for key, values in links.items()},
                 "per_round_seconds": round_times,
@@ -380,13 +397,16 @@ def write_report(results: dict, out: Path) -> None:
         f"Body: {sizes['body_parameters'] / 1e6:.2f} M parameters, S = {sizes['body_bytes'] / 1e6:.2f} MB in fp32. "
         f"Butterfly bound 2(N-1)/N * S / rate, N = {GROUP_SIZE}: **{b['butterfly_fp32_seconds']:.1f} s** with S in "
         "fp32; per compression also with S = that compression's exact payload (the body split into hivemind's parts, "
-        "each compressed and serialized). Client-mode bound S / rate: each home link must carry its whole payload up "
-        "and the whole average down (full duplex); at TCP's goodput (1448/1514 of the rate) a little more.",
+        "each compressed and serialized). In client mode each home link must carry its whole payload S up and the "
+        "whole average S down; full duplex that is S / rate, but hivemind sends a client its results only once the "
+        "client has sent everything (`AllReduceRunner.should_delay_results`: clients get nothing back until they "
+        "finish sending), so up and down follow one another: **2 S / rate** is the floor of this protocol, 1.5x the "
+        "butterfly bound for N = 3; at TCP's goodput through the shaper (1448/1514 of the rate) a little more.",
         "",
-        "| compression | payload MB | butterfly bound s (payload) | client-mode bound s (payload) | round s "
-        "(slowest peer) | round s - matchmaking | round / fp32 bound | round / payload bound | goal <= 1.3x "
-        "| failed runs |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| compression | payload MB | butterfly bound s (payload) | hivemind client floor 2S/rate s (at TCP goodput) "
+        "| round s (slowest peer) | round s - matchmaking | round / fp32 butterfly bound | round / payload butterfly "
+        "bound | goal <= 1.3x payload bound | round / client floor (TCP) | rounds fused in 3 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results["summary"]:
         c = row["compression"]
@@ -398,11 +418,13 @@ def write_report(results: dict, out: Path) -> None:
         )
         lines.append(
             f"| {c} | {row['payload_bytes'] / 1e6:.2f} | {b['butterfly_payload_seconds'][c]:.1f} | "
-            f"{b['client_mode_payload_seconds'][c]:.1f} | {fmt(row['round_seconds'], digits=1)} | "
+            f"{b['hivemind_client_floor_seconds'][c]:.1f} ({b['hivemind_client_floor_tcp_seconds'][c]:.1f}) | "
+            f"{fmt(row['round_seconds'], digits=1)} | "
             f"{fmt(row['round_seconds_minus_matchmaking'], digits=1)} | "
             f"{fmt(row['round_over_butterfly_fp32'], suffix='x')} | "
             f"{fmt(row['round_over_butterfly_payload'], suffix='x')} | {met} | "
-            f"{len(row['failed_runs'])}/{row['runs']} |"
+            f"{fmt(row['round_over_hivemind_client_floor_tcp'], suffix='x')} | "
+            f"{row['rounds_fused']}/{row['rounds_run']} |"
         )
     lines += [
         "",
@@ -456,6 +478,13 @@ def write_report(results: dict, out: Path) -> None:
     lines += ["", "## Failures", ""] + (
         [f"- {failure}" for failure in failures] or ["None: every round of every run fused in a group of 3."]
     )
+    logged = [
+        f"- {run['label']} {name}: `{line}`"
+        for run in results["runs"]
+        for name, found in run.get("errors_in_logs", {}).items()
+        for line in dict.fromkeys(found)
+    ]
+    lines += ["", "## Exceptions in the peers' logs", ""] + (logged or ["None."])
     if results.get("notes"):
         lines += ["", "## Notes", "", *[f"- {note}" for note in results["notes"]]]
     (out / "nat_fusion.md").write_text("\n".join(lines) + "\n")
@@ -495,7 +524,7 @@ def plot(results: dict, path: Path) -> None:
         c = row["compression"]
         for key, style, label in (
             ("butterfly_payload_seconds", "-", "butterfly bound (payload)"),
-            ("client_mode_payload_seconds", ":", "client-mode bound S/rate (payload)"),
+            ("hivemind_client_floor_seconds", ":", "hivemind client-mode floor 2S/rate (payload)"),
         ):
             axis.hlines(
                 bounds_[key][c],
@@ -537,6 +566,12 @@ def main() -> None:
     parser.add_argument(
         "--model", default=None, help="base model folder (default: the bundled MiniLM); 'tiny': a tiny BERT"
     )
+    parser.add_argument(
+        "--max-update-ratio",
+        type=float,
+        default=None,
+        help="the peers' poisoning guard (default: theirs, 10); int8 at 1 local step trips it, see the notes",
+    )
     parser.add_argument("--output-dir", default=str(ROOT / "docs" / "measurements" / "nat"))
     parser.add_argument("--work-dir", default=None, help="peers' output and logs (default: a fresh temp dir)")
     arguments = parser.parse_args()
@@ -570,6 +605,7 @@ def main() -> None:
         "bounds": bounds(parameters * 4, payloads, arguments.rate_mbit),
     }
     log("bounds: " + json.dumps({k: v for k, v in sizes["bounds"].items()}, default=str))
+    extra = {} if arguments.max_update_ratio is None else {"max_update_ratio": arguments.max_update_ratio}
     runs, order = [], []
     for repeat in range(arguments.repeats):
         sequence = arguments.compressions if repeat % 2 == 0 else list(reversed(arguments.compressions))
@@ -577,7 +613,7 @@ def main() -> None:
         for compression in sequence:
             label = f"r{repeat + 1}-{compression}"
             log(f"run {label} ...")
-            run = run_once(model, compression, arguments.rate_mbit, arguments.rounds, workdir / label, label)
+            run = run_once(model, compression, arguments.rate_mbit, arguments.rounds, workdir / label, label, extra)
             runs.append(run)
             times = [
                 f"{name} " + "/".join(f"{row['fusion_seconds']:.1f}" for row in run["rounds"][name]) for name in PEERS
@@ -603,7 +639,7 @@ def main() -> None:
             "model_label": model_label,
             "group_size": GROUP_SIZE,
             "datasets": DATASETS,
-            "peer_settings": PEER_SETTINGS,
+            "peer_settings": {**PEER_SETTINGS, **extra},
             "tcp_goodput": TCP_GOODPUT,
         },
         "order": order,
@@ -616,7 +652,15 @@ def main() -> None:
             f"start (up to matchmaking_time = {PEER_SETTINGS['matchmaking_time']:g} s) that no bound counts; "
             "'round s - matchmaking' subtracts that much as an estimate of the all-reduce and verdict exchange",
             "only the homes' links are shaped; the public peer (like a server) and the bootstrap are not, so the "
-            "public reducer is never the bottleneck: the client-mode bound S / rate is what the topology allows",
+            "public reducer is never the bottleneck",
+            *(
+                [
+                    f"every peer ran with max_update_ratio = {arguments.max_update_ratio:g} (the poisoning guard; "
+                    "default 10), so that a round's timing does not depend on the guard's verdict"
+                ]
+                if arguments.max_update_ratio is not None
+                else []
+            ),
         ],
         "wall_seconds": time.monotonic() - wall_started,
     }
