@@ -287,6 +287,13 @@ class LabSwarm:
         self.peers.append(peer)
         return peer
 
+    def start_peers(self, hosts: Sequence[str], datasets: Sequence[Path], model: Path, **settings) -> list[PeerProcess]:
+        """One peer per host, named after it, with the host's index as its dataset and seed."""
+        return [
+            self.start_peer(host, host, datasets[index], model, seed=index, **settings)
+            for index, host in enumerate(hosts)
+        ]
+
     def close(self) -> None:
         for peer in self.peers:
             peer.kill()

@@ -94,20 +94,15 @@ def test_two_peers_behind_nat_and_a_public_peer_fuse_the_exact_mean_in_groups_of
     with lab_swarm(tmp_path, "three") as swarm:
         swarm.start_bootstrap()
         hosts = ("public", "home1", "home2")
-        peers = [
-            swarm.start_peer(
-                host,
-                host,
-                tiny_datasets[i],
-                tiny_model_dir,
-                seed=i,
-                rounds=2,
-                min_group_size=3,
-                local_steps=800,  # round 2 trains long enough for the monitor to look
-                **NAT_SETTINGS,
-            )
-            for i, host in enumerate(hosts)
-        ]
+        peers = swarm.start_peers(
+            hosts,
+            tiny_datasets,
+            tiny_model_dir,
+            rounds=2,
+            min_group_size=3,
+            local_steps=800,  # round 2 trains long enough for the monitor to look
+            **NAT_SETTINGS,
+        )
         joined = lambda: all("reachability: " in peer.log() for peer in peers)  # noqa: E731
         wait_until(joined, timeout=150, message="all three to join")
         snapshot = {"peers": []}
@@ -137,10 +132,7 @@ def test_a_late_joiner_behind_an_outbound_only_firewall_downloads_the_fused_base
         # min_group_size 3: until the late joiner is there, each window stays open (45 s), so the
         # early two cannot finish every round before it has started, however slow the machine
         settings = dict(rounds=4, min_group_size=3, local_steps=20, **{**NAT_SETTINGS, "fusion_window": 45.0})
-        early = [
-            swarm.start_peer(host, host, tiny_datasets[i], tiny_model_dir, seed=i, **settings)
-            for i, host in enumerate(("public", "home1"))
-        ]
+        early = swarm.start_peers(("public", "home1"), tiny_datasets, tiny_model_dir, **settings)
         wait_until(lambda: all(1 in peer.rounds_written() for peer in early), timeout=150, message="round 1")
         late = swarm.start_peer("strict", "strict", tiny_datasets[2], tiny_model_dir, seed=2, **settings)
         for peer in (*early, late):
@@ -228,18 +220,9 @@ def test_a_link_cut_mid_all_reduce_leaves_no_partial_average_and_the_peer_rejoin
 def test_a_swarm_with_no_public_peer_gets_a_one_line_error_naming_the_fix(tmp_path, tiny_model_dir, tiny_datasets):
     with lab_swarm(tmp_path, "nopublic") as swarm:
         swarm.start_bootstrap()
-        peers = [
-            swarm.start_peer(
-                host,
-                host,
-                tiny_datasets[i],
-                tiny_model_dir,
-                seed=i,
-                rounds=2,
-                **{**NAT_SETTINGS, "fusion_window": 30.0},
-            )
-            for i, host in enumerate(("home1", "home2"))
-        ]
+        peers = swarm.start_peers(
+            ("home1", "home2"), tiny_datasets, tiny_model_dir, rounds=2, **{**NAT_SETTINGS, "fusion_window": 30.0}
+        )
         for peer in peers:
             assert peer.wait() == 2, peer.log()
             last = peer.log().strip().splitlines()[-1]
@@ -258,10 +241,7 @@ def test_a_peer_behind_nat_asks_a_relay_bootstrap_and_says_so_when_no_reservatio
     with lab_swarm(tmp_path, "relay", homes=("home1",)) as swarm:
         bootstrap = swarm.start_bootstrap(relay=True)
         settings = dict(rounds=2, min_group_size=2, **NAT_SETTINGS)
-        peers = [
-            swarm.start_peer(host, host, tiny_datasets[i], tiny_model_dir, seed=i, **settings)
-            for i, host in enumerate(("public", "home1"))
-        ]
+        peers = swarm.start_peers(("public", "home1"), tiny_datasets, tiny_model_dir, **settings)
         for peer in peers:
             assert peer.wait() == 0, peer.log()
         assert "serving libp2p circuit relays" in bootstrap.log()
