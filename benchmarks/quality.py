@@ -6,7 +6,12 @@
 The default's time is estimated from the measured parts of the `default` run (9.9 min per
 simulation, 3.2 min per evaluated base and fold): 3 simulations and 6 evaluations, about 49 min;
 each extra setting adds about 20 min over 3 folds. ``--reuse`` skips simulations an earlier run
-finished with the same settings, so a sweep can add settings to a finished run.
+finished with the same settings, so a sweep can add settings to a finished run. ``--reuse-from``
+goes further: it takes bases (the original included) whose evaluation an earlier run's
+``quality.json`` already holds, with the same simulation and evaluation arguments, and neither
+simulates nor evaluates them again. That is exact, not an approximation: every evaluation run
+(base, dataset, seed, method) is seeded on its own, so a base's numbers do not depend on which
+other bases share the run (seen: the sweep's re-evaluated plain mean equalled the default's).
 
 For each *fold* (leave-group-out, as the paper's cross-validation over datasets) the bundled
 datasets of that fold are kept unseen and every other bundled dataset is a contributor. For each
@@ -46,7 +51,7 @@ from coldfusion_p2p.apps.simulate import Simulation  # noqa: E402
 from coldfusion_p2p.config import EvaluateConfig, build_config  # noqa: E402
 from coldfusion_p2p.contributor.model import bundled_model_path  # noqa: E402
 from coldfusion_p2p.evaluation.evaluate import evaluate_bases  # noqa: E402
-from coldfusion_p2p.evaluation.report import plot_summary, results_table, summarize  # noqa: E402
+from coldfusion_p2p.evaluation.report import EvalResult, plot_summary, results_table, summarize  # noqa: E402
 
 DATASETS = (
     "trec_question_type",
@@ -74,6 +79,55 @@ SETTINGS = {  # name: peer settings applied to every contributor on top of its b
     "l2sp": {"l2sp": 0.1},
     "local_pooler": {"local_modules": ["pooler"]},
 }
+
+
+MATCHED_ARGUMENTS = (  # what a reused result must have been produced with
+    "rounds",
+    "local_steps",
+    "lr",
+    "validation_examples",
+    "methods",
+    "seeds",
+    "max_train_examples",
+    "max_test_examples",
+    "finetune_epochs",
+)
+
+
+def load_earlier_runs(names: list[str], arguments) -> list[dict[str, Any]]:
+    """The ``quality.json`` of each named earlier run; stops with a clear message when one differs."""
+    runs = []
+    for name in names:
+        path = Path(arguments.output_root) / name / "quality.json"
+        if not path.exists():
+            raise SystemExit(f"error: --reuse-from {name}: no {path}; name a run under {arguments.output_root}")
+        run = json.loads(path.read_text())
+        theirs = run["arguments"]
+        differing = [f"{k}={theirs.get(k)}" for k in MATCHED_ARGUMENTS if theirs.get(k) != getattr(arguments, k)]
+        if differing:
+            raise SystemExit(
+                f"error: --reuse-from {name}: it ran with other settings ({', '.join(differing)}); "
+                "reuse only runs with this run's settings"
+            )
+        runs.append(run)
+    return runs
+
+
+def reused_base(runs: list[dict[str, Any]], fold: int, label: str, arguments) -> tuple[list, list] | None:
+    """An earlier run's complete evaluation of base ``label`` on ``fold`` (and its seen rows), or None."""
+    expected = len(FOLDS[fold]) * arguments.seeds * len(arguments.methods)
+    for run in runs:
+        if label != "original" and run["settings"].get(label) != SETTINGS[label]:
+            continue  # that run's setting of this name had other peer settings
+        results = [
+            EvalResult(**result)
+            for result in run["results"]
+            if result["base_label"] == label and result["dataset"] in FOLDS[fold]
+        ]
+        rows = [row for row in run["rounds"] if row["fold"] == fold and row["setting"] == label]
+        if len(results) == expected and (label == "original" or rows):
+            return results, rows
+    return None
 
 
 def simulate(fold: int, setting: str, arguments, console: Console) -> tuple[Path, list[dict[str, Any]], float]:
@@ -105,10 +159,10 @@ def simulate(fold: int, setting: str, arguments, console: Console) -> tuple[Path
 
 
 def evaluate(fold: int, bases: dict[str, Path], arguments, console: Console):
-    """The original and each fused base on the fold's unseen datasets (the same seeds and budget)."""
+    """The given bases (``original``: the bundled model) on the fold's unseen datasets, one budget."""
     config = build_config(
         {
-            "base": [f"original={bundled_model_path()}", *(f"{name}={path}" for name, path in bases.items())],
+            "base": [f"{name}={bundled_model_path() if name == 'original' else path}" for name, path in bases.items()],
             "unseen": [str(BUNDLED_PEERS / "data" / name) for name in FOLDS[fold]],
             "seeds": arguments.seeds,
             "methods": arguments.methods,
@@ -224,6 +278,13 @@ def main() -> None:
     parser.add_argument(
         "--reuse", action="store_true", help="reuse simulations an earlier run finished with the same settings"
     )
+    parser.add_argument(
+        "--reuse-from",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        help="take bases an earlier run (under --output-root) evaluated with the same settings",
+    )
     parser.add_argument("--work-dir", default="/tmp/coldfusion-quality")
     parser.add_argument("--output-root", default=str(ROOT / "docs" / "measurements" / "quality"))
     arguments = parser.parse_args()
@@ -232,15 +293,25 @@ def main() -> None:
     output = Path(arguments.output_root) / arguments.name
     output.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    earlier_runs = load_earlier_runs(arguments.reuse_from, arguments)
     seen_rows, results, simulation_seconds, evaluation_seconds = [], [], 0.0, 0.0
     for fold in arguments.folds:
         bases = {}
-        for setting in arguments.settings:
-            bases[setting], rows, seconds = simulate(fold, setting, arguments, console)
-            seen_rows += rows
-            simulation_seconds += seconds
+        for label in ["original", *arguments.settings]:
+            reused = reused_base(earlier_runs, fold, label, arguments)
+            if reused is not None:
+                console.print(f"[bold]fold {fold}, {label}[/]: reusing an earlier run's evaluation")
+                results += reused[0]
+                seen_rows += reused[1]
+            elif label == "original":
+                bases[label] = None
+            else:
+                bases[label], rows, seconds = simulate(fold, label, arguments, console)
+                seen_rows += rows
+                simulation_seconds += seconds
         evaluation_started = time.perf_counter()
-        results += evaluate(fold, bases, arguments, console)
+        if bases:
+            results += evaluate(fold, bases, arguments, console)
         evaluation_seconds += time.perf_counter() - evaluation_started
         partial = {"folds_done": arguments.folds[: arguments.folds.index(fold) + 1], "rounds": seen_rows}
         partial["results"] = [result.__dict__ for result in results]  # a long run killed later keeps its folds
