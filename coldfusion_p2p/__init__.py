@@ -19,6 +19,7 @@ Where things live (each subpackage is one layer; arrows are the only imports bet
         rules.py        FusionRule: the average -> the next base (mean, outer optimizer, anchor)
     swarm/         the peer-to-peer side (-> contributor, merge)
         network.py      start_dht: address checks and clear join errors
+        reachability.py public, relayed or client: the dial-back probe and the mode it decides
         records.py      RunKeys, PeerRecord, RecordBoard: signed, typed DHT records
         auth.py         Invite, InviteAuthorizer, InviteGate: moderated runs (who may join)
         policy.py       pure decisions: fusion window, catch-up, weights, the poisoning guard

@@ -8,6 +8,7 @@ test timeouts) and ``HF_HUB_OFFLINE=1``. Nothing is downloaded.
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import os
 import signal
@@ -385,6 +386,12 @@ def reap_leftover_processes(request):
     listing = "\n".join(f"  {pid}: {command[:160]}" for pid, command in sorted(leftovers.items()))
     test = request.node.nodeid
     pytest.fail(f"{len(leftovers)} process(es) outlived {test} by {LEAK_GRACE:.0f}s (killed):\n{listing}")
+
+
+def read_csv(path: Path) -> list[dict]:
+    """The rows of a CSV file the code under test wrote, as dicts."""
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
 
 
 def assert_one_line_error(code: int, err: str, *fragments: str) -> None:

@@ -77,6 +77,17 @@ def signals_deferred() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
+def fusion_info(config: PeerConfig, data: TaskData, body: list[torch.Tensor], round_number: int) -> dict:
+    """What a peer tells its group with its body: the others' verdicts and guard read it."""
+    parameters = sum(tensor.numel() for tensor in body)
+    return {
+        "round": round_number,
+        "dataset": data.name,
+        "examples": len(data.train),
+        "update_bound": policy.adam_update_bound(config.training.lr, config.training.local_steps, parameters),
+    }
+
+
 class Peer:
     """One volunteer in a ColD Fusion swarm.
 
@@ -248,16 +259,7 @@ class Peer:
                 round_number=round_number,
                 scheduled_time=scheduled_time,
                 weight=policy.fusion_weight(self.config.fusion.weighting, len(self.data.train)),
-                info={
-                    "round": round_number,
-                    "dataset": self.data.name,
-                    "examples": len(self.data.train),
-                    "update_bound": policy.adam_update_bound(
-                        self.config.training.lr,
-                        self.config.training.local_steps,
-                        sum(tensor.numel() for tensor in self.body),
-                    ),
-                },
+                info=fusion_info(self.config, self.data, self.body, round_number),
             )
         return ("fused" if result.fused else "rejected" if result.rejected else "failed"), result
 
