@@ -291,6 +291,63 @@ def assert_loadable_and_finite(peer) -> None:
         AutoModelForSequenceClassification.from_pretrained(round_dir(peer, round_number), num_labels=2)
 
 
+def assert_fused_without(frozen, running, dropped) -> list[int]:
+    """The rounds the running peers fused without the frozen one, each on exactly their two bodies."""
+    running_ids = {peer.round_info(1)["peer_id"] for peer in running}
+    fused_without_it = []
+    for round_number in dropped:
+        reports = [peer.round_info(round_number)["report"] for peer in running]
+        if round_number == dropped[0] and not all(report["outcome"] == "fused" for report in reports):
+            # only the first: while the frozen node still sits in the DHT's routing tables, that round
+            # may fail to form a group (its requests time out); then nobody fused and each kept its body
+            assert all(report["outcome"] in ("failed", "missed") for report in reports), reports
+            continue
+        # every later dropped round must fuse the two running peers, on exactly their two bodies
+        assert [report["outcome"] for report in reports] == ["fused", "fused"], (round_number, reports)
+        fused_without_it.append(round_number)
+        for report in reports:
+            assert report["group_size"] == 2 and set(report["peer_ids"]) == running_ids, report
+        trained = [pre_fusion(peer, round_number, "body") for peer in running]
+        for peer in running:
+            fused = load_body_state(round_dir(peer, round_number))
+            for name in trained[0]:
+                mean = (trained[0][name] + trained[1][name]) / 2
+                assert torch.allclose(fused[name], mean, atol=1e-6), (peer.name, round_number, name)
+    return fused_without_it
+
+
+def drop_time(running, settings, stopped_round, fused_without_it, frozen_at) -> tuple[float, float]:
+    """(seconds from the freeze to the first round fused without it, the most that may take).
+
+    Up to that round the running peers trained (as measured), waited at most a fusion window and
+    all-reduced within its timeout; a failed first round adds its own timeouts and the bounded wait
+    for a base to download (15 s slack each: loaded CI).
+    """
+    timeouts = FAST_SWARM_SETTINGS
+    fused_round_bound = settings["fusion_window"] + timeouts["allreduce_timeout"] + 15.0
+    failed_round_bound = fused_round_bound + timeouts["state_download_timeout"]
+    waited_rounds = range(stopped_round, fused_without_it[0] + 1)
+    training = sum(running[0].round_info(r)["report"]["train_seconds"] for r in waited_rounds)
+    bound = training + fused_round_bound + (len(waited_rounds) - 1) * failed_round_bound
+    return running[0].round_info(fused_without_it[0])["time"] - frozen_at, bound
+
+
+def assert_caught_up_then_fused(frozen, running, stopped_round, fused_without_it, thawed_at) -> tuple[int, int]:
+    """After SIGCONT: the swarm's base downloaded (no stale round checkpointed), then a fusion of three."""
+    history = {round_number: frozen.round_info(round_number) for round_number in frozen.rounds_written()}
+    after_thaw = {r: info for r, info in history.items() if info["time"] >= thawed_at}
+    synced = min(r for r, info in after_thaw.items() if info["report"]["outcome"] == "synced")
+    assert synced >= max(fused_without_it), history[synced]["report"]
+    assert not any(stopped_round <= r < synced for r in history), "the frozen peer checkpointed a stale round"
+    swarm_base = load_body_state(round_dir(running[0], synced))
+    downloaded = load_body_state(round_dir(frozen, synced))
+    assert all(torch.allclose(downloaded[name], swarm_base[name], atol=1e-6) for name in swarm_base)
+    rejoined = [r for r, info in after_thaw.items() if info["report"]["outcome"] == "fused"]
+    assert rejoined, {r: info["report"]["outcome"] for r, info in after_thaw.items()}
+    assert history[rejoined[0]]["report"]["group_size"] == 3, history[rejoined[0]]["report"]
+    return synced, rejoined[0]
+
+
 def test_a_peer_frozen_by_sigstop_is_dropped_then_catches_up_after_sigcont(local_swarm, tiny_model_dir, tiny_datasets):
     """SIGSTOP on the whole process group (peer, averager, DHT node, p2pd) cuts a peer off mid-round
     without closing a single connection. The others must fuse without it within the timeouts, on
@@ -324,54 +381,14 @@ def test_a_peer_frozen_by_sigstop_is_dropped_then_catches_up_after_sigcont(local
     thawed_at = time.time()
     local_swarm.wait_all()
 
-    running_ids = {peer.round_info(1)["peer_id"] for peer in running}
-    fused_without_it = []
-    for round_number in dropped:
-        reports = [peer.round_info(round_number)["report"] for peer in running]
-        if round_number == dropped[0] and not all(report["outcome"] == "fused" for report in reports):
-            # only the first: while the frozen node still sits in the DHT's routing tables, that round
-            # may fail to form a group (its requests time out); then nobody fused and each kept its body
-            assert all(report["outcome"] in ("failed", "missed") for report in reports), reports
-            continue
-        # every later dropped round must fuse the two running peers, on exactly their two bodies
-        assert [report["outcome"] for report in reports] == ["fused", "fused"], (round_number, reports)
-        fused_without_it.append(round_number)
-        for report in reports:
-            assert report["group_size"] == 2 and set(report["peer_ids"]) == running_ids, report
-        trained = [pre_fusion(peer, round_number, "body") for peer in running]
-        for peer in running:
-            fused = load_body_state(round_dir(peer, round_number))
-            for name in trained[0]:
-                mean = (trained[0][name] + trained[1][name]) / 2
-                assert torch.allclose(fused[name], mean, atol=1e-6), (peer.name, round_number, name)
-
-    # dropped within the timeouts: up to the first round fused without it, the running peers trained
-    # (as measured), waited at most a fusion window and all-reduced within its timeout; a failed first
-    # round adds its own timeouts and the bounded wait for a base to download (15 s slack each: loaded CI)
-    timeouts = FAST_SWARM_SETTINGS
-    fused_round_bound = settings["fusion_window"] + timeouts["allreduce_timeout"] + 15.0
-    failed_round_bound = fused_round_bound + timeouts["state_download_timeout"]
-    waited_rounds = range(stopped_round, fused_without_it[0] + 1)
-    training = sum(running[0].round_info(r)["report"]["train_seconds"] for r in waited_rounds)
-    drop_bound = training + fused_round_bound + (len(waited_rounds) - 1) * failed_round_bound
-    dropped_after = running[0].round_info(fused_without_it[0])["time"] - frozen_at
+    fused_without_it = assert_fused_without(frozen, running, dropped)
+    dropped_after, drop_bound = drop_time(running, settings, stopped_round, fused_without_it, frozen_at)
     assert 0 < dropped_after <= drop_bound, (dropped_after, drop_bound, fused_without_it)
-
-    history = {round_number: frozen.round_info(round_number) for round_number in frozen.rounds_written()}
-    after_thaw = {r: info for r, info in history.items() if info["time"] >= thawed_at}
-    synced = min(r for r, info in after_thaw.items() if info["report"]["outcome"] == "synced")
-    assert synced >= max(fused_without_it), history[synced]["report"]
-    assert not any(stopped_round <= r < synced for r in history), "the frozen peer checkpointed a stale round"
-    swarm_base = load_body_state(round_dir(running[0], synced))
-    downloaded = load_body_state(round_dir(frozen, synced))
-    assert all(torch.allclose(downloaded[name], swarm_base[name], atol=1e-6) for name in swarm_base)
-    rejoined = [r for r, info in after_thaw.items() if info["report"]["outcome"] == "fused"]
-    assert rejoined, {r: info["report"]["outcome"] for r, info in after_thaw.items()}
-    assert history[rejoined[0]]["report"]["group_size"] == 3, history[rejoined[0]]["report"]
+    synced, rejoined = assert_caught_up_then_fused(frozen, running, stopped_round, fused_without_it, thawed_at)
     for peer in peers:
         assert_loadable_and_finite(peer)
     print(
         f"dropped after {dropped_after:.1f}s (at most {drop_bound:.0f}s); "
-        f"caught up {history[synced]['time'] - thawed_at:.1f}s and fused "
-        f"with the others {history[rejoined[0]]['time'] - thawed_at:.1f}s after SIGCONT"
+        f"caught up {frozen.round_info(synced)['time'] - thawed_at:.1f}s and fused "
+        f"with the others {frozen.round_info(rejoined)['time'] - thawed_at:.1f}s after SIGCONT"
     )

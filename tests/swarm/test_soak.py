@@ -85,6 +85,35 @@ def started_up(peer: PeerProcess, resumed_round: int | None) -> bool:
     return bool(resumed)
 
 
+def assert_checkpoints_complete(peers: list[PeerProcess]) -> None:
+    """Every peer reached the last round, and every round it kept loads, finite, with no temporary left."""
+    for peer in peers:
+        checkpoint = latest_checkpoint(peer.output_dir)
+        assert checkpoint is not None and checkpoint.round == ROUNDS, (peer.name, checkpoint)
+        for round_number in peer.rounds_written():
+            folder = peer.output_dir / "rounds" / f"round_{round_number:05d}"
+            body = load_body_state(folder)
+            assert all(torch.isfinite(tensor).all() for tensor in body.values()), (peer.name, round_number)
+            AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2)
+        assert not list((peer.output_dir / "rounds").glob(".tmp-*")), "a temporary checkpoint folder was left"
+
+
+def assert_rounds_fused(peers: list[PeerProcess]) -> dict[str, list[int]]:
+    """The rounds really fused, in groups: a swarm whose peers all stayed alone must not pass."""
+    fused_rounds = {}
+    for peer in peers:
+        history = read_history(peer.output_dir)
+        fused = sorted({entry["round"] for entry in history if entry["outcome"] == "fused"})
+        fused_rounds[peer.name] = fused
+        assert len(fused) >= MIN_FUSED_ROUNDS, (peer.name, [(e["round"], e["outcome"]) for e in history])
+        assert all(
+            entry["group_size"] >= 2 and len(entry["peer_ids"]) == entry["group_size"]
+            for entry in history
+            if entry["outcome"] == "fused"
+        ), peer.name
+    return fused_rounds
+
+
 def test_twenty_rounds_with_random_restarts(local_swarm: LocalSwarm, tiny_model_dir, tiny_datasets):
     rng = random.Random(20261126)
     ports = [free_port() for _ in tiny_datasets]
@@ -156,28 +185,8 @@ def test_twenty_rounds_with_random_restarts(local_swarm: LocalSwarm, tiny_model_
             confirmed.add(peer.name)
     assert confirmed == set(resuming), (confirmed, resuming)
 
-    for peer in current:
-        checkpoint = latest_checkpoint(peer.output_dir)
-        assert checkpoint is not None and checkpoint.round == ROUNDS, (peer.name, checkpoint)
-        for round_number in peer.rounds_written():
-            folder = peer.output_dir / "rounds" / f"round_{round_number:05d}"
-            body = load_body_state(folder)
-            assert all(torch.isfinite(tensor).all() for tensor in body.values()), (peer.name, round_number)
-            AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2)
-        assert not list((peer.output_dir / "rounds").glob(".tmp-*")), "a temporary checkpoint folder was left"
-
-    # the rounds really fused: a swarm whose peers all stayed alone must not pass
-    fused_rounds = {}
-    for peer in current:
-        history = read_history(peer.output_dir)
-        fused = sorted({entry["round"] for entry in history if entry["outcome"] == "fused"})
-        fused_rounds[peer.name] = fused
-        assert len(fused) >= MIN_FUSED_ROUNDS, (peer.name, [(e["round"], e["outcome"]) for e in history])
-        assert all(
-            entry["group_size"] >= 2 and len(entry["peer_ids"]) == entry["group_size"]
-            for entry in history
-            if entry["outcome"] == "fused"
-        ), peer.name
+    assert_checkpoints_complete(current)
+    fused_rounds = assert_rounds_fused(current)
 
     psutil.wait_procs(seen, timeout=15)  # helpers (p2pd, torch_shm_manager) may take a moment to go
     leaked = still_running(seen)
