@@ -42,7 +42,14 @@ from coldfusion_p2p.merge.aggregation import contribution
 from coldfusion_p2p.merge.rules import FusionRule
 from coldfusion_p2p.swarm.auth import InviteGate
 from coldfusion_p2p.swarm.hivemind_adapter import FusedBodyAverager
-from coldfusion_p2p.swarm.policy import group_bits, group_decision, group_mismatch, poisoned_update, same_start
+from coldfusion_p2p.swarm.policy import (
+    contribution_kind,
+    group_bits,
+    group_decision,
+    group_mismatch,
+    poisoned_update,
+    same_start,
+)
 from coldfusion_p2p.swarm.records import RecordBoard, Verdict
 
 logger = logging.getLogger(__name__)
@@ -96,17 +103,21 @@ class BodyFusion:
         client_mode: bool = False,
     ):
         """``averager`` is for unit tests of :meth:`fuse`'s decisions only (the default: a real one).
-        ``client_mode``: a node others cannot connect to (see :mod:`~coldfusion_p2p.swarm.reachability`)."""
+        ``client_mode``: a node others cannot connect to (see :mod:`~coldfusion_p2p.swarm.reachability`).
+        ``original``: --model's own body, needed by the anchor rule and by lossy compression."""
         self.config, self.board, self.should_stop = config, board, should_stop
         self.rule = rule or FusionRule()
-        if self.rule.needs_original and original is None:
-            raise ValueError("the anchor rule needs the original body")
+        self.contribution = contribution_kind(config.compression)
+        if (self.rule.needs_original or self.contribution == "drift") and original is None:
+            raise ValueError("the anchor rule and lossy compression need the original body")
         self._original = list(original) if self.rule.needs_original else None  # the pretrained body (anchor)
+        # with a lossy codec the all-reduce carries each body minus this (the same on every member)
+        self._center = [tensor.detach().clone() for tensor in original] if self.contribution == "drift" else None
         # the rule's state that goes with the body this peer holds: published and checkpointed with it
         self.state: list[torch.Tensor] = list(state) if state else self.rule.initial_state(body)
         self._sketch_cache: tuple[list[torch.Tensor], list[float]] | None = None  # (start, its sketch)
         self.averager = averager or FusedBodyAverager(
-            body, dht, prefix=prefix, config=config, gate=gate, client_mode=client_mode
+            body, dht, prefix=prefix, config=config, gate=gate, client_mode=client_mode, center=self._center
         )
 
     @property
@@ -143,6 +154,7 @@ class BodyFusion:
             "update_norm": own_norm,
             "aggregation": config.aggregation,
             "fusion_rule": self.rule.signature(),
+            "contribution": self.contribution,
             "start_sketch": own_sketch,
         }
         matchmaking_deadline = (
@@ -151,6 +163,8 @@ class BodyFusion:
         self.averager.set_group_bits(group_bits(round_number))
         with self.averager.get_tensors() as buffers:
             copy_into(list(buffers), contribution(body, start, config.aggregation, config.ties_density))
+            for buffer, center in zip(buffers, self._center or (), strict=False):
+                buffer.sub_(center)  # a drift: what a lossy codec encodes well (policy.contribution_kind)
         control = self.averager.step(
             gather=info,
             weight=weight,
@@ -168,10 +182,12 @@ class BodyFusion:
         if not gathered:
             return self._not_fused(started, round_number, nonce, "no group formed")
         members = {peer.to_base58(): data if isinstance(data, dict) else {} for peer, data in gathered.items()}
-        mismatch = group_mismatch(members, round_number, config.aggregation, self.rule.signature())
+        mismatch = group_mismatch(members, round_number, config.aggregation, self.rule.signature(), self.contribution)
         if mismatch is not None:
             return self._not_fused(started, round_number, nonce, mismatch)
         with self.averager.get_tensors() as buffers:
+            for buffer, center in zip(buffers, self._center or (), strict=False):
+                buffer.add_(center)  # the group's mean drift -> the group's mean body
             finite = all(torch.isfinite(tensor).all() for tensor in buffers)
             fused_norm = update_norm(buffers, start) if finite else float("nan")
         member_norms = [float(member.get("update_norm", float("nan"))) for member in members.values()]

@@ -169,7 +169,11 @@ class FusedBodyAverager(DecentralizedAverager):
         client_mode: bool = False,
         gate: InviteGate | None = None,
         faults: Faults = FAULTS,
+        center: Sequence[torch.Tensor] | None = None,
     ):
+        """``center``: what members subtract from their bodies before the all-reduce (lossy codecs:
+        see :func:`~coldfusion_p2p.swarm.policy.contribution_kind`); the reducers' reference too."""
+        self._center = center
         self._gate = gate  # moderated runs: who may call our RPCs and share a group with us
         self._faults = faults  # read once at process start, never on the hot path
         # (metadata, body, rule state): what newcomers download; the state is empty without momentum
@@ -221,8 +225,8 @@ class FusedBodyAverager(DecentralizedAverager):
         self._snapshot = ({**metadata, "round": round_number}, detached_copy(body), detached_copy(state))
         if self._reference is not None:
             with torch.no_grad():
-                for reference, tensor in zip(self._reference, body, strict=True):
-                    reference.copy_(tensor)
+                for index, (reference, tensor) in enumerate(zip(self._reference, body, strict=True)):
+                    reference.copy_(tensor if self._center is None else tensor - self._center[index])
         if self.client_mode:  # serves nobody (nobody could connect to it); keeps the snapshot for itself
             return
         # newest rounds are asked first; among equals, bodies really averaged in a group

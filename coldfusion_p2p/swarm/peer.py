@@ -124,8 +124,10 @@ class Peer:
         self.model_fingerprint = model_fingerprint(self.model)  # of --model itself, before any resume
         self.presence = Presence(self._identity(""), config.network.record_period, self.stop_event)
         self.rule = FusionRule.from_config(config.fusion)
-        # the anchor pulls toward --model's own body, whatever a resume or a download brings later
-        self._original_body = [tensor.detach().clone() for tensor in self.body] if self.rule.needs_original else None
+        # --model's own body, whatever a resume or a download brings later: the anchor pulls toward it,
+        # lossy compression sends the drift from it
+        needs_original = self.rule.needs_original or policy.contribution_kind(config.fusion.compression) == "drift"
+        self._original_body = [tensor.detach().clone() for tensor in self.body] if needs_original else None
         self._resumed_state: list[torch.Tensor] | None = None  # the fusion rule's state from --resume
         self._resume_local_checkpoint()
         with signals_deferred():

@@ -152,15 +152,34 @@ def group_decision(own_peer_id: str, members: dict[str, dict], verdicts: dict[st
 PLAIN_MEAN_RULE = "outer_lr=1,momentum=0,anchor=0"  # FusionRule().signature(): what a peer sending none uses
 
 
+def contribution_kind(compression: str) -> str:
+    """What a member's all-reduce carries: its ``body``, or with a lossy codec its ``drift`` from the original.
+
+    A lossy codec's error scales with the range of what it encodes. Pretrained bodies hold outlier
+    weights (in MiniLM a 7.9 among values of std 0.045) that hivemind's 6-sigma-wide 8-bit codebook
+    clips: averaging the weights through int8 moved such a weight by 6.87 and left the members on
+    bases up to 6.96 apart (docs/measurements/compression). The drift from the original (--model's
+    body, the same on every member: the averager's prefix holds its fingerprint) is small and even,
+    so the same codec loses little of it, and the mean is the same: mean(b_i - o) + o = mean(b_i).
+    """
+    return "body" if compression == "none" else "drift"
+
+
 def group_mismatch(
-    members: dict[str, dict], round_number: int, aggregation: str, fusion_rule: str = PLAIN_MEAN_RULE
+    members: dict[str, dict],
+    round_number: int,
+    aggregation: str,
+    fusion_rule: str = PLAIN_MEAN_RULE,
+    contribution: str = "body",
 ) -> str | None:
-    """Why a formed group must not fuse (members of other rounds, mixed aggregation or fusion rules), or None.
+    """Why a formed group must not fuse (members of other rounds, mixed aggregation or fusion rules,
+    bodies mixed with drifts), or None.
 
     Each reducer applies its own peer's rule to its slice, so a group mixing ``mean`` and
     ``clipped_mean`` would be robust on some slices only. Each member turns the average into the
     next base with its own fusion rule (outer optimizer, anchor), so a group mixing fusion rules
-    would end with different bases.
+    would end with different bases. A reducer averaging one member's body with another's drift
+    (:func:`contribution_kind`) would produce neither.
     """
     rounds = {member.get("round") for member in members.values()}
     if rounds != {round_number}:
@@ -173,6 +192,12 @@ def group_mismatch(
         return (
             f"group mixed fusion rules ({'; '.join(sorted(map(str, fusion_rules)))}): "
             "use the same --outer-lr, --outer-momentum and --anchor on every peer of a run"
+        )
+    kinds = {member.get("contribution", "body") for member in members.values()}
+    if kinds != {contribution}:
+        return (
+            "group mixed --compression none with a lossy one (fp16, int8), which send drifts, not bodies: "
+            "use none on every peer of a run or a lossy one on every peer"
         )
     return None
 

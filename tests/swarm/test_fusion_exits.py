@@ -71,6 +71,7 @@ class ScriptedAverager:
         if self.others is None or isinstance(self.others, BaseException):  # no group / matchmaking failed
             self.control = ScriptedControl(self.others)
             return self.control
+        self.sent = [buffer.clone() for buffer in self.buffers]  # what this member contributed
         for buffer, value in zip(self.buffers, self.average, strict=True):
             buffer.copy_(value)
         self.bytes_sent.value += 1000
@@ -112,13 +113,14 @@ def other_member(body, **overrides) -> dict:
     return {**info, **overrides}
 
 
-def run_fusion(average, others, verdict_of_other=True, body=None, **config):
+def run_fusion(average, others, verdict_of_other=True, body=None, original=None, **config):
     body = body if body is not None else trained_body()
     board = ScriptedBoard(verdict_of_other)
     board.other_nonce = others.get(OTHER_ID, {}).get("nonce", "") if isinstance(others, dict) else ""
     averager = ScriptedAverager(average, others)
     settings = dict(matchmaking_time=0.2, request_timeout=0.1, allreduce_timeout=0.5, **config)
-    fusion = BodyFusion(None, body, prefix="test", config=FusionConfig(**settings), board=board, averager=averager)
+    config = FusionConfig(**settings)
+    fusion = BodyFusion(None, body, prefix="test", config=config, board=board, averager=averager, original=original)
     kept = [tensor.clone() for tensor in body]
     result = fusion.fuse(body, round_number=1, scheduled_time=0.0, weight=1.0, info={"round": 1, "update_bound": 1.0})
     return result, body, kept, board, averager
@@ -136,6 +138,25 @@ def test_a_complete_confirmed_all_reduce_is_applied():
     assert result.bytes_sent == 1000
     assert all(torch.equal(now, mean) for now, mean in zip(body, average, strict=True))
     assert [verdict.ok for verdict in board.published] == [True]
+
+
+def test_with_lossy_compression_members_send_their_drift_from_the_original_and_fuse_to_the_mean_body():
+    original = [torch.full(tensor.shape, 3.0) for tensor in START]  # weights far from the codec's zero
+    own = [base + update for base, update in zip(original, trained_body(), strict=True)]
+    other = [base + update for base, update in zip(original, trained_body(0.02), strict=True)]
+    mean_drift = [((a - o) + (b - o)) / 2 for a, b, o in zip(own, other, original, strict=True)]
+    member = other_member(other, contribution="drift")
+    drift = [mine - base for mine, base in zip(own, original, strict=True)]
+    means = [(a + b) / 2 for a, b in zip(own, other, strict=True)]
+    result, body, _, _, averager = run_fusion(
+        mean_drift, {OTHER_ID: member}, body=own, original=original, compression="int8"
+    )
+    assert averager.sent_info["contribution"] == "drift"
+    assert all(torch.allclose(sent, mine) for sent, mine in zip(averager.sent, drift, strict=True))
+    assert result.fused
+    assert all(torch.allclose(now, mean, atol=1e-6) for now, mean in zip(body, means, strict=True))
+    with pytest.raises(ValueError, match="lossy compression need the original body"):
+        run_fusion(mean_drift, {OTHER_ID: member}, compression="fp16")
 
 
 def test_a_failed_matchmaking_keeps_the_body_and_says_why():

@@ -8,9 +8,12 @@ from hivemind.compression import deserialize_torch_tensor, serialize_torch_tenso
 from hivemind.proto.runtime_pb2 import CompressionType
 
 from coldfusion_p2p.contributor.checkpoints import load_body_state
+from coldfusion_p2p.contributor.model import body_parameters, body_state_names, load_classifier
 from coldfusion_p2p.swarm.hivemind_adapter import COMPRESSIONS
 
 from conftest import pre_fusion, round_dir
+
+APART_FRACTION = 0.05  # set between with drifts (measured below) and with weights (sabotaged: no centering)
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*quantize_per_tensor:UserWarning")
 
@@ -36,17 +39,27 @@ def test_two_peers_fuse_with_int8_near_the_exact_mean_for_a_quarter_of_the_bytes
     peers = [local_swarm.start_peer(f"peer{i}", tiny_datasets[i], tiny_model_dir, seed=i, **settings) for i in (0, 1)]
     local_swarm.wait_all()
     bodies = [pre_fusion(peer, 1, "body") for peer in peers]
+    model = load_classifier(str(tiny_model_dir), ["negative", "positive"], seed=0)
+    original = dict(zip(body_state_names(model), body_parameters(model), strict=True))  # --model's body
     mean = {name: (bodies[0][name] + bodies[1][name]) / 2 for name in bodies[0]}
     payload = sum(tensor.numel() * 4 for tensor in mean.values())
     update = max(float((bodies[0][name] - bodies[1][name]).abs().max()) for name in mean)
     assert update > 1e-3, "the peers trained alike: nothing to average"
+    fused_bodies = []
     for peer in peers:
         report = peer.round_info(1)["report"]
         assert report["outcome"] == "fused" and report["group_size"] == 2, report
         fused = load_body_state(round_dir(peer, 1))
+        fused_bodies.append(fused)
         # 8 bits per value: within a few codebook buckets of the exact mean, never the own body
         error = torch.cat([(fused[name] - mean[name]).abs().reshape(-1) for name in mean])
         assert float(error.median()) < 0.01 * update, (peer.name, float(error.median()), update)
+    # the codec encodes drifts from the original, not weights, so its error scales with the drift:
+    # both peers end on (nearly) one base, every value within a small fraction of the largest drift
+    drift = max(float((bodies[0][name] - original[name]).abs().max()) for name in mean)
+    apart = max(float((fused_bodies[0][name] - fused_bodies[1][name]).abs().max()) for name in mean)
+    print(f"int8: the peers' bases are at most {apart:.2e} apart; largest drift {drift:.2e}, update {update:.2e}")
+    assert apart < APART_FRACTION * drift, (apart, drift)
     # each part carries one byte per value plus its codebook (8 + 256 x 4 bytes); this tiny model's many
     # small tensors make the codebooks weigh (on MiniLM they are under 1% of the bytes). Both peers
     # send each part once: as a sender or, averaged, as its reducer

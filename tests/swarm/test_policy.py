@@ -132,6 +132,16 @@ def test_a_group_mixing_fusion_rules_does_not_fuse():
     assert "fusion rules" in policy.group_mismatch({"a": {"round": 1, "fusion_rule": momentum}}, 1, "mean")
 
 
+def test_lossy_compression_sends_drifts_and_a_group_mixing_drifts_with_bodies_does_not_fuse():
+    assert policy.contribution_kind("none") == "body"
+    assert policy.contribution_kind("fp16") == policy.contribution_kind("int8") == "drift"
+    drifts = {peer: {"round": 1, "aggregation": "mean", "contribution": "drift"} for peer in "ab"}
+    assert policy.group_mismatch(drifts, 1, "mean", contribution="drift") is None  # fp16 and int8 mix
+    older = {**drifts, "c": {"round": 1, "aggregation": "mean"}}  # sends no kind: a body
+    assert "--compression none with a lossy one" in policy.group_mismatch(older, 1, "mean", contribution="drift")
+    assert "--compression" in policy.group_mismatch(drifts, 1, "mean")
+
+
 def test_members_share_a_start_only_when_their_start_sketches_agree_up_to_rounding():
     base = [3.0, -4.0, 12.0]
     rounded = [value + 1e-7 for value in base]
