@@ -394,6 +394,19 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
+def assert_model_card(folder: Path, round_number: int, datasets: list[str], license: str) -> None:
+    """``folder`` (a fused base) carries a Hugging Face model card that the Hub's own parser reads,
+    with the metadata and the contributors of that round."""
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(Path(folder) / "README.md")
+    assert card.data.library_name == "transformers" and card.data.license == license, card.data
+    assert "coldfusion-p2p" in card.data.tags, card.data
+    assert f"# ColD Fusion base, round {round_number}" in card.text, card.text
+    for dataset in datasets:
+        assert f"| {dataset} |" in card.text, (dataset, card.text)
+
+
 def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
     """A user error: exit code 2 and one ``error: ...`` line naming each fragment, no traceback."""
     assert code == 2, err

@@ -19,6 +19,7 @@ LOOPBACK_HOST_MADDR = "/ip4/127.0.0.1/tcp/0"
 class DataConfig:
     dataset: str | None = None  # file (csv/tsv/jsonl/json/parquet), save_to_disk folder, or hub name
     dataset_name: str | None = None  # public label of this peer's data shown to the swarm (default: file stem)
+    dataset_license: str | None = None  # licence of this data (Hub ids: mit, cc-by-4.0...) for the bases' model cards
     text_column: str | None = None  # auto-detected when not given
     text_pair_column: str | None = None  # second text of sentence-pair tasks (auto-detected)
     label_column: str | None = None  # auto-detected when not given

@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
 
 from coldfusion_p2p.contributor.model import copy_into, local_originals
+from coldfusion_p2p.contributor.model_card import BaseFacts, write_model_card
 from coldfusion_p2p.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -123,12 +124,14 @@ def save_checkpoint(
     keep: int = 2,
     extra_files: dict[str, dict[str, torch.Tensor]] | None = None,
     fusion_state: dict[str, torch.Tensor] | None = None,
+    card: BaseFacts | None = None,
 ) -> Path:
     """Write round ``round_number`` atomically and point ``latest`` at it; keep the newest ``keep``.
 
     ``model``'s body is saved as the base; ``head`` (this peer's) is saved beside it, and so is the
     fusion rule's state that goes with the base, when there is one (``fusion_state``).
     ``extra_files`` maps file names to tensor dicts saved in the same folder (e.g. audits).
+    ``card``: the facts of the base's model card (``README.md``, written inside the atomic folder).
     """
     output_dir = Path(output_dir)
     rounds_dir = output_dir / ROUNDS_DIR
@@ -144,6 +147,8 @@ def save_checkpoint(
         for file_name, tensors in (extra_files or {}).items():
             save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, folder / file_name)
         _write_json(folder / ROUND_FILE, {"round": round_number, **metadata})
+        if card is not None:
+            write_model_card(folder, card)
     point_latest(output_dir, final)
     prune_rounds(rounds_dir, keep, protect=final)
     return final

@@ -45,6 +45,7 @@ from coldfusion_p2p.contributor.model import (
     model_fingerprint,
     resolve_model_name,
 )
+from coldfusion_p2p.contributor.model_card import CARD_FILE, BaseFacts, Contributor, write_model_card
 from coldfusion_p2p.swarm import policy
 from coldfusion_p2p.swarm.auth import Moderation
 from coldfusion_p2p.swarm.fusion import download_fused
@@ -169,6 +170,7 @@ class RoundArchiver:
                     folder / FUSION_STATE_FILE,
                 )
             (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True, default=str) + "\n")
+            write_model_card(folder, archive_card(metadata, self.model_name, source))
         point_latest(self.archive_dir, final)
         prune_rounds(self.archive_dir, self.keep, protect=final)
         self.last_round = round_number
@@ -188,6 +190,12 @@ class RoundArchiver:
                 path_in_repo=folder.name,
                 commit_message=f"ColD Fusion round {round_number}",
             )
+            api.upload_file(  # the repo's own card is the newest round's: what the Hub shows
+                path_or_fileobj=str(folder / CARD_FILE),
+                path_in_repo=CARD_FILE,
+                repo_id=self.push_to_hub,
+                commit_message=f"Model card of round {round_number}",
+            )
         except Exception as error:  # offline, no token, no such repo...: the local archive is what matters
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             logger.warning(
@@ -200,6 +208,25 @@ class RoundArchiver:
     def shutdown(self) -> None:
         if self.averager.is_alive():
             self.averager.shutdown()
+
+
+def archive_card(metadata: dict[str, Any], model_name: str, source: dict) -> BaseFacts:
+    """The model card's facts for an archived round, from its metadata and the group's gathered info."""
+    contributors = [
+        Contributor(
+            dataset=str(row.get("dataset_name") or "unnamed"),
+            examples=row.get("num_examples"),
+            license=row.get("license"),
+            accuracy_before=row.get("accuracy_before"),
+            accuracy_after=row.get("accuracy_after"),
+        )
+        for row in metadata["contributors"]
+    ]
+    members = list((source.get("members") or {}).values())
+    fusion = {"rule": metadata["fusion_rule"]}
+    if members:
+        fusion["aggregation"] = members[0].get("aggregation", "mean")
+    return BaseFacts(metadata["round"], model_name, int(metadata["group_size"] or 1), contributors, fusion)
 
 
 def archive_metadata(round_number: int, source: dict, records: list[PeerRecord], fingerprint: str) -> dict[str, Any]:
@@ -216,6 +243,7 @@ def archive_metadata(round_number: int, source: dict, records: list[PeerRecord],
                 "peer_id": peer_id,
                 "dataset_name": gathered.get("dataset") or (record.dataset_name if record else None),
                 "num_examples": gathered.get("examples") or (record.num_examples if record else None),
+                "license": gathered.get("license"),
                 "accuracy_before": record.accuracy_before if record else None,
                 "accuracy_after": record.accuracy_after if record else None,
             }

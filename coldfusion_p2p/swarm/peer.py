@@ -83,6 +83,7 @@ def fusion_info(config: PeerConfig, data: TaskData, body: list[torch.Tensor], ro
     return {
         "round": round_number,
         "dataset": data.name,
+        "license": config.data.dataset_license,  # for the fused base's model card
         "examples": len(data.train),
         "update_bound": policy.adam_update_bound(config.training.lr, config.training.local_steps, parameters),
     }

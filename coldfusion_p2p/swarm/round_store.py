@@ -30,7 +30,9 @@ from coldfusion_p2p.contributor.checkpoints import (
 )
 from coldfusion_p2p.contributor.data import TaskData
 from coldfusion_p2p.contributor.model import body_state_names, head_state, load_head_state
+from coldfusion_p2p.contributor.model_card import BaseFacts, Contributor
 from coldfusion_p2p.errors import UserError
+from coldfusion_p2p.merge.rules import FusionRule
 from coldfusion_p2p.swarm.fusion import finite_or_nan
 from coldfusion_p2p.swarm.records import Outcome
 
@@ -184,6 +186,32 @@ def pre_fusion_audit(model: PreTrainedModel, body: list[torch.Tensor]) -> dict[s
     return {**named_body, **head}
 
 
+def card_facts(config: PeerConfig, owner: RoundOwner, report: RoundReport) -> BaseFacts:
+    """The model card's facts for the base this peer checkpoints as ``report.round``.
+
+    A fused round lists every member from what the group gathered; a round this peer kept alone
+    lists only itself; a downloaded (synced) base lists nobody, since this peer did not see its group.
+    """
+    own = {"dataset": owner.data.name, "examples": len(owner.data.train), "license": config.data.dataset_license}
+    members = report.members or ({owner.peer_id: own} if report.outcome != "synced" else {})
+    contributors = [
+        Contributor(
+            dataset=str(info.get("dataset") or "unnamed"),
+            examples=info.get("examples"),
+            license=info.get("license"),
+            accuracy_before=report.accuracy_before if peer_id == owner.peer_id else None,
+            accuracy_after=report.accuracy_after if peer_id == owner.peer_id else None,
+        )
+        for peer_id, info in members.items()
+    ]
+    fusion = {
+        "rule": FusionRule.from_config(config.fusion).signature(),
+        "aggregation": config.fusion.aggregation,
+        "compression": config.fusion.compression,
+    }
+    return BaseFacts(report.round, owner.model_name, max(report.group_size, 1), contributors, fusion)
+
+
 def save_round(
     config: PeerConfig,
     owner: RoundOwner,
@@ -216,5 +244,6 @@ def save_round(
         keep=config.run.keep_checkpoints,
         extra_files=None if pre_fusion is None else {PRE_FUSION_FILE: pre_fusion},
         fusion_state=dict(zip(names, fusion_state, strict=True)) if fusion_state else None,
+        card=card_facts(config, owner, report),
     )
     append_history(config.run.output_dir, {"peer_id": owner.peer_id, "dataset": owner.data.name, **report.__dict__})

@@ -14,7 +14,7 @@ import torch
 from coldfusion_p2p.cli import main
 from coldfusion_p2p.contributor.checkpoints import load_body_state
 
-from conftest import REPO_ROOT, assert_one_line_error, wait_until
+from conftest import REPO_ROOT, assert_model_card, assert_one_line_error, round_dir, wait_until
 
 pytestmark = pytest.mark.swarm
 
@@ -40,6 +40,9 @@ def test_restart_with_the_same_identity_keeps_the_peer_id(tmp_path, local_swarm,
     assert "Traceback" not in second.log()
 
 
+PUBLIC_NAMES = ["public-name-0", "public-name-1"]
+
+
 def test_archive_holds_each_fused_round_with_its_contributors(tmp_path, local_swarm, tiny_model_dir, tiny_datasets):
     archive = tmp_path / "archive"
     boot = local_swarm.start_bootstrap(
@@ -59,6 +62,7 @@ def test_archive_holds_each_fused_round_with_its_contributors(tmp_path, local_sw
             seed=i,
             keep_checkpoints=5,
             dataset_name=f"public-name-{i}",
+            dataset_license="cc-by-4.0",
             initial_peers=initial_peers,
         )
         for i in (0, 1)
@@ -70,10 +74,12 @@ def test_archive_holds_each_fused_round_with_its_contributors(tmp_path, local_sw
         metadata = json.loads((folder / "metadata.json").read_text())
         assert metadata["round"] == round_number and metadata["group_size"] == 2
         assert {c["dataset_name"] for c in metadata["contributors"]} == {"public-name-0", "public-name-1"}
+        assert_model_card(folder, round_number, PUBLIC_NAMES, "cc-by-4.0")
         archived = load_body_state(folder)
         for peer in peers:
             assert peer.round_info(round_number)["report"]["outcome"] == "fused"
             fused = load_body_state(peer.output_dir / "rounds" / f"round_{round_number:05d}")
+            assert_model_card(round_dir(peer, round_number), round_number, PUBLIC_NAMES, "cc-by-4.0")
             assert all(torch.allclose(archived[name], fused[name], atol=1e-6) for name in fused)
     assert (archive / "latest").resolve().name == "round_00002"
     boot.send_signal(signal.SIGTERM)
