@@ -224,7 +224,9 @@ class Demo:
         return [f"original={self.model}", *earlier, f"fused={fused}"]
 
     def evaluate(self):
+        from coldfusion_p2p.contributor.model_card import CARD_FILE, add_evaluation
         from coldfusion_p2p.evaluation.evaluate import evaluate_bases, results_table, summarize, write_report
+        from coldfusion_p2p.evaluation.report import card_table
 
         started = time.perf_counter()
         settings = self.settings
@@ -249,6 +251,8 @@ class Demo:
         summary = summarize(results)
         self.console.print(results_table(summary))
         files = write_report(results, summary, self.report_dir)
+        if (self.fused_base() / CARD_FILE).exists():  # the evaluated base's model card gets the table
+            add_evaluation(self.fused_base(), card_table(summary, "fused"))
         self.timings["evaluation_seconds"] = time.perf_counter() - started
         return results, summary, files
 

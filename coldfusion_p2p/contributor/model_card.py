@@ -12,6 +12,7 @@ Pure of any swarm code: peers (:mod:`~coldfusion_p2p.swarm.round_store`) and the
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,6 +141,22 @@ def build_model_card(facts: BaseFacts, bundled_path: str | None = None) -> Model
         contributors=rows,
         evaluation=facts.evaluation,
     )
+
+
+def add_evaluation(folder: str | Path, table: str) -> Path:
+    """Put ``table`` (Markdown) into the card of the base in ``folder`` as its Evaluation section.
+
+    The folder is a finished round (an archive's), so the card is replaced atomically; an earlier
+    Evaluation section is replaced, not repeated.
+    """
+    path = Path(folder) / CARD_FILE
+    card = ModelCard.load(path)
+    text = card.text.split("\n## Evaluation\n", 1)[0].rstrip("\n")
+    card.text = f"{text}\n\n## Evaluation\n\n{table.strip()}\n"
+    temporary = path.with_name(f".{CARD_FILE}.tmp")
+    card.save(temporary)
+    os.replace(temporary, path)
+    return path
 
 
 def write_model_card(folder: str | Path, facts: BaseFacts) -> Path:

@@ -201,6 +201,27 @@ def _paired(reference: dict[int, EvalResult] | None, other: dict[int, EvalResult
 # ---------------------------------------------------------------------------------------------
 
 
+def card_table(summary: Sequence[dict[str, Any]], label: str) -> str:
+    """Base ``label``'s rows of ``summary`` against the first base, as a model card's Markdown table."""
+    lines = [
+        "| dataset | seen | method | accuracy | majority class | delta vs the original [95% CI] | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in summary:
+        if row["base_label"] != label:
+            continue
+        delta = row.get("delta_vs_first_base")
+        ci = "" if row.get("ci_low") is None else f" [{100 * row['ci_low']:+.1f}, {100 * row['ci_high']:+.1f}]"
+        lines.append(
+            f"| {row['dataset']} | {'seen' if row['seen'] else 'unseen'} | {row['method']} | "
+            f"{100 * row['mean']:.1f}% | {100 * row['majority_rate']:.1f}% | "
+            f"{'' if delta is None else f'{100 * delta:+.1f}'}{ci} | {row.get('verdict') or ''} |"
+        )
+    seeds = max((int(row.get("n") or 0) for row in summary), default=0)
+    lines.append(f"\nPaired bootstrap intervals over test examples and {seeds} seed(s) (coldfusion-p2p evaluate).")
+    return "\n".join(lines)
+
+
 def results_table(summary: Sequence[dict[str, Any]]) -> Table:
     """Accuracy (%) as mean ± std over seeds, one column per base with its delta and 95% CI to the first.
 

@@ -10,6 +10,7 @@ from coldfusion_p2p.contributor.model_card import (
     BUNDLED_HUB_ID,
     BaseFacts,
     Contributor,
+    add_evaluation,
     card_license,
     hub_base_model,
     write_model_card,
@@ -59,3 +60,13 @@ def test_base_model_metadata_is_a_hub_id_never_a_local_path(tmp_path):
     assert hub_base_model(bundled, bundled) == BUNDLED_HUB_ID
     assert hub_base_model(str(tmp_path), bundled) is None
     assert hub_base_model("roberta-base", bundled) == "roberta-base"
+
+
+def test_an_evaluation_goes_into_the_card_once_and_the_card_still_parses(tmp_path):
+    write_model_card(tmp_path, BaseFacts(1, "org/some-model", 2, GROUP))
+    add_evaluation(tmp_path, "| dataset | accuracy |\n|---|---|\n| old | 1% |")
+    add_evaluation(tmp_path, "| dataset | accuracy |\n|---|---|\n| bbc | 90.0% |")  # a later evaluation replaces it
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.base_model == "org/some-model" and card.text.count("## Evaluation") == 1
+    assert "| bbc | 90.0% |" in card.text and "| old |" not in card.text and "| sms-spam |" in card.text
+    assert not list(tmp_path.glob(".*.tmp")), "the temporary card was left behind"

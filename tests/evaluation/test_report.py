@@ -8,7 +8,7 @@ import json
 import pytest
 from rich.console import Console
 
-from coldfusion_p2p.evaluation.report import EvalResult, results_table, summarize, write_report
+from coldfusion_p2p.evaluation.report import EvalResult, card_table, results_table, summarize, write_report
 from coldfusion_p2p.evaluation.statistics import decode_correct, encode_correct
 
 from conftest import read_csv
@@ -122,3 +122,11 @@ def test_write_report_writes_every_file(tmp_path):
     payload = json.loads(paths["json"].read_text())
     assert payload["config"] == {"seeds": 2} and len(payload["results"]) == len(results)
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths["plot"].stat().st_size > 5000
+
+
+def test_card_table_lists_one_bases_rows_with_deltas_and_verdicts():
+    table = card_table(summarize(hand_made_results()), "fused")
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == 5 and all("| finetune |" in row for row in rows)  # a, b, c, ALL seen, ALL unseen
+    a_row = next(row for row in rows if row.startswith("| a |"))
+    assert "| seen | finetune | 80.0% | 50.0% | +20.0 [+" in a_row and a_row.endswith("| better |")
