@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from coldfusion_p2p.cli import main
 from coldfusion_p2p.contributor.checkpoints import save_checkpoint
@@ -75,6 +76,12 @@ def test_malformed_multiaddr(capsys, base_flags, tiny_dataset):
     assert_one_line_error(code, err, "malformed multiaddr", "--initial-peers")
     code, err = run_join(capsys, "--dataset", str(tiny_dataset), "--initial-peers", "/ip4/1.2.3.4/tcp/1", *base_flags)
     assert_one_line_error(code, err, "/p2p/")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU: --device cuda is no error here")
+def test_a_gpu_asked_for_on_a_machine_without_one(capsys, base_flags, tiny_dataset):
+    code, err = run_join(capsys, "--dataset", str(tiny_dataset), "--device", "cuda", *base_flags)
+    assert_one_line_error(code, err, "--device cuda was asked for", "no CUDA GPU", "use --device cpu")
 
 
 def test_no_initial_peer_reachable(capsys, base_flags, tiny_dataset):

@@ -38,6 +38,9 @@ class TrainingConfig:
     warmup_ratio: float = 0.1  # fraction of local steps with linear warm-up before the decay
     schedule: Literal["linear", "cosine", "constant"] = "linear"  # learning-rate decay after the warm-up
     gradient_accumulation: int = 1  # micro-batches of batch_size per optimizer step
+    max_tokens: int | None = None  # split a micro-batch into pieces of at most this many padded tokens (same math)
+    device: str = "auto"  # auto (CUDA when torch sees a GPU), cpu, cuda, cuda:N or mps
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast (fp16 adds loss scaling); weights stay fp32
     length_bucketing: bool = True  # batch examples of similar length: short texts cost what they are
     l2sp: float = 0.0  # L2-SP: pull the body toward the round's start with this penalty weight (0: off)
     refit_steps: int = 300  # head-only steps on cached body outputs after each new fused body (0: off)

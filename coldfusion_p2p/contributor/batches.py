@@ -79,8 +79,11 @@ def _epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_examples)
 
 
-def collate(encoded: EncodedSplit, indices, input_names: frozenset[str]) -> dict[str, torch.Tensor]:
-    """The chosen examples, cut to the longest of them, with only the inputs the model's forward accepts."""
+def collate(
+    encoded: EncodedSplit, indices, input_names: frozenset[str], device: torch.device | None = None
+) -> dict[str, torch.Tensor]:
+    """The chosen examples, cut to the longest of them, with only the inputs the model's forward
+    accepts; on ``device`` when given (the model's)."""
     indices = np.asarray(indices, dtype=np.int64)
     width = int(encoded.lengths[indices].max(initial=1))
     batch = {
@@ -92,7 +95,28 @@ def collate(encoded: EncodedSplit, indices, input_names: frozenset[str]) -> dict
         mask = np.arange(width)[None, :] < encoded.lengths[indices][:, None]
         batch["attention_mask"] = torch.from_numpy(mask.astype(np.int64))
     batch["labels"] = encoded.labels[indices]
+    if device is not None and device.type != "cpu":
+        batch = {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
     return batch
+
+
+def token_chunks(encoded: EncodedSplit, indices, max_tokens: int | None) -> list[np.ndarray]:
+    """``indices`` in consecutive pieces of at most ``max_tokens`` padded tokens each (at least one
+    example per piece): a batch too big for a small GPU's memory, computed in parts (pure)."""
+    indices = np.asarray(indices, dtype=np.int64)
+    if max_tokens is None:
+        return [indices]
+    pieces, start = [], 0
+    while start < len(indices):
+        end, width = start + 1, int(encoded.lengths[indices[start]])
+        while end < len(indices):
+            wider = max(width, int(encoded.lengths[indices[end]]))
+            if wider * (end + 1 - start) > max_tokens:
+                break
+            end, width = end + 1, wider
+        pieces.append(indices[start:end])
+        start = end
+    return pieces
 
 
 def stream_batch(encoded: EncodedSplit, batch_size: int, seed: int, batch_number: int, bucketing: bool) -> np.ndarray:

@@ -140,7 +140,7 @@ def save_checkpoint(
     final = rounds_dir / round_dir_name(round_number)
     with atomic_folder(final) as folder:
         save_body_folder(model, tokenizer, folder)
-        save_file({name: tensor.contiguous() for name, tensor in head.items()}, folder / HEAD_WEIGHTS)
+        save_file({name: tensor.detach().cpu().contiguous() for name, tensor in head.items()}, folder / HEAD_WEIGHTS)
         _write_json(folder / HEAD_FILE, {"label_names": label_names, "tensors": sorted(head)})
         if fusion_state:
             save_file({name: tensor.contiguous() for name, tensor in fusion_state.items()}, folder / FUSION_STATE_FILE)

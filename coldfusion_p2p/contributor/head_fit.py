@@ -63,7 +63,7 @@ class FrozenBody:
         self.pad_token_id = pad_token_id
 
     def batch(self, feed: BodyFeed, indices) -> dict[str, torch.Tensor]:
-        batch = collate(feed.encoded, indices, self.input_names)
+        batch = collate(feed.encoded, indices, self.input_names, next(self.model.parameters()).device)
         for name, tensor in batch.items():
             if name != "labels" and tensor.dim() == 2 and tensor.shape[1] < feed.width:
                 pad_value = self.pad_token_id if name == "input_ids" else 0
@@ -75,7 +75,7 @@ class FrozenBody:
         if not feed.replays:
             return self.model(**batch)
         rows = torch.as_tensor(feed.position[np.asarray(indices)])
-        outputs = feed.output_type(**{key: tensor[rows] for key, tensor in feed.tensors.items()})
+        outputs = feed.output_type(**{key: tensor[rows.to(tensor.device)] for key, tensor in feed.tensors.items()})
         with self._replaying(outputs):
             return self.model(**batch)
 
@@ -221,5 +221,5 @@ def head_accuracy(body: FrozenBody, feed: BodyFeed) -> float:
         for start in range(0, len(labels), EVAL_BATCH_SIZE):
             indices = np.arange(start, min(start + EVAL_BATCH_SIZE, len(labels)))
             output = body.forward(feed, indices)
-            correct += (output.logits.argmax(-1) == labels[indices]).sum().item()
+            correct += (output.logits.argmax(-1).cpu() == labels[indices]).sum().item()
     return correct / max(len(labels), 1)

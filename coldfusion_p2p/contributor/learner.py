@@ -15,6 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from coldfusion_p2p.config import PeerConfig
 from coldfusion_p2p.contributor.data import TaskData, load_task_data
+from coldfusion_p2p.contributor.device import available_device, check_precision
 from coldfusion_p2p.contributor.model import (
     body_parameters,
     keep_local,
@@ -43,7 +44,9 @@ def build_learner(config: PeerConfig) -> LocalLearner:
     data = load_task_data(config.data)
     model_name = resolve_model_name(config.training.model)
     tokenizer = load_tokenizer(model_name)
-    model = load_classifier(model_name, data.label_names, seed=config.training.seed)
+    device = available_device(config.training.device)  # a GPU asked for but absent fails before loading
+    check_precision(device, config.training.precision)
+    model = load_classifier(model_name, data.label_names, seed=config.training.seed).to(device)
     if config.fusion.local_modules:
         keep_local(model, config.fusion.local_modules)
     trainer = LocalTrainer(

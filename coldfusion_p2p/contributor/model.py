@@ -215,7 +215,7 @@ def body_fingerprint(tensors: list[torch.Tensor]) -> str:
     (averages agree only up to float32 rounding)."""
     digest = hashlib.sha256()
     for tensor in tensors:
-        digest.update(tensor.detach().to(torch.float32).contiguous().numpy().tobytes())
+        digest.update(tensor.detach().to(torch.float32).cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:12]
 
 

@@ -37,8 +37,10 @@ from coldfusion_p2p.contributor.batches import (  # re-exported: evaluation and 
     encode_split,
     pad_token_id,
     stream_batch,
+    token_chunks,
 )
 from coldfusion_p2p.contributor.data import TextSplit
+from coldfusion_p2p.contributor.device import autocast, grad_scaler
 from coldfusion_p2p.contributor.head_fit import FrozenBody, train_head
 from coldfusion_p2p.contributor.model import body_parameters, forward_input_names
 
@@ -106,6 +108,7 @@ class LocalTrainer:
         self.validation_data = encode_split(tokenizer, validation, max_length)
         self.eval_indices = np.arange(min(len(self.validation_data), max_eval_examples))
         self.input_names = forward_input_names(model)
+        self.device = next(model.parameters()).device  # the learner put the model there (--device)
 
     def batch(self, batch_number: int) -> np.ndarray:
         """Indices of micro-batch ``batch_number`` of this peer's stream."""
@@ -127,6 +130,7 @@ class LocalTrainer:
         torch.manual_seed(config.seed * 1_000_003 + round_number)  # dropout
         trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+        scaler = grad_scaler(self.device, config.precision)
         schedule = SCHEDULES[config.schedule](optimizer, math.floor(config.warmup_ratio * steps), steps)
         body = body_parameters(model)
         start = [parameter.detach().clone() for parameter in body] if config.l2sp > 0 else None
@@ -139,13 +143,17 @@ class LocalTrainer:
             step_loss = 0.0
             for micro in range(accumulation):
                 indices = self.batch(first_batch + step * accumulation + micro)
-                loss = model(**collate(self.train_data, indices, self.input_names)).loss
-                (loss / accumulation).backward()
-                step_loss += loss.item() / accumulation
+                step_loss += self._backward(indices, scaler, 1.0 / accumulation)
                 examples += len(indices)
+            if scaler is not None:
+                scaler.unscale_(optimizer)  # the L2-SP pull below adds true (unscaled) gradients
             if start is not None:
                 pull_toward(body, start, config.l2sp)
-            optimizer.step()
+            if scaler is None:
+                optimizer.step()
+            else:
+                scaler.step(optimizer)  # skips the step when fp16 overflowed, and lowers the scale
+                scaler.update()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(step_loss)
@@ -159,6 +167,18 @@ class LocalTrainer:
             seconds=seconds,
             samples_per_second=examples / seconds if seconds > 0 else 0.0,
         )
+
+    def _backward(self, indices: np.ndarray, scaler, weight: float) -> float:
+        """Accumulate ``weight`` x the mean loss of micro-batch ``indices`` into the gradients, in
+        pieces of at most ``max_tokens`` (each weighted by its share: the same gradient); its loss."""
+        total = 0.0
+        for piece in token_chunks(self.train_data, indices, self.config.max_tokens):
+            batch = collate(self.train_data, piece, self.input_names, self.device)
+            with autocast(self.device, self.config.precision):
+                loss = self.model(**batch).loss * (weight * len(piece) / len(indices))
+            (loss if scaler is None else scaler.scale(loss)).backward()
+            total += loss.item()
+        return total
 
     def refit_head(self, round_number: int) -> list[float]:
         """Re-fit the head to the current body: ``refit_steps`` head-only steps on cached body outputs.
@@ -192,8 +212,9 @@ class LocalTrainer:
         correct, loss_sum = 0, 0.0
         for start in range(0, len(self.eval_indices), EVAL_BATCH_SIZE):
             indices = self.eval_indices[start : start + EVAL_BATCH_SIZE]
-            batch = collate(self.validation_data, indices, self.input_names)
-            output = self.model(**batch)
+            batch = collate(self.validation_data, indices, self.input_names, self.device)
+            with autocast(self.device, self.config.precision):
+                output = self.model(**batch)
             loss_sum += output.loss.item() * len(indices)
             correct += (output.logits.argmax(-1) == batch["labels"]).sum().item()
         count = len(self.eval_indices)

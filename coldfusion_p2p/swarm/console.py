@@ -38,19 +38,23 @@ class PeerConsole:
         else:
             self.console.print(f"[yellow]warning:[/yellow] {message}")
 
-    def joined(self, peer_id: str, maddrs, data, run_id: str, reachable: bool = True) -> None:
-        """``reachable``: the addresses work from outside (public mode); else they are only local ones."""
+    def joined(self, peer_id: str, maddrs, data, run_id: str, reachable: bool = True, device: str = "") -> None:
+        """``reachable``: the addresses work from outside (public mode); else they are only local ones.
+        ``device``: where it trains, e.g. ``cuda:0 in bf16``."""
         addresses = [str(address) for address in maddrs]
         label = "reachable at" if reachable else "listening at (not reachable from outside)"
         self._emit(
             "joined",
             f"joined run [bold]{run_id}[/bold] as {peer_id} with {data.name!r} "
-            f"({len(data.train)} train / {len(data.validation)} validation examples, {data.num_labels} labels)\n"
+            f"({len(data.train)} train / {len(data.validation)} validation examples, {data.num_labels} labels)"
+            + (f"; trains on {device}" if device else "")
+            + "\n"
             + "\n".join(f"  {label} {address}" for address in addresses),
             peer_id=peer_id,
             run_id=run_id,
             dataset=data.name,
             addresses=addresses,
+            device=device,
         )
 
     def reachability(self, mode) -> None:

@@ -76,6 +76,14 @@ class FusionResult:
     rejected: bool = False  # the all-reduce worked but its result failed validation (e.g. poisoning)
     bytes_sent: int = 0  # serialized bytes this peer sent in the all-reduce
     state: list[torch.Tensor] = field(default_factory=list)  # the fusion rule's state after a fusion
+    copy_seconds: float = 0.0  # the body's device->host copy before and host->device copy after (0 on a CPU)
+
+
+def on_host(tensors: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], bool]:
+    """``tensors`` on the CPU, where hivemind's averager works: themselves, or copies (then True)."""
+    if all(tensor.device.type == "cpu" for tensor in tensors):
+        return list(tensors), False
+    return [tensor.detach().to("cpu", copy=True) for tensor in tensors], True
 
 
 class BodyFusion:
@@ -110,11 +118,11 @@ class BodyFusion:
         self.contribution = contribution_kind(config.compression)
         if (self.rule.needs_original or self.contribution == "drift") and original is None:
             raise ValueError("the anchor rule and lossy compression need the original body")
-        self._original = list(original) if self.rule.needs_original else None  # the pretrained body (anchor)
+        self._original = on_host(original)[0] if self.rule.needs_original else None  # the pretrained body (anchor)
         # with a lossy codec the all-reduce carries each body minus this (the same on every member)
-        self._center = [tensor.detach().clone() for tensor in original] if self.contribution == "drift" else None
+        self._center = [tensor.detach().cpu().clone() for tensor in original] if self.contribution == "drift" else None
         # the rule's state that goes with the body this peer holds: published and checkpointed with it
-        self.state: list[torch.Tensor] = list(state) if state else self.rule.initial_state(body)
+        self.state: list[torch.Tensor] = list(state) if state else self.rule.initial_state(on_host(body)[0])
         self._sketch_cache: tuple[list[torch.Tensor], list[float]] | None = None  # (start, its sketch)
         self.averager = averager or FusedBodyAverager(
             body, dht, prefix=prefix, config=config, gate=gate, client_mode=client_mode, center=self._center
@@ -140,8 +148,12 @@ class BodyFusion:
         info: dict[str, Any],
     ) -> FusionResult:
         """All-reduce ``body`` with the peers of ``round_number`` at ``scheduled_time``; update it in place
-        only on success. ``info`` is gathered from every member (it must include ``round``)."""
+        only on success. ``info`` is gathered from every member (it must include ``round``).
+        A body on a GPU is copied to the CPU for the all-reduce and the result copied back (timed)."""
         started = time.perf_counter()
+        device_body, body = body, None
+        body, on_device = on_host(device_body)
+        copy_seconds = time.perf_counter() - started
         config = self.config
         bytes_before = self.averager.bytes_sent.value
         nonce = secrets.token_hex(8)  # tells this attempt from any earlier one of the same round
@@ -204,6 +216,10 @@ class BodyFusion:
             return self._not_fused(started, round_number, nonce, refusal, publish=False)
         starts = [member.get("start_sketch") for member in members.values()]
         self._apply_rule(body, start, same_start(starts, member_norms))
+        if on_device:  # the trainer's parameters on the GPU hold the new base from now on
+            copied = time.perf_counter()
+            copy_into(list(device_body), body)
+            copy_seconds += time.perf_counter() - copied
         return FusionResult(
             fused=True,
             group_size=len(members),
@@ -212,6 +228,7 @@ class BodyFusion:
             gathered=members,
             bytes_sent=self.averager.bytes_sent.value - bytes_before,
             state=self.state,
+            copy_seconds=copy_seconds,
         )
 
     def _apply_rule(self, body: Sequence[torch.Tensor], start: list[torch.Tensor], starts_agree: bool) -> None:

@@ -348,4 +348,4 @@ async def _reconnect(_dht: DHT, node, initial_peers: list[str], timeout: float) 
 
 
 def detached_copy(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    return [tensor.detach().clone() for tensor in tensors]
+    return [tensor.detach().cpu().clone() for tensor in tensors]  # the averager works on CPU tensors

@@ -66,6 +66,7 @@ class PeerRow:
     fingerprint: str
     version: str
     reachability: str  # public / relayed / client (swarm.reachability); "" from older versions
+    device: str  # e.g. "cuda:0 bf16"; "" from older versions
     age_seconds: float  # since the peer last published
     stale: bool
 
@@ -221,6 +222,7 @@ def _row(seen: _Seen, monotonic: float, stale_after: float) -> PeerRow:
         fingerprint=record.body_fingerprint,
         version=record.version,
         reachability=record.reachability,
+        device=record.device,
         age_seconds=round(age, 1),
         stale=age > stale_after and record.status != "stopped",
     )
@@ -257,6 +259,7 @@ def _peer_table(snapshot: Snapshot) -> Table:
         "peer",
         "dataset",
         "mode",
+        "device",
         "status",
         "round",
         "progress",
@@ -283,6 +286,7 @@ def _peer_table(snapshot: Snapshot) -> Table:
             _short(row.peer_id),
             row.dataset_name,
             Text(row.reachability or "-", style=MODE_STYLES.get(row.reachability, "")),
+            row.device or "-",
             Text(status, style=style),
             str(row.round),
             bar,

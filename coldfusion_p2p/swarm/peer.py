@@ -158,7 +158,8 @@ class Peer:
         alone = {"group_size": 0, "peer_ids": [], "fingerprint": body_fingerprint(self.body)}
         self.fusion.publish_fused(self.presence.progress.fused_round, self.body, alone)
         addresses, reachable = self.dht.get_visible_maddrs(), self.mode.name == "public"
-        self.console.joined(self.fusion.peer_id, addresses, self.data, self.keys.run_id, reachable)
+        device = f"{self.trainer.device} in {config.training.precision}"
+        self.console.joined(self.fusion.peer_id, addresses, self.data, self.keys.run_id, reachable, device)
         self.console.reachability(self.mode)
         self.presence.check_compatible(self.board, self.keys.run_id)  # before publishing: strangers stay out
         self.presence.start(self.board, self.fusion.peer_id, self.config.network.initial_peers)
@@ -166,7 +167,8 @@ class Peer:
     def _identity(self, mode: str) -> Identity:
         invite = self.moderation.invite.encode() if self.moderation is not None else ""
         steps = self.config.training.local_steps
-        return Identity(self.data.name, len(self.data.train), steps, self.model_fingerprint, invite, mode)
+        device = f"{self.trainer.device} {self.config.training.precision}"  # the record's, e.g. "cuda:0 bf16"
+        return Identity(self.data.name, len(self.data.train), steps, self.model_fingerprint, invite, mode, device)
 
     def _resume_local_checkpoint(self) -> None:
         """With ``--resume``, start from our checkpoint; without it, refuse to overwrite one."""

@@ -61,6 +61,7 @@ class Identity:
     model_fingerprint: str
     invite: str = ""
     reachability: str = ""  # this node's mode (swarm.reachability), decided once when it joins
+    device: str = ""  # where it trains and in what precision, e.g. "cuda:0 bf16"
 
 
 class Presence:
@@ -109,6 +110,7 @@ class Presence:
                 version=__version__,
                 invite=identity.invite,
                 reachability=identity.reachability,
+                device=identity.device,
                 time=get_dht_time(),
             )
 

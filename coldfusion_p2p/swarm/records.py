@@ -90,6 +90,7 @@ class PeerRecord(BaseModel):
     version: constr(strict=True, max_length=32) = ""
     invite: constr(strict=True, max_length=4096) = ""  # moderated runs: the run owner's invite of this peer id
     reachability: Literal["public", "relayed", "client", ""] = ""  # see swarm.reachability ("": older versions)
+    device: constr(strict=True, max_length=32) = ""  # where it trains and in what precision, e.g. "cuda:0 bf16"
     time: StrictFloat  # DHT time of publication
 
 

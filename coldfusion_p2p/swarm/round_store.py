@@ -61,6 +61,7 @@ class RoundReport:
     accuracy_after_old_head: float | None = None  # after fusion, before the head re-fit
     majority_rate: float | None = None  # validation accuracy of always answering the most common label
     validation_loss_after: float | None = None  # validation loss of the model accuracy_after describes
+    device_copy_seconds: float = 0.0  # of fusion_seconds: the body's copies GPU -> CPU -> GPU (0 on a CPU)
 
 
 OUTCOME_REASONS = {"alone": "no other peer in the swarm", "missed": "the swarm fused this round without us"}
@@ -111,6 +112,7 @@ def round_report(
         members=result.gathered if fused else {},
         bytes_sent=0 if result is None else result.bytes_sent,
         peak_rss_mb=0.0 if training is None else peak_rss_mb(),
+        device_copy_seconds=0.0 if result is None else result.copy_seconds,
     )
 
 
@@ -179,10 +181,9 @@ def resume_checkpoint(
 
 def pre_fusion_audit(model: PreTrainedModel, body: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     """This round's body and head before fusion, saved with ``--save-local-body`` for audits."""
-    named_body = {
-        f"body.{name}": tensor.detach().clone() for name, tensor in zip(body_state_names(model), body, strict=True)
-    }
-    head = {f"head.{name}": tensor for name, tensor in head_state(model).items()}
+    names = body_state_names(model)
+    named_body = {f"body.{name}": tensor.detach().cpu().clone() for name, tensor in zip(names, body, strict=True)}
+    head = {f"head.{name}": tensor.detach().cpu() for name, tensor in head_state(model).items()}
     return {**named_body, **head}
 
 

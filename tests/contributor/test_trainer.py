@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from coldfusion_p2p.config import DataConfig, TrainingConfig
+from coldfusion_p2p.contributor.batches import token_chunks
 from coldfusion_p2p.contributor.data import load_task_data
 from coldfusion_p2p.contributor.model import load_classifier, load_tokenizer
 from coldfusion_p2p.contributor.trainer import LocalTrainer, batch_indices
@@ -147,3 +148,34 @@ def test_majority_rate_is_the_most_common_label_share(make_trainer):
     trainer = make_trainer()
     labels = trainer.validation_data.labels[trainer.eval_indices]
     assert trainer.majority_rate() == pytest.approx(float(torch.bincount(labels).max()) / len(labels))
+
+
+def without_dropout(trainer) -> None:
+    for module in trainer.model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def test_max_tokens_splits_a_batch_into_pieces_with_the_same_gradient(make_trainer):
+    """A micro-batch cut into pieces of at most 40 padded tokens takes the same step as the whole batch."""
+    whole, pieces = make_trainer(local_steps=2), make_trainer(local_steps=2, max_tokens=40)
+    for trainer in (whole, pieces):
+        without_dropout(trainer)
+    cut = token_chunks(pieces.train_data, pieces.batch(0), 40)
+    assert len(cut) > 2 and all(len(piece) * pieces.train_data.lengths[piece].max() <= 40 for piece in cut)
+    assert np.array_equal(np.concatenate(cut), pieces.batch(0))  # every example, once, in order
+    whole.train_round(1)
+    pieces.train_round(1)
+    for a, b in zip(whole.model.parameters(), pieces.model.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_on_the_cpu_learns_and_keeps_fp32_weights(make_trainer, precision):
+    trainer = make_trainer(precision=precision, device="cpu")
+    before = trainer.evaluate().accuracy
+    for round_number in (1, 2, 3):
+        stats = trainer.train_round(round_number)
+    assert np.isfinite(stats.loss) and stats.steps == 30
+    assert all(parameter.dtype == torch.float32 for parameter in trainer.model.parameters())
+    assert trainer.evaluate().accuracy >= max(0.8, before + 0.2)

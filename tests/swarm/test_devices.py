@@ -1,0 +1,34 @@
+"""Peers on a device in mixed precision fuse like any others: the exact mean of their fp32 bodies."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from coldfusion_p2p.contributor.checkpoints import load_body_state
+
+from conftest import pre_fusion, round_dir
+
+NO_GPU = "no CUDA GPU on this machine: the GPU path (--device cuda, both peers on one GPU) was not run"
+
+
+@pytest.mark.swarm
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU))],
+)
+def test_two_bf16_peers_fuse_the_exact_mean_of_their_bodies(local_swarm, tiny_model_dir, tiny_datasets, device):
+    settings = dict(rounds=1, min_group_size=2, save_local_body=True, device=device, precision="bf16")
+    peers = [local_swarm.start_peer(f"peer{i}", tiny_datasets[i], tiny_model_dir, seed=i, **settings) for i in (0, 1)]
+    local_swarm.wait_all()
+    bodies = [pre_fusion(peer, 1, "body") for peer in peers]
+    assert not torch.equal(*(next(iter(body.values())) for body in bodies)), "the peers trained alike"
+    for peer in peers:
+        report = peer.round_info(1)["report"]
+        assert report["outcome"] == "fused" and report["group_size"] == 2, report
+        assert (report["device_copy_seconds"] > 0) == (device == "cuda"), report
+        fused = load_body_state(round_dir(peer, 1))
+        for name, tensor in fused.items():
+            assert tensor.dtype == torch.float32, name
+            assert torch.allclose(tensor, (bodies[0][name] + bodies[1][name]) / 2, atol=1e-6), (peer.name, name)
+    assert f"trains on {'cuda:0' if device == 'cuda' else 'cpu'} in bf16" in peers[0].log()
