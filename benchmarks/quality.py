@@ -260,6 +260,37 @@ def markdown(payload: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def run_folds(arguments, earlier_runs: list[dict[str, Any]], output: Path, console: Console):
+    """Every fold: simulate and evaluate each base an earlier run does not already hold.
+
+    Returns (seen rows, evaluation results, simulation seconds, evaluation seconds); after each fold
+    ``partial.json`` keeps what is done, so a long run killed later keeps its finished folds.
+    """
+    seen_rows, results, simulation_seconds, evaluation_seconds = [], [], 0.0, 0.0
+    for fold in arguments.folds:
+        bases = {}
+        for label in ["original", *arguments.settings]:
+            reused = reused_base(earlier_runs, fold, label, arguments)
+            if reused is not None:
+                console.print(f"[bold]fold {fold}, {label}[/]: reusing an earlier run's evaluation")
+                results += reused[0]
+                seen_rows += reused[1]
+            elif label == "original":
+                bases[label] = None
+            else:
+                bases[label], rows, seconds = simulate(fold, label, arguments, console)
+                seen_rows += rows
+                simulation_seconds += seconds
+        evaluation_started = time.perf_counter()
+        if bases:
+            results += evaluate(fold, bases, arguments, console)
+        evaluation_seconds += time.perf_counter() - evaluation_started
+        partial = {"folds_done": arguments.folds[: arguments.folds.index(fold) + 1], "rounds": seen_rows}
+        partial["results"] = [result.__dict__ for result in results]
+        (output / "partial.json").write_text(json.dumps(partial, default=str) + "\n")
+    return seen_rows, results, simulation_seconds, evaluation_seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--name", default="default")
@@ -294,28 +325,7 @@ def main() -> None:
     output.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     earlier_runs = load_earlier_runs(arguments.reuse_from, arguments)
-    seen_rows, results, simulation_seconds, evaluation_seconds = [], [], 0.0, 0.0
-    for fold in arguments.folds:
-        bases = {}
-        for label in ["original", *arguments.settings]:
-            reused = reused_base(earlier_runs, fold, label, arguments)
-            if reused is not None:
-                console.print(f"[bold]fold {fold}, {label}[/]: reusing an earlier run's evaluation")
-                results += reused[0]
-                seen_rows += reused[1]
-            elif label == "original":
-                bases[label] = None
-            else:
-                bases[label], rows, seconds = simulate(fold, label, arguments, console)
-                seen_rows += rows
-                simulation_seconds += seconds
-        evaluation_started = time.perf_counter()
-        if bases:
-            results += evaluate(fold, bases, arguments, console)
-        evaluation_seconds += time.perf_counter() - evaluation_started
-        partial = {"folds_done": arguments.folds[: arguments.folds.index(fold) + 1], "rounds": seen_rows}
-        partial["results"] = [result.__dict__ for result in results]  # a long run killed later keeps its folds
-        (output / "partial.json").write_text(json.dumps(partial, default=str) + "\n")
+    seen_rows, results, simulation_seconds, evaluation_seconds = run_folds(arguments, earlier_runs, output, console)
     summary = summarize(results, ["original", *arguments.settings])
     console.print(results_table(summary))
     plot_summary(summary, output / "unseen.png")
