@@ -151,7 +151,7 @@ class BodyFusion:
         only on success. ``info`` is gathered from every member (it must include ``round``).
         A body on a GPU is copied to the CPU for the all-reduce and the result copied back (timed)."""
         started = time.perf_counter()
-        device_body, body = body, None
+        device_body = body
         body, on_device = on_host(device_body)
         copy_seconds = time.perf_counter() - started
         config = self.config
@@ -173,10 +173,7 @@ class BodyFusion:
             max(scheduled_time, get_dht_time() + config.matchmaking_time) + 2 * config.request_timeout
         )
         self.averager.set_group_bits(group_bits(round_number))
-        with self.averager.get_tensors() as buffers:
-            copy_into(list(buffers), contribution(body, start, config.aggregation, config.ties_density))
-            for buffer, center in zip(buffers, self._center or (), strict=False):
-                buffer.sub_(center)  # a drift: what a lossy codec encodes well (policy.contribution_kind)
+        self._load_contribution(body, start)
         control = self.averager.step(
             gather=info,
             weight=weight,
@@ -197,24 +194,15 @@ class BodyFusion:
         mismatch = group_mismatch(members, round_number, config.aggregation, self.rule.signature(), self.contribution)
         if mismatch is not None:
             return self._not_fused(started, round_number, nonce, mismatch)
-        with self.averager.get_tensors() as buffers:
-            for buffer, center in zip(buffers, self._center or (), strict=False):
-                buffer.add_(center)  # the group's mean drift -> the group's mean body
-            finite = all(torch.isfinite(tensor).all() for tensor in buffers)
-            fused_norm = update_norm(buffers, start) if finite else float("nan")
-        member_norms = [float(member.get("update_norm", float("nan"))) for member in members.values()]
-        honest_bounds = [float(member.get("update_bound", float("nan"))) for member in members.values()]
-        start_gaps = [sketch_distance(own_sketch, member.get("start_sketch")) for member in members.values()]
-        if not finite:
-            return self._rejected(started, round_number, nonce, "the average has NaN or Inf values")
-        if poisoned_update(fused_norm, own_norm, member_norms, config.max_update_ratio, start_gaps, honest_bounds):
-            reason = f"the fused update is {fused_norm / max(own_norm, 1e-12):.0f}x ours: a poisoned contribution?"
-            return self._rejected(started, round_number, nonce, reason)
+        invalid = self._invalid_average(members, start, own_norm, own_sketch)
+        if invalid is not None:
+            return self._rejected(started, round_number, nonce, invalid)
         self._publish_verdict(round_number, nonce, ok=True)
         refusal = self._group_verdict(round_number, members)
         if refusal is not None:
             return self._not_fused(started, round_number, nonce, refusal, publish=False)
         starts = [member.get("start_sketch") for member in members.values()]
+        member_norms = [float(member.get("update_norm", float("nan"))) for member in members.values()]
         self._apply_rule(body, start, same_start(starts, member_norms))
         if on_device:  # the trainer's parameters on the GPU hold the new base from now on
             copied = time.perf_counter()
@@ -230,6 +218,35 @@ class BodyFusion:
             state=self.state,
             copy_seconds=copy_seconds,
         )
+
+    def _load_contribution(self, body: Sequence[torch.Tensor], start: list[torch.Tensor]) -> None:
+        """Put what this member sends into the averager's buffers: its body (or TIES' trimmed one),
+        minus the center with a lossy codec (a drift, which it encodes well: policy.contribution_kind)."""
+        config = self.config
+        with self.averager.get_tensors() as buffers:
+            copy_into(list(buffers), contribution(body, start, config.aggregation, config.ties_density))
+            for buffer, center in zip(buffers, self._center or (), strict=False):
+                buffer.sub_(center)
+
+    def _invalid_average(
+        self, members: dict[str, dict[str, Any]], start: list[torch.Tensor], own_norm: float, own_sketch: list[float]
+    ) -> str | None:
+        """Why the all-reduce's result must be rejected (non-finite, or poisoned), or None; the buffers
+        hold the group's mean body afterwards (its mean drift plus the center with a lossy codec)."""
+        with self.averager.get_tensors() as buffers:
+            for buffer, center in zip(buffers, self._center or (), strict=False):
+                buffer.add_(center)
+            finite = all(torch.isfinite(tensor).all() for tensor in buffers)
+            fused_norm = update_norm(buffers, start) if finite else float("nan")
+        if not finite:
+            return "the average has NaN or Inf values"
+        member_norms = [float(member.get("update_norm", float("nan"))) for member in members.values()]
+        honest_bounds = [float(member.get("update_bound", float("nan"))) for member in members.values()]
+        start_gaps = [sketch_distance(own_sketch, member.get("start_sketch")) for member in members.values()]
+        ratio = self.config.max_update_ratio
+        if poisoned_update(fused_norm, own_norm, member_norms, ratio, start_gaps, honest_bounds):
+            return f"the fused update is {fused_norm / max(own_norm, 1e-12):.0f}x ours: a poisoned contribution?"
+        return None
 
     def _apply_rule(self, body: Sequence[torch.Tensor], start: list[torch.Tensor], starts_agree: bool) -> None:
         """Write the next fused base into ``body``: the rule applied to the confirmed average.
