@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -386,6 +387,26 @@ def reap_leftover_processes(request):
     listing = "\n".join(f"  {pid}: {command[:160]}" for pid, command in sorted(leftovers.items()))
     test = request.node.nodeid
     pytest.fail(f"{len(leftovers)} process(es) outlived {test} by {LEAK_GRACE:.0f}s (killed):\n{listing}")
+
+
+@pytest.fixture
+def make_trainer(tiny_model_dir, tiny_dataset):
+    """A factory of LocalTrainers on the tiny model and dataset; keyword arguments override TrainingConfig."""
+    from coldfusion_p2p.config import DataConfig, TrainingConfig
+    from coldfusion_p2p.contributor.data import load_task_data
+    from coldfusion_p2p.contributor.model import load_classifier, load_tokenizer
+    from coldfusion_p2p.contributor.trainer import LocalTrainer
+
+    data = load_task_data(DataConfig(dataset=str(tiny_dataset)))
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+
+    def make(**overrides):
+        torch.set_num_threads(1)
+        model = load_classifier(str(tiny_model_dir), data.label_names, seed=0)
+        config = TrainingConfig(**{"local_steps": 30, "lr": 3e-3, "batch_size": 16, **overrides})
+        return LocalTrainer(model, tokenizer, data.train, data.validation, config, max_length=16)
+
+    return make
 
 
 def read_csv(path: Path) -> list[dict]:

@@ -43,6 +43,9 @@ class TrainingConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast (fp16 adds loss scaling); weights stay fp32
     length_bucketing: bool = True  # batch examples of similar length: short texts cost what they are
     l2sp: float = 0.0  # L2-SP: pull the body toward the round's start with this penalty weight (0: off)
+    lora_rank: int = 0  # LoRA (peft): train rank-R adapters on the body (merged before fusion) plus the head; 0: off
+    lora_alpha: float | None = None  # LoRA scaling alpha (default: 2 x rank)
+    lora_targets: list[str] = field(default_factory=list)  # body modules given adapters (default: attention q, v)
     refit_steps: int = 300  # head-only steps on cached body outputs after each new fused body (0: off)
     refit_lr: float = 5e-2  # learning rate of the head re-fit (as the linear probe's: 5e-3 left SMS spam at majority)
     refit_examples: int = 512  # training examples whose body outputs the re-fit caches

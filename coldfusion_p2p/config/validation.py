@@ -186,7 +186,15 @@ def _validate_peer(config: PeerConfig) -> None:
         "ties_density": fusion.ties_density,
     }
     _require_positive(positive)
-    for name, value in (("l2sp", training.l2sp), ("refit_steps", training.refit_steps)):
+    if training.lora_rank and training.l2sp:
+        raise UserError("--l2sp pulls the body's weights, which a LoRA peer (--lora-rank) keeps frozen", "drop one")
+    if training.lora_alpha is not None and training.lora_alpha <= 0:
+        raise UserError(f"lora_alpha must be positive, got {training.lora_alpha}", "pass e.g. --lora-alpha 16")
+    for name, value in (
+        ("l2sp", training.l2sp),
+        ("refit_steps", training.refit_steps),
+        ("lora_rank", training.lora_rank),
+    ):
         if value < 0:
             raise UserError(f"{name} must not be negative, got {value}", f"pass --{name.replace('_', '-')} 0 or more")
     if fusion.ties_density > 1.0:

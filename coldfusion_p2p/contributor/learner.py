@@ -16,6 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from coldfusion_p2p.config import PeerConfig
 from coldfusion_p2p.contributor.data import TaskData, load_task_data
 from coldfusion_p2p.contributor.device import available_device, check_precision
+from coldfusion_p2p.contributor.lora import check_targets
 from coldfusion_p2p.contributor.model import (
     body_parameters,
     keep_local,
@@ -49,6 +50,8 @@ def build_learner(config: PeerConfig) -> LocalLearner:
     model = load_classifier(model_name, data.label_names, seed=config.training.seed).to(device)
     if config.fusion.local_modules:
         keep_local(model, config.fusion.local_modules)
+    if config.training.lora_rank:
+        check_targets(model, config.training.lora_targets)
     trainer = LocalTrainer(
         model,
         tokenizer,

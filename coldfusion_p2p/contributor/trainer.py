@@ -42,6 +42,7 @@ from coldfusion_p2p.contributor.batches import (  # re-exported: evaluation and 
 from coldfusion_p2p.contributor.data import TextSplit
 from coldfusion_p2p.contributor.device import autocast, grad_scaler
 from coldfusion_p2p.contributor.head_fit import FrozenBody, train_head
+from coldfusion_p2p.contributor.lora import lora_round
 from coldfusion_p2p.contributor.model import body_parameters, forward_input_names
 
 __all__ = [
@@ -123,8 +124,16 @@ class LocalTrainer:
     ) -> TrainStats:
         """Run ``local_steps`` steps of round ``round_number`` (1-based); ``on_step(step, loss)`` after each.
 
-        ``should_stop`` is polled between steps so SIGTERM never waits for a whole round.
+        ``should_stop`` is polled between steps so SIGTERM never waits for a whole round. With
+        ``lora_rank`` the steps train fresh adapters that are merged into the body at the end.
         """
+        config = self.config
+        if not config.lora_rank:
+            return self._train_steps(round_number, on_step, should_stop)
+        with lora_round(self.model, config.lora_rank, config.lora_alpha, config.lora_targets):
+            return self._train_steps(round_number, on_step, should_stop)
+
+    def _train_steps(self, round_number: int, on_step, should_stop) -> TrainStats:
         config, model = self.config, self.model
         steps, accumulation = config.local_steps, config.gradient_accumulation
         torch.manual_seed(config.seed * 1_000_003 + round_number)  # dropout

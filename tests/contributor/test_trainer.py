@@ -6,25 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from coldfusion_p2p.config import DataConfig, TrainingConfig
 from coldfusion_p2p.contributor.batches import token_chunks
-from coldfusion_p2p.contributor.data import load_task_data
-from coldfusion_p2p.contributor.model import load_classifier, load_tokenizer
-from coldfusion_p2p.contributor.trainer import LocalTrainer, batch_indices
-
-
-@pytest.fixture
-def make_trainer(tiny_model_dir, tiny_dataset):
-    data = load_task_data(DataConfig(dataset=str(tiny_dataset)))
-    tokenizer = load_tokenizer(str(tiny_model_dir))
-
-    def make(**overrides):
-        torch.set_num_threads(1)
-        model = load_classifier(str(tiny_model_dir), data.label_names, seed=0)
-        config = TrainingConfig(**{"local_steps": 30, "lr": 3e-3, "batch_size": 16, **overrides})
-        return LocalTrainer(model, tokenizer, data.train, data.validation, config, max_length=16)
-
-    return make
+from coldfusion_p2p.contributor.trainer import batch_indices
 
 
 def test_training_learns_the_task(make_trainer):

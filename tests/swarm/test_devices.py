@@ -1,9 +1,11 @@
-"""Peers on a device in mixed precision fuse like any others: the exact mean of their fp32 bodies."""
+"""Peers of every kind fuse like any others, to the exact mean of their fp32 bodies: on a device in
+mixed precision, or training LoRA adapters that they merge into their body before fusing."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoModel
 
 from coldfusion_p2p.contributor.checkpoints import load_body_state
 
@@ -32,3 +34,26 @@ def test_two_bf16_peers_fuse_the_exact_mean_of_their_bodies(local_swarm, tiny_mo
             assert tensor.dtype == torch.float32, name
             assert torch.allclose(tensor, (bodies[0][name] + bodies[1][name]) / 2, atol=1e-6), (peer.name, name)
     assert f"trains on {'cuda:0' if device == 'cuda' else 'cpu'} in bf16" in peers[0].log()
+
+
+@pytest.mark.swarm
+def test_a_lora_peer_and_a_full_peer_fuse_the_exact_mean_of_their_merged_bodies(
+    local_swarm, tiny_model_dir, tiny_datasets
+):
+    common = dict(rounds=2, min_group_size=2, save_local_body=True)
+    lora = local_swarm.start_peer("lora", tiny_datasets[0], tiny_model_dir, seed=0, lora_rank=2, **common)
+    full = local_swarm.start_peer("full", tiny_datasets[1], tiny_model_dir, seed=1, **common)
+    local_swarm.wait_all()
+    original = AutoModel.from_pretrained(tiny_model_dir).state_dict()
+    merged = pre_fusion(lora, 1, "body")  # what the LoRA peer sent: its body with round 1's adapters merged
+    moved = {name for name, tensor in merged.items() if not torch.equal(tensor, original[name])}
+    assert moved and all(name.endswith(("query.weight", "value.weight")) for name in moved), moved
+    for round_number in (1, 2):
+        bodies = [pre_fusion(peer, round_number, "body") for peer in (lora, full)]
+        for peer in (lora, full):
+            report = peer.round_info(round_number)["report"]
+            assert report["outcome"] == "fused" and report["group_size"] == 2, report
+            fused = load_body_state(round_dir(peer, round_number))
+            for name, tensor in fused.items():
+                mean = (bodies[0][name] + bodies[1][name]) / 2
+                assert torch.allclose(tensor, mean, atol=1e-6), (peer.name, round_number, name)
