@@ -409,6 +409,15 @@ def make_trainer(tiny_model_dir, tiny_dataset):
     return make
 
 
+def read_scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series under ``folder``, as TensorBoard itself reads event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: [(event.step, event.value) for event in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
 def read_csv(path: Path) -> list[dict]:
     """The rows of a CSV file the code under test wrote, as dicts."""
     with open(path, newline="") as handle:

@@ -103,6 +103,8 @@ class LoggingConfig:
     quiet: bool = False  # only warnings and errors on the console
     log_format: Literal["text", "json"] = "text"  # json: one object per line for log collectors
     verbose: bool = False  # also show hivemind's and transformers' own logs
+    report_to: Literal["none", "tensorboard"] = "none"  # also write per-step and per-round scalars for TensorBoard
+    report_dir: str | None = None  # where --report-to writes (default: <output-dir>/tensorboard)
 
 
 @dataclass

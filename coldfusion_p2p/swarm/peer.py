@@ -22,6 +22,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from hivemind import DHT
@@ -34,6 +35,7 @@ from coldfusion_p2p.contributor.model import (
     copy_into,
     model_fingerprint,
 )
+from coldfusion_p2p.contributor.scalars import ScalarLog
 from coldfusion_p2p.merge.rules import FusionRule
 from coldfusion_p2p.swarm import policy, reachability
 from coldfusion_p2p.swarm.auth import InviteGate
@@ -89,6 +91,17 @@ def fusion_info(config: PeerConfig, data: TaskData, body: list[torch.Tensor], ro
     }
 
 
+def step_recorder(peer: Peer, round_number: int, console_callback):
+    """What each training step reports: the peer's record, its scalars (--report-to) and the console."""
+
+    def on_step(step: int, loss: float) -> None:
+        peer.presence.update(step=step, train_loss=finite_or_nan(loss))
+        peer.scalars.step(round_number, step, loss)
+        console_callback(step, loss)
+
+    return on_step
+
+
 class Peer:
     """One volunteer in a ColD Fusion swarm.
 
@@ -124,6 +137,8 @@ class Peer:
         self.body, self.trainer = learner.body, learner.trainer
         self.model_fingerprint = model_fingerprint(self.model)  # of --model itself, before any resume
         self.presence = Presence(self._identity(""), config.network.record_period, self.stop_event)
+        report_dir = config.logging.report_dir or str(Path(config.run.output_dir) / "tensorboard")
+        self.scalars = ScalarLog(config.logging.report_to, report_dir, config.training.local_steps)
         self.rule = FusionRule.from_config(config.fusion)
         # --model's own body, whatever a resume or a download brings later: the anchor pulls toward it,
         # lossy compression sends the drift from it
@@ -192,6 +207,7 @@ class Peer:
                 break
             self.reports.append(report)
             self.console.round_summary(report)
+            self.scalars.round(report)
         # before leaving, keep serving our last fused base until archivers have stored it (bounded)
         self.presence.wait_for_archivers(self.config.fusion.state_download_timeout)
         self.presence.announce(status="stopped", fuse_at=None)
@@ -201,9 +217,8 @@ class Peer:
         """Train, evaluate, fuse (or not), evaluate, checkpoint; None when stopped mid-round."""
         self.presence.update(status="training", round=round_number, step=0, fuse_at=None)
         with self.console.training(round_number, self.config.training.local_steps) as on_step:
-            stats = self.trainer.train_round(
-                round_number, on_step=self._on_step(on_step), should_stop=lambda: self.presence.behind(round_number)
-            )
+            recorder, behind = step_recorder(self, round_number, on_step), lambda: self.presence.behind(round_number)
+            stats = self.trainer.train_round(round_number, on_step=recorder, should_stop=behind)
         if self.stop_event.is_set():
             return None
         before = self.trainer.evaluate()
@@ -320,18 +335,12 @@ class Peer:
         )
         self.presence.announce_round(report, fingerprint)
 
-    # ---------------------------------------------------------------- records
-    def _on_step(self, console_callback):
-        def on_step(step: int, loss: float) -> None:
-            self.presence.update(step=step, train_loss=finite_or_nan(loss))
-            console_callback(step, loss)
-
-        return on_step
-
     # ---------------------------------------------------------------- shutdown
     def shutdown(self) -> None:
         """Leave the swarm: stop publishing, then shut the averager and the DHT down."""
         self.stop_event.set()
         if self.presence is not None:
             self.presence.stop()
+        if getattr(self, "scalars", None) is not None:
+            self.scalars.close()
         shut_down(self.fusion, self.dht)

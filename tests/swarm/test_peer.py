@@ -15,7 +15,7 @@ from coldfusion_p2p.contributor.checkpoints import apply_body_state, latest_chec
 from coldfusion_p2p.contributor.learner import build_learner
 from coldfusion_p2p.contributor.model import load_head_state
 
-from conftest import FAST_SWARM_SETTINGS, pre_fusion, round_dir, wait_until
+from conftest import FAST_SWARM_SETTINGS, pre_fusion, read_scalars, round_dir, wait_until
 
 pytestmark = pytest.mark.swarm
 
@@ -149,7 +149,13 @@ def test_late_joiner_starts_from_the_swarm_base_and_round(local_swarm, tiny_mode
 
 def test_lone_peer_completes_its_rounds_and_keeps_its_body(local_swarm, tiny_model_dir, tiny_dataset):
     peer = local_swarm.start_peer(
-        "alone", tiny_dataset, tiny_model_dir, rounds=2, save_local_body=True, fusion_window=2.0
+        "alone",
+        tiny_dataset,
+        tiny_model_dir,
+        rounds=2,
+        save_local_body=True,
+        fusion_window=2.0,
+        report_to="tensorboard",
     )
     local_swarm.wait_all(timeout=120)
     for round_number in (1, 2):
@@ -158,6 +164,12 @@ def test_lone_peer_completes_its_rounds_and_keeps_its_body(local_swarm, tiny_mod
         kept = load_body_state(round_dir(peer, round_number))
         trained = pre_fusion(peer, round_number, "body")
         assert all(torch.equal(kept[name], trained[name]) for name in trained)
+    # --report-to tensorboard: every step's loss and each round's numbers, in TensorBoard's own files
+    scalars = read_scalars(peer.output_dir / "tensorboard")
+    steps = FAST_SWARM_SETTINGS["local_steps"]
+    assert [step for step, _ in scalars["train/loss"]] == list(range(1, 2 * steps + 1))
+    before = [value for _, value in scalars["round/accuracy_before_fusion"]]
+    assert before == [pytest.approx(peer.round_info(r)["report"]["accuracy_before"]) for r in (1, 2)]
 
 
 def test_sigterm_during_training_keeps_the_last_fused_checkpoint(local_swarm, tiny_model_dir, tiny_datasets):
