@@ -40,9 +40,15 @@ def bundled_model_path() -> str:
 
 
 def resolve_model_name(model: str | None) -> str:
-    """``None`` means the bundled default; an existing folder stays a path; anything else is a hub name."""
+    """``None`` means the bundled default; ``minilm``/``mpnet`` are the offline presets
+    (:mod:`~coldfusion_p2p.contributor.presets`); an existing folder stays a path; anything else is a hub name."""
     if model is None:
         return bundled_model_path()
+    from coldfusion_p2p.contributor.presets import preset_path
+
+    preset = preset_path(model)
+    if preset is not None:
+        return preset
     looks_local = model.startswith(("/", "./", "../", "~")) or model.count("/") > 1
     if looks_local and not Path(model).expanduser().exists():
         raise UserError(f"model folder {model} does not exist", "check the --model path")
