@@ -193,7 +193,8 @@ def main() -> None:
             "peers": N_PEERS,
             "seed": 0,
             "order": [run["label"] for run in runs],
-            "run_swarm": "benchmarks/loopback_swarm.py run_swarm: one torch thread per peer, min_group_size = peers, quiet",
+            "run_swarm": "benchmarks/loopback_swarm.py run_swarm: one torch thread per peer, min_group_size = peers, "
+            "quiet",
         },
         "runs": runs,
         "comparison": compare(runs, arguments.rounds),
