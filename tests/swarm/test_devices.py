@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModel
 
 from coldfusion_p2p.contributor.checkpoints import load_body_state
+from coldfusion_p2p.contributor.presets import MPNET_FOLDER, models_dir
 
 from conftest import pre_fusion, round_dir
 
@@ -57,3 +58,28 @@ def test_a_lora_peer_and_a_full_peer_fuse_the_exact_mean_of_their_merged_bodies(
             for name, tensor in fused.items():
                 mean = (bodies[0][name] + bodies[1][name]) / 2
                 assert torch.allclose(tensor, mean, atol=1e-6), (peer.name, round_number, name)
+
+
+MPNET_MISSING = "all-mpnet-base-v2 not installed (opt-in: bash scripts/setup.sh --mpnet)"
+
+
+@pytest.mark.swarm
+@pytest.mark.timeout(900)
+@pytest.mark.skipif(not (models_dir() / MPNET_FOLDER / "config.json").is_file(), reason=MPNET_MISSING)
+def test_two_peers_fuse_on_mpnet(local_swarm, tiny_datasets):
+    """The larger preset (109M) in a real 2-peer swarm: a LoRA peer and a full one, the exact mean."""
+    common = dict(rounds=1, min_group_size=2, save_local_body=True, local_steps=2, batch_size=8, refit_steps=20)
+    peers = [
+        local_swarm.start_peer("full", tiny_datasets[0], "mpnet", seed=0, **common),
+        local_swarm.start_peer("lora", tiny_datasets[1], "mpnet", seed=1, lora_rank=4, **common),
+    ]
+    local_swarm.wait_all(timeout=800)
+    bodies = [pre_fusion(peer, 1, "body") for peer in peers]
+    for peer in peers:
+        report = peer.round_info(1)["report"]
+        assert report["outcome"] == "fused" and report["group_size"] == 2, report
+        fused = load_body_state(round_dir(peer, 1))
+        assert sum(tensor.numel() for tensor in fused.values()) > 100_000_000
+        for name, tensor in fused.items():
+            assert torch.allclose(tensor, (bodies[0][name] + bodies[1][name]) / 2, atol=1e-6), (peer.name, name)
+    print("mpnet:", [peer.round_info(1)["report"] for peer in peers])
