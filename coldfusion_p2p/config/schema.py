@@ -173,6 +173,8 @@ class EvaluationSettings:
     bootstrap_resamples: int = 2000  # bootstrap replicates (seeds and test examples) behind each 95 percent CI
     report_dir: str = "evaluation"  # where results.csv, summary.csv, results.json and evaluation.png go
     torch_threads: int | None = None  # torch intra-op threads (default: torch's choice)
+    device: str = "auto"  # auto (CUDA when torch sees a GPU), cpu, cuda, cuda:N or mps
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast precision of the runs; weights stay fp32
 
 
 @dataclass

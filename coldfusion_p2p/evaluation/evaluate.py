@@ -45,6 +45,7 @@ from transformers import PreTrainedModel
 
 from coldfusion_p2p.config import EvaluateConfig, EvaluationSettings, TrainingConfig
 from coldfusion_p2p.contributor.data import TextSplit
+from coldfusion_p2p.contributor.device import autocast, available_device, grad_scaler
 from coldfusion_p2p.contributor.head_fit import FrozenBody, train_head
 from coldfusion_p2p.contributor.model import body_parameters, forward_input_names, load_classifier, load_tokenizer
 from coldfusion_p2p.contributor.trainer import (
@@ -128,6 +129,8 @@ def finetune_run(
     steps: int = 0,
     validation_fraction: float = 0.15,
     eval_every: int = 0,
+    device: str = "cpu",
+    precision: str = "fp32",
 ) -> RunOutcome:
     """Full finetuning from a fresh head seeded by ``seed``, then per-example test correctness.
 
@@ -136,10 +139,10 @@ def finetune_run(
     With ``epochs`` = 0: exactly ``steps`` steps on the whole train split (the fixed budget).
     """
     tokenizer = load_tokenizer(base)
-    model = load_classifier(base, task.label_names, seed)
+    model = load_classifier(base, task.label_names, seed).to(device)
     test = encode_split(tokenizer, task.test, max_length)
     if epochs <= 0:
-        config = _training_config(base, steps, lr, batch_size, seed)
+        config = _training_config(base, steps, lr, batch_size, seed, precision)
         LocalTrainer(model, tokenizer, task.train, task.test, config, max_length=max_length).train_round(1)
         return RunOutcome(predict_correct(model, test), steps, steps)
     fit, validation = carve_validation(task.train, validation_fraction, seed)
@@ -155,6 +158,7 @@ def finetune_run(
         epochs=epochs,
         patience=patience,
         eval_every=eval_every,
+        precision=precision,
     )
     return RunOutcome(predict_correct(model, test), run.steps, run.best_step, run.best_accuracy, run.history)
 
@@ -173,6 +177,7 @@ def finetune_to_convergence(
     patience: int,
     eval_every: int = 0,
     on_validation: Callable[[int, float], None] | None = None,
+    precision: str = "fp32",
 ) -> Convergence:
     """Finetune ``model`` in place with early stopping; it ends holding its best validated weights.
 
@@ -182,7 +187,7 @@ def finetune_to_convergence(
     better one, and the state of the best (head and body, kept in memory) is loaded back.
     ``on_validation(step, accuracy)`` is called after every validation, before any restore.
     """
-    config = _training_config("", 1, lr, batch_size, seed)
+    config = _training_config("", 1, lr, batch_size, seed, precision)
     trainer = LocalTrainer(
         model, tokenizer, train, validation, config, max_length=max_length, max_eval_examples=len(validation)
     )
@@ -195,10 +200,18 @@ def finetune_to_convergence(
     best, best_step, best_state, waited, history = (-1.0, -math.inf), 0, None, 0, []
     model.train()
     step = 0
+    scaler = grad_scaler(trainer.device, precision)
     for step in range(1, total + 1):
-        loss = model(**collate(trainer.train_data, trainer.batch(step - 1), trainer.input_names)).loss
-        loss.backward()
-        optimizer.step()
+        batch = collate(trainer.train_data, trainer.batch(step - 1), trainer.input_names, trainer.device)
+        with autocast(trainer.device, precision):
+            loss = model(**batch).loss
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:  # fp16: scaled so small gradients do not underflow; a step with an overflow is skipped
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         if step % interval and step != total:
@@ -222,23 +235,42 @@ def finetune_to_convergence(
 
 
 def few_shot_run(
-    base: str, task: EvalTask, *, seed: int, lr: float, batch_size: int, max_length: int, shots: int, steps: int
+    base: str,
+    task: EvalTask,
+    *,
+    seed: int,
+    lr: float,
+    batch_size: int,
+    max_length: int,
+    shots: int,
+    steps: int,
+    device: str = "cpu",
+    precision: str = "fp32",
 ) -> RunOutcome:
     """Full finetuning for ``steps`` steps on ``shots`` training examples per class (seeded)."""
     tokenizer = load_tokenizer(base)
-    model = load_classifier(base, task.label_names, seed)
+    model = load_classifier(base, task.label_names, seed).to(device)
     train = few_shot_split(task.train, shots, seed)
-    config = _training_config(base, steps, lr, min(batch_size, len(train)), seed)
+    config = _training_config(base, steps, lr, min(batch_size, len(train)), seed, precision)
     LocalTrainer(model, tokenizer, train, task.test, config, max_length=max_length).train_round(1)
     return RunOutcome(predict_correct(model, encode_split(tokenizer, task.test, max_length)), steps, steps)
 
 
 def linear_probe_run(
-    base: str, task: EvalTask, *, seed: int, steps: int, lr: float, batch_size: int, max_length: int
+    base: str,
+    task: EvalTask,
+    *,
+    seed: int,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    max_length: int,
+    device: str = "cpu",
 ) -> RunOutcome:
-    """``steps`` AdamW steps on the head alone, the body frozen (and in eval mode)."""
+    """``steps`` AdamW steps on the head alone, the body frozen (and in eval mode), in fp32 whatever
+    ``--precision`` (the head fit is cheap and replays cached body outputs)."""
     tokenizer = load_tokenizer(base)
-    model = load_classifier(base, task.label_names, seed)
+    model = load_classifier(base, task.label_names, seed).to(device)
     return probe_model(
         model, tokenizer, task, seed=seed, steps=steps, lr=lr, batch_size=batch_size, max_length=max_length
     )
@@ -274,15 +306,23 @@ def probe_model(
     model.eval()
     with torch.no_grad():
         chunks = [
-            body.forward(test_feed, indices).logits.argmax(-1) == test.labels[indices]
+            body.forward(test_feed, indices).logits.argmax(-1).cpu() == test.labels[indices]
             for indices in np.array_split(np.arange(len(test)), max(1, math.ceil(len(test) / EVAL_BATCH_SIZE)))
         ]
     return RunOutcome(torch.cat(chunks).numpy(), steps, steps)
 
 
-def _training_config(base: str, steps: int, lr: float, batch_size: int, seed: int) -> TrainingConfig:
+def _training_config(
+    base: str, steps: int, lr: float, batch_size: int, seed: int, precision: str = "fp32"
+) -> TrainingConfig:
     return TrainingConfig(
-        model=base or None, local_steps=steps, lr=lr, batch_size=batch_size, weight_decay=WEIGHT_DECAY, seed=seed
+        model=base or None,
+        local_steps=steps,
+        lr=lr,
+        batch_size=batch_size,
+        weight_decay=WEIGHT_DECAY,
+        seed=seed,
+        precision=precision,
     )
 
 
@@ -291,9 +331,10 @@ def predict_correct(model: PreTrainedModel, encoded: EncodedSplit) -> np.ndarray
     """Whether ``model`` (in eval mode) classifies each example of ``encoded`` right, in order."""
     model.eval()
     names, chunks = forward_input_names(model), [np.zeros(0, dtype=bool)]
+    device = next(model.parameters()).device
     for start in range(0, len(encoded), EVAL_BATCH_SIZE):
-        batch = collate(encoded, np.arange(start, min(start + EVAL_BATCH_SIZE, len(encoded))), names)
-        chunks.append((model(**batch).logits.argmax(-1) == batch["labels"]).numpy())
+        batch = collate(encoded, np.arange(start, min(start + EVAL_BATCH_SIZE, len(encoded))), names, device)
+        chunks.append((model(**batch).logits.argmax(-1) == batch["labels"]).cpu().numpy())
     return np.concatenate(chunks)
 
 
@@ -311,7 +352,8 @@ METHODS: dict[str, Callable[..., RunOutcome]] = {
 
 def method_options(settings: EvaluationSettings) -> dict[str, dict]:
     """Each method's keyword arguments from the settings (the same for every base)."""
-    shared = dict(batch_size=settings.batch_size, max_length=settings.max_length)
+    device = str(available_device(settings.device))  # asked for but absent: one clear error, before any run
+    shared = dict(batch_size=settings.batch_size, max_length=settings.max_length, device=device)
     return {
         "finetune": dict(
             shared,
@@ -321,9 +363,14 @@ def method_options(settings: EvaluationSettings) -> dict[str, dict]:
             steps=settings.finetune_steps,
             validation_fraction=settings.validation_fraction,
             eval_every=settings.eval_every,
+            precision=settings.precision,
         ),
         "finetune_few_shot": dict(
-            shared, lr=settings.lr, shots=settings.few_shot_examples, steps=settings.few_shot_steps
+            shared,
+            lr=settings.lr,
+            shots=settings.few_shot_examples,
+            steps=settings.few_shot_steps,
+            precision=settings.precision,
         ),
         "linear_probe": dict(shared, lr=settings.probe_lr, steps=settings.probe_steps),
     }

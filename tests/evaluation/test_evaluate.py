@@ -375,3 +375,20 @@ def test_cli_rejects_duplicate_labels_and_missing_datasets(capsys, tiny_model_di
     assert_one_line_error(code, capsys.readouterr().err, "LABEL=PATH")
     code = main(["evaluate", "--base", str(tiny_model_dir), "--unseen", str(tmp_path / "missing.csv")])
     assert_one_line_error(code, capsys.readouterr().err, "does not exist")
+
+
+def test_runs_take_the_device_and_precision_flags(tiny_model_dir, sentiment_task, tiny_dataset):
+    """--precision bf16 finetunes (to convergence and in a fixed budget) on the CPU; an absent GPU is an error."""
+    converged = finetune_run(
+        str(tiny_model_dir), sentiment_task, seed=0, lr=1e-2, epochs=2, device="cpu", precision="bf16", **FAST
+    )
+    fixed = finetune_run(
+        str(tiny_model_dir), sentiment_task, seed=0, lr=3e-3, epochs=0, steps=4, device="cpu", precision="bf16", **FAST
+    )
+    for run in (converged, fixed):
+        assert run.correct.dtype == bool and len(run.correct) == len(sentiment_task.test.labels) and run.steps > 0
+    if not torch.cuda.is_available():
+        flags = {"base": [str(tiny_model_dir)], "dataset": [str(tiny_dataset)], "device": "cuda"}
+        settings = build_config(flags, config_type=EvaluateConfig)
+        with pytest.raises(UserError, match="--device cuda was asked for"):
+            evaluate.method_options(settings.evaluation)
