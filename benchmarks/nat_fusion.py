@@ -182,6 +182,12 @@ def parse_arguments() -> argparse.Namespace:
         default=None,
         help="the peers' poisoning guard (default: theirs, 10); int8 at 1 local step trips it, see the notes",
     )
+    parser.add_argument(
+        "--client-results",
+        choices=["after_sending", "streamed"],
+        default=None,
+        help="the peers' --client-results (default: theirs, after_sending, as hivemind does it)",
+    )
     parser.add_argument("--output-dir", default=str(ROOT / "docs" / "measurements" / "nat"))
     parser.add_argument("--work-dir", default=None, help="peers' output and logs (default: a fresh temp dir)")
     arguments = parser.parse_args()
@@ -275,6 +281,8 @@ def main() -> None:
     sizes = measure_sizes(model, arguments.compressions, arguments.rate_mbit)
     log("bounds: " + json.dumps({k: v for k, v in sizes["bounds"].items()}, default=str))
     extra = {} if arguments.max_update_ratio is None else {"max_update_ratio": arguments.max_update_ratio}
+    if arguments.client_results is not None:
+        extra["client_results"] = arguments.client_results
     runs, order = run_all(model, arguments, workdir, extra)
     summary = summarize(runs, arguments.compressions, sizes, arguments.rounds)
     results = {

@@ -167,6 +167,7 @@ class BodyFusion:
             "aggregation": config.aggregation,
             "fusion_rule": self.rule.signature(),
             "contribution": self.contribution,
+            "client_results": config.client_results,
             "start_sketch": own_sketch,
         }
         matchmaking_deadline = (

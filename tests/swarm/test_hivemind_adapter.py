@@ -67,3 +67,19 @@ def test_two_peers_fuse_with_int8_near_the_exact_mean_for_a_quarter_of_the_bytes
     sent = sum(peer.round_info(1)["report"]["bytes_sent"] for peer in peers)
     assert 2 * int8_body <= sent <= 2 * int8_body * 1.05 + 8192, (sent, int8_body, payload)
     assert sent < 0.8 * 2 * payload, "no cheaper than fp32"
+
+
+def test_only_clients_that_asked_for_streamed_results_get_them():
+    from types import SimpleNamespace
+
+    from hivemind.p2p import PeerID
+    from hivemind.utils.serializer import MSGPackSerializer as Serializer
+
+    from coldfusion_p2p.swarm.hivemind_adapter import streamed_clients
+
+    peers = [PeerID(bytes([index]) * 34) for index in range(4)]
+    infos = [{"client_results": "streamed"}, {"client_results": "after_sending"}, {}, {"client_results": "streamed"}]
+    gathered = [Serializer.dumps([1.0, 1, Serializer.dumps(info)]) for info in infos]
+    gathered[3] = b"not msgpack"  # a malformed entry: that peer keeps hivemind's default (delayed)
+    group = SimpleNamespace(peer_ids=tuple(peers), gathered=tuple(gathered))
+    assert streamed_clients(Serializer, group) == frozenset({peers[0]})
