@@ -199,3 +199,11 @@ def test_resume_with_a_dataset_of_other_labels_is_refused(capsys, base_flags, ti
     assert_one_line_error(code, err, "['negative', 'positive'] differ from the checkpoint's ['bad', 'good']")
     assert "fresh --output-dir" in err
     assert folder_contents(tmp_path / "out") == before
+
+
+@pytest.mark.parametrize("command", ["join", "demo", "evaluate", "simulate", "bootstrap", "monitor"])
+def test_every_command_builds_its_flags_and_prints_help(capsys, command):
+    """Two settings with one flag name would make argparse fail for every command, not only this one."""
+    with pytest.raises(SystemExit) as exited:
+        main([command, "--help"])
+    assert exited.value.code == 0 and "usage:" in capsys.readouterr().out

@@ -105,7 +105,7 @@ class LoggingConfig:
     log_format: Literal["text", "json"] = "text"  # json: one object per line for log collectors
     verbose: bool = False  # also show hivemind's and transformers' own logs
     report_to: Literal["none", "tensorboard"] = "none"  # also write per-step and per-round scalars for TensorBoard
-    report_dir: str | None = None  # where --report-to writes (default: <output-dir>/tensorboard)
+    tensorboard_dir: str | None = None  # where --report-to tensorboard writes (default: <output-dir>/tensorboard)
 
 
 @dataclass

@@ -137,7 +137,7 @@ class Peer:
         self.body, self.trainer = learner.body, learner.trainer
         self.model_fingerprint = model_fingerprint(self.model)  # of --model itself, before any resume
         self.presence = Presence(self._identity(""), config.network.record_period, self.stop_event)
-        report_dir = config.logging.report_dir or str(Path(config.run.output_dir) / "tensorboard")
+        report_dir = config.logging.tensorboard_dir or str(Path(config.run.output_dir) / "tensorboard")
         self.scalars = ScalarLog(config.logging.report_to, report_dir, config.training.local_steps)
         self.rule = FusionRule.from_config(config.fusion)
         # --model's own body, whatever a resume or a download brings later: the anchor pulls toward it,
