@@ -153,7 +153,7 @@ class BodyFusion:
         started = time.perf_counter()
         device_body = body
         body, on_device = on_host(device_body)
-        copy_seconds = time.perf_counter() - started
+        copy_seconds = time.perf_counter() - started if on_device else 0.0
         config = self.config
         bytes_before = self.averager.bytes_sent.value
         nonce = secrets.token_hex(8)  # tells this attempt from any earlier one of the same round

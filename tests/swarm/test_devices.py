@@ -82,4 +82,4 @@ def test_two_peers_fuse_on_mpnet(local_swarm, tiny_datasets):
         assert sum(tensor.numel() for tensor in fused.values()) > 100_000_000
         for name, tensor in fused.items():
             assert torch.allclose(tensor, (bodies[0][name] + bodies[1][name]) / 2, atol=1e-6), (peer.name, name)
-    print("mpnet:", [peer.round_info(1)["report"] for peer in peers])
+    print("mpnet:", {peer.name: peer.round_info(1)["report"]["fusion_seconds"] for peer in peers}, "fusion s")

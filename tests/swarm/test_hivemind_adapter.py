@@ -13,7 +13,7 @@ from coldfusion_p2p.swarm.hivemind_adapter import COMPRESSIONS
 
 from conftest import pre_fusion, round_dir
 
-APART_FRACTION = 0.05  # set between with drifts (measured below) and with weights (sabotaged: no centering)
+APART_FRACTION = 0.5  # measured: 0.27 x the largest drift with drifts; 3.7 x with weights (sabotaged: no centering)
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*quantize_per_tensor:UserWarning")
 
