@@ -21,7 +21,7 @@ NO_GPU = "no CUDA GPU on this machine: the GPU path (--device cuda, both peers o
     ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU))],
 )
 def test_two_bf16_peers_fuse_the_exact_mean_of_their_bodies(local_swarm, tiny_model_dir, tiny_datasets, device):
-    settings = dict(rounds=1, min_group_size=2, save_local_body=True, device=device, precision="bf16")
+    settings = dict(rounds=1, min_group_size=2, save_local_body=True, device=device, precision="bf16", quiet=False)
     peers = [local_swarm.start_peer(f"peer{i}", tiny_datasets[i], tiny_model_dir, seed=i, **settings) for i in (0, 1)]
     local_swarm.wait_all()
     bodies = [pre_fusion(peer, 1, "body") for peer in peers]
