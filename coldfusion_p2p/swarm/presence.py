@@ -64,6 +64,14 @@ class Identity:
     device: str = ""  # where it trains and in what precision, e.g. "cuda:0 bf16"
 
 
+def record_ttl(record_period: float) -> float:
+    """How long our record outlives its last refresh: a few missed refreshes, never less than 3 s.
+
+    A peer that stops (a crash, SIGSTOP, a cut link) disappears from everyone's view after this,
+    and the others' fusion window then closes without waiting for it."""
+    return max(3 * record_period, 3.0)
+
+
 class Presence:
     """Publishes this peer's record periodically and tracks the newest round the others fused."""
 
@@ -148,7 +156,7 @@ class Presence:
         if self.board is None:
             return
         try:
-            self.board.publish(self.record(), ttl=max(3 * self.record_period, 3.0))
+            self.board.publish(self.record(), ttl=record_ttl(self.record_period))
         except Exception as error:  # a DHT hiccup must not kill a training peer; the next refresh retries
             logger.debug("publishing the record failed: %r", error)
 

@@ -14,6 +14,7 @@ from coldfusion_p2p.config import build_config
 from coldfusion_p2p.contributor.checkpoints import apply_body_state, latest_checkpoint, load_body_state, load_head
 from coldfusion_p2p.contributor.learner import build_learner
 from coldfusion_p2p.contributor.model import load_head_state
+from coldfusion_p2p.swarm.presence import record_ttl
 
 from conftest import FAST_SWARM_SETTINGS, pre_fusion, read_scalars, round_dir, wait_until
 
@@ -365,7 +366,8 @@ def test_a_peer_frozen_by_sigstop_is_dropped_then_catches_up_after_sigcont(local
     without closing a single connection. The others must fuse without it within the timeouts, on
     exactly their two bodies; after SIGCONT it must notice the rounds it missed, download the fused
     base instead of checkpointing its stale round, and fuse with the others again."""
-    settings = dict(rounds=10, min_group_size=2, fusion_window=15.0, save_local_body=True, keep_checkpoints=20)
+    # a 30 s window: the others must not wait it out, since the frozen peer's record expires first
+    settings = dict(rounds=10, min_group_size=2, fusion_window=30.0, save_local_body=True, keep_checkpoints=20)
     # peer2 trains longest, so when it is frozen right after a checkpoint the others soon wait for it
     steps = (40, 40, 120)
     peers = [
@@ -396,6 +398,12 @@ def test_a_peer_frozen_by_sigstop_is_dropped_then_catches_up_after_sigcont(local
     fused_without_it = assert_fused_without(frozen, running, dropped)
     dropped_after, drop_bound = drop_time(running, settings, stopped_round, fused_without_it, frozen_at)
     assert 0 < dropped_after <= drop_bound, (dropped_after, drop_bound, fused_without_it)
+    # ... and without waiting out the window: the frozen peer's record expired (record_ttl), then the
+    # window closed early as everyone left was ready (10 s slack: evaluation, re-fit, loaded CI)
+    waits = [peer.round_info(fused_without_it[0])["report"]["wait_seconds"] for peer in running]
+    timeouts = FAST_SWARM_SETTINGS
+    wait_bound = record_ttl(timeouts["record_period"]) + timeouts["matchmaking_time"] + 2 * timeouts["request_timeout"]
+    assert max(waits) <= wait_bound + 10.0 < settings["fusion_window"], (waits, wait_bound)
     synced, rejoined = assert_caught_up_then_fused(frozen, running, stopped_round, fused_without_it, thawed_at)
     for peer in peers:
         assert_loadable_and_finite(peer)
