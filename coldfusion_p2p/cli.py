@@ -52,7 +52,10 @@ def add_config_flags(parser: argparse.ArgumentParser, config_type: type = PeerCo
             options.update(action="extend", nargs="+", metavar="MULTIADDR" if section == "network" else "VALUE")
         elif get_origin(base) is Literal:
             options["choices"] = list(get_args(base))
-        parser.add_argument(flag, **options)
+        parser.add_argument(flag, *SHORT_FLAGS.get(name, ()), **options)
+
+
+SHORT_FLAGS = {"gradient_accumulation": ("--grad-accum",)}  # the names users know from other trainers
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -207,3 +207,9 @@ def test_every_command_builds_its_flags_and_prints_help(capsys, command):
     with pytest.raises(SystemExit) as exited:
         main([command, "--help"])
     assert exited.value.code == 0 and "usage:" in capsys.readouterr().out
+
+
+def test_grad_accum_is_the_short_name_of_gradient_accumulation():
+    from coldfusion_p2p.cli import build_parser
+
+    assert build_parser().parse_args(["join", "--grad-accum", "4"]).gradient_accumulation == 4
