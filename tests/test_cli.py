@@ -210,6 +210,7 @@ def test_every_command_builds_its_flags_and_prints_help(capsys, command):
 
 
 def test_grad_accum_is_the_short_name_of_gradient_accumulation():
-    from coldfusion_p2p.cli import build_parser
+    from coldfusion_p2p.cli import build_parser, parse_config
 
-    assert build_parser().parse_args(["join", "--grad-accum", "4"]).gradient_accumulation == 4
+    config = parse_config(build_parser().parse_args(["join", "--dataset", "d.csv", "--grad-accum", "4"]))
+    assert config.training.gradient_accumulation == 4
