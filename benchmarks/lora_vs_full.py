@@ -89,9 +89,7 @@ def summarize(trials: list[dict]) -> dict:
     keys = ("samples_per_second", "round_seconds", "peak_rss_mb", "round_rss_growth_mb")
     summary = {arm: {key: spread([t[key] for t in trials if t["arm"] == arm]) for key in keys} for arm in ARMS}
     for arm in ARMS:
-        summary[arm]["trainable_parameters"] = next(
-            t["trainable_parameters_full_arm"] for t in trials if t["arm"] == arm
-        )
+        summary[arm]["trainable_parameters"] = next(t["trainable_parameters"] for t in trials if t["arm"] == arm)
     return summary
 
 
@@ -151,6 +149,7 @@ def main() -> None:
         "rank": arguments.rank,
         "steps": arguments.steps,
         "trials": arguments.trials,
+        "load_average_1min_at_end": __import__("os").getloadavg()[0],  # other jobs share the cores?
         "summary": summarize(trials),
         "runs": trials,
     }
