@@ -69,6 +69,7 @@ MPNET_MISSING = "all-mpnet-base-v2 not installed (opt-in: bash scripts/setup.sh 
 def test_two_peers_fuse_on_mpnet(local_swarm, tiny_datasets):
     """The larger preset (109M) in a real 2-peer swarm: a LoRA peer and a full one, the exact mean."""
     common = dict(rounds=1, min_group_size=2, save_local_body=True, local_steps=2, batch_size=8, refit_steps=20)
+    common.update(allreduce_timeout=300.0, next_chunk_timeout=60.0)  # 436 MB a peer on 2 busy cores
     peers = [
         local_swarm.start_peer("full", tiny_datasets[0], "mpnet", seed=0, **common),
         local_swarm.start_peer("lora", tiny_datasets[1], "mpnet", seed=1, lora_rank=4, **common),

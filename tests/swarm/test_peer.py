@@ -399,11 +399,13 @@ def test_a_peer_frozen_by_sigstop_is_dropped_then_catches_up_after_sigcont(local
     dropped_after, drop_bound = drop_time(running, settings, stopped_round, fused_without_it, frozen_at)
     assert 0 < dropped_after <= drop_bound, (dropped_after, drop_bound, fused_without_it)
     # ... and without waiting out the window: the frozen peer's record expired (record_ttl), then the
-    # window closed early as everyone left was ready (10 s slack: evaluation, re-fit, loaded CI)
+    # window closed early as everyone left was ready (12 s slack: the first ready peer also waits for
+    # its partner's training, plus evaluation and re-fit; seen 16.6 s with a quality sweep alongside;
+    # with records that never expire (sabotage) the others waited 22.8 and 28.9 s)
     waits = [peer.round_info(fused_without_it[0])["report"]["wait_seconds"] for peer in running]
     timeouts = FAST_SWARM_SETTINGS
     wait_bound = record_ttl(timeouts["record_period"]) + timeouts["matchmaking_time"] + 2 * timeouts["request_timeout"]
-    assert max(waits) <= wait_bound + 10.0 < settings["fusion_window"], (waits, wait_bound)
+    assert max(waits) <= wait_bound + 12.0 < settings["fusion_window"], (waits, wait_bound)
     synced, rejoined = assert_caught_up_then_fused(frozen, running, stopped_round, fused_without_it, thawed_at)
     for peer in peers:
         assert_loadable_and_finite(peer)
