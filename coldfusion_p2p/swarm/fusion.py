@@ -151,8 +151,7 @@ class BodyFusion:
         only on success. ``info`` is gathered from every member (it must include ``round``).
         A body on a GPU is copied to the CPU for the all-reduce and the result copied back (timed)."""
         started = time.perf_counter()
-        device_body = body
-        body, on_device = on_host(device_body)
+        device_body, (body, on_device) = body, on_host(body)
         copy_seconds = time.perf_counter() - started if on_device else 0.0
         config = self.config
         bytes_before = self.averager.bytes_sent.value
