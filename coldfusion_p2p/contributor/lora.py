@@ -32,7 +32,7 @@ def default_targets(model: PreTrainedModel) -> list[str]:
 
     if KNOWN.get(model.config.model_type):
         return list(KNOWN[model.config.model_type])
-    linear_names = {name.rsplit(".", 1)[-1] for name, module in model.base_model.named_modules() if _is_linear(module)}
+    linear_names = _linear_names(model)
     for pair in FALLBACK_TARGETS:
         if set(pair) <= linear_names:
             return list(pair)
@@ -46,7 +46,7 @@ def check_targets(model: PreTrainedModel, targets: list[str]) -> list[str]:
     """The targets LoRA will use (``targets``, or the architecture's default), each a linear layer
     of the body; a UserError at start-up rather than a crash in the first round."""
     chosen = targets or default_targets(model)
-    linear_names = {name.rsplit(".", 1)[-1] for name, module in model.base_model.named_modules() if _is_linear(module)}
+    linear_names = _linear_names(model)
     missing = [target for target in chosen if target not in linear_names]
     if missing:
         raise UserError(
@@ -56,8 +56,13 @@ def check_targets(model: PreTrainedModel, targets: list[str]) -> list[str]:
     return chosen
 
 
-def _is_linear(module: torch.nn.Module) -> bool:
-    return isinstance(module, torch.nn.Linear)
+def _linear_names(model: PreTrainedModel) -> set[str]:
+    """The last name part of every linear layer in the body (what LoRA's target_modules match)."""
+    return {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.base_model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    }
 
 
 @contextlib.contextmanager

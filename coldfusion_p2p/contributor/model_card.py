@@ -96,7 +96,7 @@ def card_license(licenses: Sequence[str | None]) -> str:
     be named for it; anything else needs a human to read the table in the card.
     """
     declared = {license.strip().lower() for license in licenses if license and license.strip()}
-    if len(declared) == 1 and len(licenses) > 0 and all(licenses):
+    if len(declared) == 1 and all(licenses):
         return declared.pop()
     return "other"
 

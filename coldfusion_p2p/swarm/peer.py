@@ -123,6 +123,7 @@ class Peer:
         self.board: RecordBoard | None = None
         self.reports: list[RoundReport] = []
         self.moderation = None
+        self.scalars: ScalarLog | None = None  # --report-to, from setup() on
 
     # ---------------------------------------------------------------- set-up
     def setup(self) -> None:
@@ -341,6 +342,6 @@ class Peer:
         self.stop_event.set()
         if self.presence is not None:
             self.presence.stop()
-        if getattr(self, "scalars", None) is not None:
+        if self.scalars is not None:
             self.scalars.close()
         shut_down(self.fusion, self.dht)
