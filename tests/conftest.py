@@ -452,6 +452,45 @@ def round_dir(peer, round_number: int) -> Path:
     return peer.output_dir / "rounds" / f"round_{round_number:05d}"
 
 
+def assert_outcomes(peers, round_number: int, expected: str = "fused") -> None:
+    """Every peer's ``round_number`` ended with ``expected``; on failure the message names each peer's
+    outcome, group size and reason (what CI's short summary shows)."""
+    reports = {peer.name: peer.round_info(round_number)["report"] for peer in peers}
+    outcomes = {
+        name: (report["outcome"], report.get("group_size"), report.get("reason", ""))
+        for name, report in reports.items()
+    }
+    assert {outcome for outcome, _, _ in outcomes.values()} == {expected}, outcomes
+
+
+def swarm_diagnosis(peers: Sequence[PeerProcess], log_lines: int = 25) -> str:
+    """Each peer's round outcomes with their reasons and the tail of its log: what a failed swarm
+    test needs to be understood from CI's output alone."""
+    sections = []
+    for peer in peers:
+        rounds = []
+        for round_number in peer.rounds_written():
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                report = peer.round_info(round_number)["report"]
+                rounds.append(f"  round {round_number}: {report['outcome']} {report.get('reason', '')}".rstrip())
+        tail = peer.log_path.read_text(errors="replace").splitlines()[-log_lines:] if peer.log_path.exists() else []
+        sections.append("\n".join([f"{peer.name}:", *rounds, "  log tail:", *(f"    {line}" for line in tail)]))
+    return "\n".join(sections)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed swarm test's report carries :func:`swarm_diagnosis` of its peers (before teardown kills them)."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when != "call" or not report.failed:
+        return
+    funcargs = getattr(item, "funcargs", {})
+    for swarm in (funcargs.get("local_swarm"), funcargs.get("lab_swarm")):
+        if swarm is not None and swarm.peers:
+            report.sections.append(("swarm peers: rounds and log tails", swarm_diagnosis(swarm.peers)))
+
+
 def pre_fusion(peer, round_number: int, part: str) -> dict:
     """The ``body`` or ``head`` tensors a peer saved before fusing ``round_number`` (save_local_body)."""
     tensors = load_file(round_dir(peer, round_number) / PRE_FUSION_FILE)

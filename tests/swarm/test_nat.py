@@ -20,7 +20,7 @@ from netlab import NetLab, lab_unavailable_reason
 
 from coldfusion_p2p.contributor.checkpoints import load_body_state
 
-from conftest import LabSwarm, peer_command, peer_environment, pre_fusion, round_dir, wait_until
+from conftest import LabSwarm, peer_command, peer_environment, pre_fusion, round_dir, swarm_diagnosis, wait_until
 
 _REASON = lab_unavailable_reason()
 if _REASON is not None:
@@ -38,6 +38,9 @@ def lab_swarm(tmp_path, run_id: str, **lab_options) -> Iterator[LabSwarm]:
         swarm = LabSwarm(lab, tmp_path, run_id=f"nat.{run_id}")
         try:
             yield swarm
+        except BaseException:
+            print(swarm_diagnosis(swarm.peers))  # shown with the failure: the peers' rounds and log tails
+            raise
         finally:
             swarm.close()
 

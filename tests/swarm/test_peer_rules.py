@@ -11,7 +11,7 @@ from coldfusion_p2p.contributor.checkpoints import FUSION_STATE_FILE, load_body_
 from coldfusion_p2p.contributor.model import body_parameters, body_state_names, load_classifier
 from coldfusion_p2p.merge.rules import FusionRule
 
-from conftest import pre_fusion, round_dir
+from conftest import assert_outcomes, pre_fusion, round_dir
 
 pytestmark = pytest.mark.swarm
 
@@ -66,7 +66,7 @@ def test_peers_apply_the_outer_optimizer_and_anchor_with_momentum_carried_across
     original = original_body(tiny_model_dir)
     base, state = original, None
     for round_number in (1, 2):
-        assert [peer.round_info(round_number)["report"]["outcome"] for peer in peers] == ["fused", "fused"]
+        assert_outcomes(peers, round_number, "fused")
         base, state = rule_by_hand(base, peers, round_number, original, state)
         for peer in peers:
             assert_close(load_body_state(round_dir(peer, round_number)), base, (peer.name, round_number))
@@ -94,7 +94,7 @@ def test_a_resumed_peer_and_a_late_joiner_continue_with_the_swarm_momentum(local
     assert_close(fused_state(late, 1), momentum1, "the late joiner's downloaded momentum")
     assert_close(load_body_state(round_dir(late, 1)), base1, "the late joiner's downloaded base")
     group = (resumed, late)
-    assert [peer.round_info(2)["report"]["outcome"] for peer in group] == ["fused", "fused"]
+    assert_outcomes(group, 2, "fused")
     base2, momentum2 = rule_by_hand(base1, group, 2, original, momentum1)
     for peer in group:
         assert_close(load_body_state(round_dir(peer, 2)), base2, (peer.name, 2))
