@@ -3,7 +3,7 @@
 No network and no training: a random vector stands in for each peer's body, and what each peer
 holds is tracked as counts over the contributions it has absorbed, so that the fraction of
 contributions a peer reached and its distance to the global mean are both exact. Groups come from
-:mod:`coldfusion_p2p.swarm.grid`, the code the real swarm forms its groups with, and each group
+:mod:`coldfusion_p2p.swarm.grid` (what the real swarm is to form its groups with; not wired in yet), and each group
 is all-or-nothing as in :class:`~coldfusion_p2p.swarm.fusion.BodyFusion`: if one member fails,
 every member keeps its stage input.
 
@@ -76,15 +76,10 @@ def simulate_round(scenario: Scenario, rng: np.random.Generator, round_number: i
     counts = np.eye(n)  # row i: how much of each contribution peer i holds
     fails = rng.random(n) < scenario.failure_probability
     failing_stage = np.where(fails, rng.integers(0, stages, n), stages)
-    if scenario.group_size is None:
-        group_size = n
-        positions = {peer_id: 0 for peer_id in ids}  # one cell: everyone in one group
-    else:
-        group_size = scenario.group_size
-        positions = grid_positions(ids, round_number)
+    positions = {} if scenario.group_size is None else grid_positions(ids, round_number)
     results = []
     for stage in range(stages):
-        groups = [ids] if scenario.group_size is None else stage_groups(positions, group_size, stages, stage)
+        groups = [ids] if scenario.group_size is None else stage_groups(positions, scenario.group_size, stages, stage)
         live = failing_stage >= stage
         failed_groups, slowest, sent = 0, 0.0, 0.0
         for group in groups:

@@ -7,9 +7,9 @@ and in stage ``s`` every peer averages with the peers that share all its coordin
 ``s``-th. With a full grid every peer ends the round holding the global mean; a failed group
 costs only its own members that stage.
 
-Everything here is a pure function of the peers' ids and the round, so that every peer (and the
-large-swarm simulator, :mod:`coldfusion_p2p.apps.large_swarm`) forms the same groups from the
-same view of the swarm.
+Everything here is a pure function of the peers' ids and the round, so that every peer forms the
+same groups from the same view of the swarm. Today only the large-swarm simulator
+(:mod:`coldfusion_p2p.apps.large_swarm`) uses it; peers still fuse in one group per round.
 """
 
 from __future__ import annotations
