@@ -485,10 +485,9 @@ def pytest_runtest_makereport(item, call):
     report = outcome.get_result()
     if report.when != "call" or not report.failed:
         return
-    funcargs = getattr(item, "funcargs", {})
-    for swarm in (funcargs.get("local_swarm"), funcargs.get("lab_swarm")):
-        if swarm is not None and swarm.peers:
-            report.sections.append(("swarm peers: rounds and log tails", swarm_diagnosis(swarm.peers)))
+    swarm = getattr(item, "funcargs", {}).get("local_swarm")  # lab swarms print theirs (test_nat.lab_swarm)
+    if swarm is not None and swarm.peers:
+        report.sections.append(("swarm peers: rounds and log tails", swarm_diagnosis(swarm.peers)))
 
 
 def pre_fusion(peer, round_number: int, part: str) -> dict:

@@ -19,8 +19,6 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 
-KEY_BITS_PER_COORDINATE = 10  # coordinates up to 1023: grids of over a million cells
-
 
 def stages_needed(peers: int, group_size: int) -> int:
     """The fewest stages whose full grid holds ``peers`` in groups of at most ``group_size``."""
@@ -63,22 +61,3 @@ def stage_groups(positions: dict[str, int], group_size: int, stages: int, stage:
     for peer_id, position in sorted(positions.items(), key=lambda item: item[1]):
         groups[stage_key(coordinates(position, group_size, stages), stage)].append(peer_id)
     return list(groups.values())
-
-
-def stage_group_bits(round_number: int, stage: int, cell: Sequence[int], round_bits: str) -> str:
-    """hivemind group-key bits of one stage's group: the round's bits, the stage, then the shared
-    coordinates, so peers of different rounds, stages or groups never match."""
-    shared = stage_key(cell, stage)
-    too_large = [value for value in shared if value >= 1 << KEY_BITS_PER_COORDINATE]
-    if too_large:
-        raise ValueError(f"grid coordinate {too_large[0]} does not fit in the group key")
-    coordinate_bits = "".join(format(value, f"0{KEY_BITS_PER_COORDINATE}b") for value in shared)
-    return f"{round_bits}{format(stage, '04b')}{coordinate_bits}"
-
-
-def expected_group_size(positions: dict[str, int], own_id: str, group_size: int, stages: int, stage: int) -> int:
-    """How many peers ``own_id``'s group of ``stage`` holds in this view of the swarm."""
-    for group in stage_groups(positions, group_size, stages, stage):
-        if own_id in group:
-            return len(group)
-    raise KeyError(f"{own_id} is not on the grid")

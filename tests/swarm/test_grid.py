@@ -9,13 +9,10 @@ import pytest
 
 from coldfusion_p2p.swarm.grid import (
     coordinates,
-    expected_group_size,
     grid_positions,
-    stage_group_bits,
     stage_groups,
     stages_needed,
 )
-from coldfusion_p2p.swarm.policy import group_bits
 
 PEERS = [f"12D3KooW{index:04d}" for index in range(16)]
 
@@ -85,25 +82,3 @@ def test_a_grid_that_is_not_full_comes_close_and_more_peers_than_cells_grow_the_
     assert max(distances) < 0.2 and min(distances) < 1e-9
     crowded = stage_groups(grid_positions(PEERS, 1), 2, 3, stage=2)  # 16 peers on 2 x 2 x (unbounded) cells
     assert sorted(len(group) for group in crowded) == [4] * 4
-
-
-def test_group_bits_match_within_a_group_and_differ_across_groups_stages_and_rounds():
-    positions = grid_positions(PEERS, round_number=1)
-    cells = {peer: coordinates(position, 4, 2) for peer, position in positions.items()}
-    bits = {
-        (round_number, stage, peer): stage_group_bits(round_number, stage, cells[peer], group_bits(round_number))
-        for round_number in (1, 2)
-        for stage in (0, 1)
-        for peer in PEERS
-    }
-    assert all(set(value) <= {"0", "1"} for value in bits.values())
-    for stage in (0, 1):
-        groups = stage_groups(positions, 4, 2, stage)
-        keys = [{bits[(1, stage, peer)] for peer in group} for group in groups]
-        assert all(len(key) == 1 for key in keys)  # one key per group
-        assert len(set().union(*keys)) == len(groups)  # and no two groups share one
-    assert not {bits[(1, 0, peer)] for peer in PEERS} & {bits[(1, 1, peer)] for peer in PEERS}
-    assert not {bits[(1, 0, peer)] for peer in PEERS} & {bits[(2, 0, peer)] for peer in PEERS}
-    assert expected_group_size(positions, PEERS[0], 4, 2, 0) == 4
-    with pytest.raises(ValueError, match="does not fit"):
-        stage_group_bits(1, 0, (0, 5000), group_bits(1))
