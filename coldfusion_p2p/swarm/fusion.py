@@ -146,9 +146,11 @@ class BodyFusion:
         scheduled_time: float,
         weight: float,
         info: dict[str, Any],
+        group_size: int | None = None,
     ) -> FusionResult:
-        """All-reduce ``body`` with the peers of ``round_number`` at ``scheduled_time``; update it in place
-        only on success. ``info`` is gathered from every member (it must include ``round``).
+        """All-reduce ``body`` with the peers of ``round_number`` at ``scheduled_time``, or as soon as
+        ``group_size`` peers joined (when known); update it in place only on success. ``info`` is
+        gathered from every member (it must include ``round``).
         A body on a GPU is copied to the CPU for the all-reduce and the result copied back (timed)."""
         started = time.perf_counter()
         device_body, (body, on_device) = body, on_host(body)
@@ -172,7 +174,7 @@ class BodyFusion:
         matchmaking_deadline = (
             max(scheduled_time, get_dht_time() + config.matchmaking_time) + 2 * config.request_timeout
         )
-        self.averager.set_group_bits(group_bits(round_number))
+        self.averager.set_round_group(group_bits(round_number), group_size)
         self._load_contribution(body, start)
         control = self.averager.step(
             gather=info,

@@ -1,6 +1,6 @@
 """Every override of hivemind internals, in one place: written and checked against hivemind 1.1.12.
 
-ColD Fusion needs four things hivemind's ``DecentralizedAverager`` does not do, and gets them by
+ColD Fusion needs several things hivemind's ``DecentralizedAverager`` does not do, and gets them by
 overriding or wrapping its internals. Each is listed here with what it changes, so that a hivemind
 upgrade is one file to re-diff (:data:`HIVEMIND_VERSION` is the version the overrides were diffed
 against; importing this module with another version logs a warning):
@@ -22,9 +22,16 @@ against; importing this module with another version logs a warning):
   streamed`` a client reads while it sends and its reducers stream to it part by part; each side
   does so only for clients that said so in their gathered info, so a reducer never streams to a
   client that is not reading (which would stall both on flow control).
+* ``AllReduceRunner._accumulate_parts_streaming`` (private, wrapped): hivemind's reducer reads a
+  sender's next part only after writing back the last averaged one, so on a link that carries both
+  (a streamed client's home line) each direction waits on the other; the wrapper reads and reduces in
+  a task up to :data:`RESULT_BUFFER_PARTS` parts ahead of the writes.
 * ``rpc_join_group``, ``rpc_aggregate_part``, ``rpc_download_state``, ``_step`` and
   ``_aggregate_with_group`` (private): moderated runs check each caller's transport-authenticated
   peer id against the run's invites before hivemind's own handler runs.
+* ``Matchmaking.target_group_size`` (private attribute, set per round by
+  :meth:`FusedBodyAverager.set_round_group`, like hivemind's own ``_set_group_bits``): when the whole
+  swarm is ready its size is known, and the leader starts once that many joined.
 * ``hivemind.averaging.allreduce.serialize_torch_tensor`` (module function, wrapped process-wide by
   :func:`count_reducer_bytes`): counts the bytes a reducer returns, since hivemind keeps no byte
   counters; :class:`CountingCompression` counts what a sender sends.
@@ -68,7 +75,7 @@ from hivemind.compression import CompressionBase, Float16Compression, NoCompress
 from hivemind.compression import serialization as serialization_module
 from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2
-from hivemind.utils import get_dht_time
+from hivemind.utils import MPFuture, get_dht_time
 from hivemind.utils.asyncio import as_aiter, azip
 from hivemind.utils.multiaddr import Multiaddr
 
@@ -160,6 +167,9 @@ def count_reducer_bytes(counter) -> None:
     allreduce_module.serialize_torch_tensor = counted
 
 
+RESULT_BUFFER_PARTS = 16  # averaged parts a reducer may hold for a sender that reads slower than it sends
+
+
 class ClientStreamingRunner(AllReduceRunner):
     """hivemind's runner, streaming results to the client-mode peers in ``streamed_clients``."""
 
@@ -169,6 +179,38 @@ class ClientStreamingRunner(AllReduceRunner):
 
     def should_delay_results(self, peer_id: PeerID) -> bool:
         return super().should_delay_results(peer_id) and peer_id not in self.streamed_clients
+
+    async def _accumulate_parts_streaming(self, stream, sender_index: int):
+        """hivemind's, but reading a sender's parts never waits for its results to be written.
+
+        hivemind's loop reads part i+1 of a sender only once it has written the averaged part i back
+        to that sender. When both directions share one slow link (a client streaming results on a
+        home line) each then waits on the other, and both ran at ~65% of the link on the network lab.
+        Here a task reads and reduces while this generator writes, up to ``RESULT_BUFFER_PARTS`` ahead.
+        """
+        reduced = super()._accumulate_parts_streaming(stream, sender_index)
+        results: asyncio.Queue = asyncio.Queue(RESULT_BUFFER_PARTS)
+
+        async def read_and_reduce():
+            try:
+                async for message in reduced:
+                    await results.put(message)
+            except Exception as error:  # hivemind's handler reports it and bans the sender, as before
+                await results.put(error)
+                return
+            await results.put(None)
+
+        task = asyncio.create_task(read_and_reduce())
+        try:
+            while (message := await results.get()) is not None:
+                if isinstance(message, Exception):
+                    raise message
+                yield message
+        finally:
+            if not task.done():
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 def streamed_clients(serializer, group_info) -> frozenset[PeerID]:
@@ -266,6 +308,24 @@ class FusedBodyAverager(DecentralizedAverager):
         """The snapshot: the body's tensors, then ``metadata["state_tensors"]`` tensors of rule state."""
         metadata, body, state = self._snapshot
         return metadata, [*body, *state] if state else body, None
+
+    def set_round_group(self, group_bits: str, group_size: int | None) -> None:
+        """This round's group key bits and, when known, its size: hivemind's matchmaking then lets a
+        leader start the all-reduce once ``group_size`` peers joined (its ``target_group_size``, fixed
+        at construction in hivemind, set per round here) instead of at the scheduled time."""
+        future = MPFuture()
+        request = dict(group_bits=group_bits, group_size=group_size, future=future)
+        self._outer_pipe.send(("_set_round_group", [], request))
+        future.result()
+
+    async def _set_round_group(self, group_bits: str, group_size: int | None, future: MPFuture) -> None:
+        try:  # in the averager's own process, between its steps
+            self._matchmaking.group_key_manager.group_bits = group_bits
+            self._matchmaking.target_group_size = group_size
+            future.set_result(None)
+        except Exception as error:
+            if not future.done():
+                future.set_exception(error)
 
     def last_fused_body(self) -> list[torch.Tensor]:
         """The body this round started from (the last fused base); never modified in place."""

@@ -269,7 +269,9 @@ class Peer:
         validation), ``alone``, ``missed`` (the swarm fused without us), ``stop``.
         """
         with self.console.fusing(round_number) as set_stage:
-            decision, scheduled_time = self.presence.wait_for_fusion_window(round_number, self.config.fusion)
+            decision, scheduled_time, group_size = self.presence.wait_for_fusion_window(
+                round_number, self.config.fusion
+            )
             if decision != "fuse":
                 return decision, None
             set_stage("all-reducing the bodies")
@@ -279,6 +281,7 @@ class Peer:
                 self.body,
                 round_number=round_number,
                 scheduled_time=scheduled_time,
+                group_size=group_size,
                 weight=policy.fusion_weight(self.config.fusion.weighting, len(self.data.train)),
                 info=fusion_info(self.config, self.data, self.body, round_number),
             )

@@ -188,10 +188,12 @@ class Presence:
             )
 
     # ------------------------------------------------------------ waiting on the swarm, through records
-    def wait_for_fusion_window(self, round_number: int, fusion_config: FusionConfig) -> tuple[str, float]:
+    def wait_for_fusion_window(self, round_number: int, fusion_config: FusionConfig) -> tuple[str, float, int | None]:
         """Publish readiness, then wait for the round's fusion time (the decisions are :mod:`policy`'s).
 
-        Returns ``("fuse", time)``, ``("alone", 0)``, ``("missed", 0)`` or ``("stop", 0)``.
+        Returns ``("fuse", time, group_size)``, ``("alone", 0, None)``, ``("missed", 0, None)`` or
+        ``("stop", 0, None)``. ``group_size``: the round's group when the whole swarm is ready for it
+        (:func:`policy.complete_group_size`; its all-reduce may start before ``time``), else None.
         Bounded: the earliest proposal is at most ``fusion_window`` away.
         """
         proposal = get_dht_time() + fusion_config.fusion_window
@@ -200,7 +202,7 @@ class Presence:
             records = self.board.fetch()
             others = policy.others(records, self.board.subkey, self.identity.model_fingerprint)
             if policy.missed_round(round_number, others):
-                return "missed", 0.0
+                return "missed", 0.0, None
             everyone = [*others, self.record()]
             self.reducer_seen = self.reducer_seen or not policy.no_reducer(everyone)
             scheduled = policy.fusion_time(everyone, round_number)
@@ -222,9 +224,10 @@ class Presence:
                         "mode behind NAT or a firewall), so no group can form",
                         "run at least one peer on a public address (or with a forwarded port and --announce-maddrs)",
                     )
-                return decision
+                complete = policy.complete_group_size(everyone, round_number, fusion_config.min_group_size)
+                return (*decision, complete if decision[0] == "fuse" else None)
             self.stop_event.wait(POLL_SECONDS)
-        return "stop", 0.0
+        return "stop", 0.0, None
 
     def wait_for_archivers(self, timeout: float) -> None:
         """Return once every archiver holds our last fused round, or after ``timeout`` (or a stop)."""

@@ -59,8 +59,8 @@ class ScriptedAverager:
     def last_fused_state(self):
         return []
 
-    def set_group_bits(self, bits):
-        pass
+    def set_round_group(self, bits, group_size):
+        self.group = (bits, group_size)
 
     @contextlib.contextmanager
     def get_tensors(self):

@@ -83,3 +83,51 @@ def test_only_clients_that_asked_for_streamed_results_get_them():
     gathered[3] = b"not msgpack"  # a malformed entry: that peer keeps hivemind's default (delayed)
     group = SimpleNamespace(peer_ids=tuple(peers), gathered=tuple(gathered))
     assert streamed_clients(Serializer, group) == frozenset({peers[0]})
+
+
+def test_a_reducer_reads_a_senders_parts_ahead_of_writing_its_results_and_averages_them_exactly():
+    """A client on a home line sends and receives on one link: the reducer must not read its next
+    part only once the client took the last result (each side would wait on the other)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from hivemind.p2p import PeerID
+    from hivemind.proto import averaging_pb2
+
+    from coldfusion_p2p.swarm.hivemind_adapter import RESULT_BUFFER_PARTS, ClientStreamingRunner, FusedBodyAverager
+
+    parts, part_values = 3 * RESULT_BUFFER_PARTS, 256
+    generator = torch.Generator().manual_seed(0)
+    ours, theirs = (torch.randn(parts * part_values, generator=generator) for _ in range(2))
+    reducer, client = PeerID(b"\x01" * 34), PeerID(b"\x02" * 34)
+
+    async def scenario():
+        runner = ClientStreamingRunner(
+            p2p=SimpleNamespace(peer_id=reducer),
+            servicer_type=FusedBodyAverager,
+            prefix="test",
+            group_id=b"group",
+            tensors=[ours.clone()],
+            ordered_peer_ids=(reducer, client),
+            peer_fractions=(1.0, 0.0),  # the client reduces nothing, as behind NAT
+            part_size_bytes=part_values * 4,
+        )
+        local = asyncio.create_task(runner._communicate_with_peer(reducer))  # our own parts, no network
+        read = []
+
+        async def client_parts():
+            for index, part in enumerate(theirs.split(part_values)):
+                read.append(index)
+                yield averaging_pb2.AveragingData(tensor_part=serialize_torch_tensor(part), weight=1.0)
+
+        results = runner._accumulate_parts_streaming(client_parts(), sender_index=1)
+        deltas = [deserialize_torch_tensor((await anext(results)).tensor_part)]
+        await asyncio.sleep(0.5)  # the client is not reading: how far does the reducer read meanwhile?
+        read_ahead = len(read)
+        deltas += [deserialize_torch_tensor(message.tensor_part) async for message in results]
+        await local
+        return read_ahead, torch.cat(deltas)
+
+    read_ahead, deltas = asyncio.run(scenario())
+    assert read_ahead >= RESULT_BUFFER_PARTS, read_ahead  # hivemind's own loop reads 2-3 parts ahead
+    assert torch.allclose(theirs + deltas, (ours + theirs) / 2, atol=1e-6)  # the client's part, averaged

@@ -37,6 +37,9 @@ def reevaluate(peer, round_number: int) -> tuple[float, float, int]:
     return stats.accuracy, stats.loss, stats.examples
 
 
+MATCHMAKING_TIME = 8.0  # long, to tell a group that starts once complete from one that waits it out
+
+
 def test_three_peers_fuse_bodies_into_their_mean_and_keep_their_heads(local_swarm, tiny_model_dir, tiny_datasets):
     peers = [
         local_swarm.start_peer(
@@ -49,6 +52,7 @@ def test_three_peers_fuse_bodies_into_their_mean_and_keep_their_heads(local_swar
             keep_checkpoints=5,
             min_group_size=3,
             refit_steps=0,  # the head re-fit changes heads on purpose (see test_trainer.py); fusion must not
+            matchmaking_time=MATCHMAKING_TIME,
         )
         for index, dataset in enumerate(tiny_datasets)
     ]
@@ -61,6 +65,9 @@ def test_three_peers_fuse_bodies_into_their_mean_and_keep_their_heads(local_swar
             assert info["report"]["outcome"] == "fused", info["report"]
             assert info["report"]["group_size"] == 3
             assert set(info["report"]["peer_ids"]) == peer_ids
+            # the whole swarm was ready, so its size was known: the all-reduce started once all 3
+            # joined, not at the scheduled time MATCHMAKING_TIME after the window closed
+            assert info["report"]["fusion_seconds"] < MATCHMAKING_TIME - 3.0, info["report"]
 
         bodies_before = [pre_fusion(peer, round_number, "body") for peer in peers]
         assert not torch.equal(*(next(iter(body.values())) for body in bodies_before[:2])), "peers trained alike"

@@ -50,6 +50,15 @@ def test_window_closes_early_only_when_every_peer_of_the_round_is_ready():
     assert policy.everyone_ready([record("ready", round=3), record("downloading", round=4)], 3)
 
 
+def test_the_group_size_is_known_only_when_the_whole_swarm_is_ready():
+    three = [record("ready"), record("fusing"), record("ready")]
+    assert policy.complete_group_size(three, 1) == 3
+    assert policy.complete_group_size([*three, record("training", round=2)], 1) == 3, "another round's peer"
+    assert policy.complete_group_size([*three, record("training")], 1) is None, "one still trains"
+    assert policy.complete_group_size([*three, record("downloading", round=0)], 1) is None, "one is about to join"
+    assert policy.complete_group_size(three, 1, min_group_size=4) is None
+
+
 def test_partners_are_live_peers_of_the_same_round():
     assert not policy.has_partners([], 1)
     assert not policy.has_partners([record("stopped")], 1)
