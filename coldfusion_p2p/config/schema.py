@@ -73,6 +73,8 @@ class FusionConfig:
     outer_momentum: float = 0.0  # Nesterov momentum of the outer optimizer; its state travels with the fused base
     anchor: float = 0.0  # WiSE-FT: move the fused base this fraction back toward the original weights
     local_modules: list[str] = field(default_factory=list)  # base-model parts kept local like the head, e.g. pooler
+    target_group_size: int | None = None  # bounded groups of at most this many peers, over stages (default: one group)
+    fusion_stages: int | None = None  # stages of bounded groups (default: the fewest whose grid holds the round)
 
 
 @dataclass

@@ -161,6 +161,22 @@ def _validate_bootstrap(config: BootstrapConfig) -> None:
     _validate_network(config.network)
 
 
+def _validate_bounded_groups(fusion) -> None:
+    if fusion.target_group_size is None:
+        if fusion.fusion_stages is not None:
+            raise UserError("--fusion-stages needs --target-group-size", "pass e.g. --target-group-size 8")
+        return
+    if fusion.target_group_size < 2:
+        raise UserError(f"target_group_size must be at least 2, got {fusion.target_group_size}", "pass e.g. 8")
+    if fusion.fusion_stages is not None and fusion.fusion_stages < 1:
+        raise UserError(f"fusion_stages must be at least 1, got {fusion.fusion_stages}", "pass 1 or more, or omit it")
+    if fusion.aggregation == "ties":
+        raise UserError(
+            "--aggregation ties trims each member's own update, which bounded groups average over several stages",
+            "use --aggregation mean or clipped_mean with --target-group-size",
+        )
+
+
 def _validate_peer(config: PeerConfig) -> None:
     training, fusion, data = config.training, config.fusion, config.data
     positive = {
@@ -210,6 +226,7 @@ def _validate_peer(config: PeerConfig) -> None:
         raise UserError("warmup_ratio must be in [0, 1)", "pass e.g. --warmup-ratio 0.1")
     if fusion.fusion_window < 0:
         raise UserError("fusion_window must not be negative", "pass --fusion-window 0 or more seconds")
+    _validate_bounded_groups(fusion)
     if fusion.request_timeout >= fusion.matchmaking_time:
         raise UserError(
             "request_timeout must be smaller than matchmaking_time (hivemind matchmaking can deadlock otherwise)",

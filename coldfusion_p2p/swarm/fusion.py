@@ -51,6 +51,7 @@ from coldfusion_p2p.swarm.policy import (
     same_start,
 )
 from coldfusion_p2p.swarm.records import RecordBoard, Verdict
+from coldfusion_p2p.swarm.stages import GroupOutcome, StageReport, fuse_in_stages
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ class FusionResult:
     bytes_sent: int = 0  # serialized bytes this peer sent in the all-reduce
     state: list[torch.Tensor] = field(default_factory=list)  # the fusion rule's state after a fusion
     copy_seconds: float = 0.0  # the body's device->host copy before and host->device copy after (0 on a CPU)
+    stages: tuple[StageReport, ...] = ()  # bounded groups: each stage's group and outcome
 
 
 def on_host(tensors: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], bool]:
@@ -147,18 +149,64 @@ class BodyFusion:
         weight: float,
         info: dict[str, Any],
         group_size: int | None = None,
+        members: Sequence[str] | None = None,
     ) -> FusionResult:
         """All-reduce ``body`` with the peers of ``round_number`` at ``scheduled_time``, or as soon as
         ``group_size`` peers joined (when known); update it in place only on success. ``info`` is
-        gathered from every member (it must include ``round``).
+        gathered from every member (it must include ``round``). With ``--target-group-size`` and the
+        round's ``members``, in bounded groups over stages instead (:mod:`~coldfusion_p2p.swarm.stages`).
         A body on a GPU is copied to the CPU for the all-reduce and the result copied back (timed)."""
         started = time.perf_counter()
         device_body, (body, on_device) = body, on_host(body)
         copy_seconds = time.perf_counter() - started if on_device else 0.0
-        config = self.config
         bytes_before = self.averager.bytes_sent.value
-        nonce = secrets.token_hex(8)  # tells this attempt from any earlier one of the same round
         start = self.averager.last_fused_body()
+        stages: tuple[StageReport, ...] = ()
+        if members is not None and self.config.target_group_size is not None:
+            outcome, stages = fuse_in_stages(self, body, start, round_number, members, weight, info)
+        else:
+            bits = group_bits(round_number)
+            outcome = self.all_reduce_group(body, start, round_number, bits, scheduled_time, group_size, weight, info)
+        if not outcome.fused:
+            seconds = time.perf_counter() - started
+            result = FusionResult(False, 1, (self.peer_id,), seconds, reason=outcome.reason, rejected=outcome.rejected)
+            return dataclasses.replace(result, stages=stages)
+        starts = [member.get("start_sketch") for member in outcome.members.values()]
+        member_norms = [float(member.get("update_norm", float("nan"))) for member in outcome.members.values()]
+        self._apply_rule(body, start, same_start(starts, member_norms))
+        if on_device:  # the trainer's parameters on the GPU hold the new base from now on
+            copied = time.perf_counter()
+            copy_into(list(device_body), body)
+            copy_seconds += time.perf_counter() - copied
+        return FusionResult(
+            fused=True,
+            group_size=len(outcome.members),
+            peer_ids=tuple(sorted(outcome.members)),
+            seconds=time.perf_counter() - started,
+            gathered=outcome.members,
+            bytes_sent=self.averager.bytes_sent.value - bytes_before,
+            state=self.state,
+            copy_seconds=copy_seconds,
+            stages=stages,
+        )
+
+    def all_reduce_group(
+        self,
+        body: Sequence[torch.Tensor],
+        start: list[torch.Tensor],
+        round_number: int,
+        bits: str,
+        scheduled_time: float,
+        group_size: int | None,
+        weight: float,
+        info: dict[str, Any],
+        expected: Sequence[str] | None = None,
+    ) -> GroupOutcome:
+        """One all-or-nothing all-reduce of ``body`` with the group met under ``bits``; on success the
+        averager's buffers hold the group's mean body (not yet the next base: see :meth:`fuse`).
+        ``expected``: the group's members, when known (bounded groups); another group is refused."""
+        config = self.config
+        nonce = secrets.token_hex(8)  # tells this attempt from any earlier one of the same round
         own_norm = update_norm(body, start)
         own_sketch = self._start_sketch(start)
         info = {
@@ -174,7 +222,7 @@ class BodyFusion:
         matchmaking_deadline = (
             max(scheduled_time, get_dht_time() + config.matchmaking_time) + 2 * config.request_timeout
         )
-        self.averager.set_round_group(group_bits(round_number), group_size)
+        self.averager.set_round_group(bits, group_size)
         self._load_contribution(body, start)
         control = self.averager.step(
             gather=info,
@@ -189,37 +237,24 @@ class BodyFusion:
             gathered = self._wait_for_group(control, time.monotonic() + wait_seconds)
         except Exception as error:  # hivemind raises several types; all mean "no fusion this round"
             control.cancel()
-            return self._not_fused(started, round_number, nonce, _short_reason(error))
+            return self._group_failed(round_number, nonce, _short_reason(error))
         if not gathered:
-            return self._not_fused(started, round_number, nonce, "no group formed")
+            return self._group_failed(round_number, nonce, "no group formed")
         members = {peer.to_base58(): data if isinstance(data, dict) else {} for peer, data in gathered.items()}
         mismatch = group_mismatch(members, round_number, config.aggregation, self.rule.signature(), self.contribution)
+        if mismatch is None and expected is not None and set(members) != set(expected):
+            missing = len(set(expected) - set(members))
+            mismatch = f"a stage group of {len(members)} instead of its {len(expected)} ({missing} missing)"
         if mismatch is not None:
-            return self._not_fused(started, round_number, nonce, mismatch)
+            return self._group_failed(round_number, nonce, mismatch)
         invalid = self._invalid_average(members, start, own_norm, own_sketch)
-        if invalid is not None:
-            return self._rejected(started, round_number, nonce, invalid)
+        if invalid is not None:  # the average is unusable: keep our body and make every member roll back too
+            return dataclasses.replace(self._group_failed(round_number, nonce, f"rejected: {invalid}"), rejected=True)
         self._publish_verdict(round_number, nonce, ok=True)
         refusal = self._group_verdict(round_number, members)
         if refusal is not None:
-            return self._not_fused(started, round_number, nonce, refusal, publish=False)
-        starts = [member.get("start_sketch") for member in members.values()]
-        member_norms = [float(member.get("update_norm", float("nan"))) for member in members.values()]
-        self._apply_rule(body, start, same_start(starts, member_norms))
-        if on_device:  # the trainer's parameters on the GPU hold the new base from now on
-            copied = time.perf_counter()
-            copy_into(list(device_body), body)
-            copy_seconds += time.perf_counter() - copied
-        return FusionResult(
-            fused=True,
-            group_size=len(members),
-            peer_ids=tuple(sorted(members)),
-            seconds=time.perf_counter() - started,
-            gathered=members,
-            bytes_sent=self.averager.bytes_sent.value - bytes_before,
-            state=self.state,
-            copy_seconds=copy_seconds,
-        )
+            return self._group_failed(round_number, nonce, refusal, publish=False)
+        return GroupOutcome(True, members)
 
     def _load_contribution(self, body: Sequence[torch.Tensor], start: list[torch.Tensor]) -> None:
         """Put what this member sends into the averager's buffers: its body (or TIES' trimmed one),
@@ -294,11 +329,6 @@ class BodyFusion:
                 return "rolled back: a group member never confirmed the all-reduce"
             time.sleep(0.1)
 
-    def _rejected(self, started: float, round_number: int, nonce: str, reason: str) -> FusionResult:
-        """The group's average is unusable: keep our body and make every member roll back too."""
-        result = self._not_fused(started, round_number, nonce, f"rejected: {reason}")
-        return dataclasses.replace(result, rejected=True)
-
     def _publish_verdict(self, round_number: int, nonce: str, ok: bool) -> None:
         verdict = Verdict(peer_id=self.peer_id, round=round_number, nonce=nonce, ok=ok, time=get_dht_time())
         try:
@@ -306,13 +336,11 @@ class BodyFusion:
         except Exception as error:  # the others then time out and roll back: safe
             logger.debug("publishing the verdict failed: %r", error)
 
-    def _not_fused(
-        self, started: float, round_number: int, nonce: str, reason: str, publish: bool = True
-    ) -> FusionResult:
-        """Keep our own body; tell the group (if any formed) not to apply this round's average."""
+    def _group_failed(self, round_number: int, nonce: str, reason: str, publish: bool = True) -> GroupOutcome:
+        """Keep our own body; tell the group (if any formed) not to apply this attempt's average."""
         if publish:
             self._publish_verdict(round_number, nonce, ok=False)
-        return FusionResult(False, 1, (self.peer_id,), time.perf_counter() - started, reason=reason)
+        return GroupOutcome(False, reason=reason)
 
     def publish_fused(self, round_number: int, body: Sequence[torch.Tensor], metadata: dict[str, Any]) -> None:
         """Serve ``body`` as the fused base of ``round_number``, with the rule's current :attr:`state`."""

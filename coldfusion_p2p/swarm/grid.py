@@ -8,8 +8,8 @@ and in stage ``s`` every peer averages with the peers that share all its coordin
 costs only its own members that stage.
 
 Everything here is a pure function of the peers' ids and the round, so that every peer forms the
-same groups from the same view of the swarm. Today only the large-swarm simulator
-(:mod:`coldfusion_p2p.apps.large_swarm`) uses it; peers still fuse in one group per round.
+same groups from the same view of the swarm: the peers (:mod:`coldfusion_p2p.swarm.stages`, with
+``--target-group-size``) and the large-swarm simulator (:mod:`coldfusion_p2p.apps.large_swarm`).
 """
 
 from __future__ import annotations
@@ -61,3 +61,23 @@ def stage_groups(positions: dict[str, int], group_size: int, stages: int, stage:
     for peer_id, position in sorted(positions.items(), key=lambda item: item[1]):
         groups[stage_key(coordinates(position, group_size, stages), stage)].append(peer_id)
     return list(groups.values())
+
+
+STAGE_BITS = 24  # group-key bits of one stage's group: distinct groups collide with odds ~groups / 2**24
+
+
+def stage_group_bits(round_number: int, stage: int, key: Sequence[int]) -> str:
+    """hivemind group-key bits shared by exactly one stage group of one round: its members meet under
+    them, and no other group does (two groups that collided would fail their member check)."""
+    digest = hashlib.sha256(f"{round_number}:{stage}:{tuple(key)}".encode()).digest()
+    return format(int.from_bytes(digest[:4], "big") % (1 << STAGE_BITS), f"0{STAGE_BITS}b")
+
+
+def own_stage_group(positions: dict[str, int], peer_id: str, group_size: int, stages: int, stage: int) -> list[str]:
+    """The members of ``peer_id``'s group in ``stage`` (itself included), sorted by position."""
+    key = stage_key(coordinates(positions[peer_id], group_size, stages), stage)
+    return [
+        other
+        for other, position in sorted(positions.items(), key=lambda item: item[1])
+        if stage_key(coordinates(position, group_size, stages), stage) == key
+    ]

@@ -269,19 +269,18 @@ class Peer:
         validation), ``alone``, ``missed`` (the swarm fused without us), ``stop``.
         """
         with self.console.fusing(round_number) as set_stage:
-            decision, scheduled_time, group_size = self.presence.wait_for_fusion_window(
-                round_number, self.config.fusion
-            )
-            if decision != "fuse":
-                return decision, None
+            window = self.presence.wait_for_fusion_window(round_number, self.config.fusion)
+            if window.decision != "fuse":
+                return window.decision, None
             set_stage("all-reducing the bodies")
             self.presence.update(status="fusing")
             FAULTS.poison_update(self.body, self.fusion.averager.last_fused_body())  # tests only
             result = self.fusion.fuse(
                 self.body,
                 round_number=round_number,
-                scheduled_time=scheduled_time,
-                group_size=group_size,
+                scheduled_time=window.time,
+                group_size=window.group_size,
+                members=window.members,
                 weight=policy.fusion_weight(self.config.fusion.weighting, len(self.data.train)),
                 info=fusion_info(self.config, self.data, self.body, round_number),
             )

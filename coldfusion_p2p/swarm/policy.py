@@ -95,6 +95,27 @@ def complete_group_size(records: Iterable[PeerRecord], round_number: int, min_gr
     return sum(1 for record in records if record.round == round_number and record.status in READY_STATUSES)
 
 
+def ready_peer_ids(records: Iterable[PeerRecord], round_number: int) -> list[str]:
+    """The peer ids ready to fuse ``round_number``, sorted: a round's members as one peer sees them."""
+    ready = {record.peer_id for record in records if record.round == round_number and record.status in READY_STATUSES}
+    return sorted(ready)
+
+
+def round_members(records: Iterable[PeerRecord], round_number: int) -> list[str]:
+    """The members of ``round_number`` for bounded groups: the list published with the earliest
+    proposal (by the peer that closed the window; ties go to the smaller peer id), so that every
+    peer that sees that record agrees; without one, this peer's own view (:func:`ready_peer_ids`)."""
+    records = list(records)
+    listed = [
+        record
+        for record in records
+        if record.round == round_number and record.fuse_at is not None and record.fuse_members
+    ]
+    if listed:
+        return list(min(listed, key=lambda record: (record.fuse_at, record.peer_id)).fuse_members)
+    return ready_peer_ids(records, round_number)
+
+
 def has_partners(other_records: Iterable[PeerRecord], round_number: int) -> bool:
     """Whether any other live peer could still fuse ``round_number`` (working on it, or joining)."""
     return any(record.round == round_number and record.status != "stopped" for record in other_records)
@@ -187,7 +208,7 @@ def group_mismatch(
     contribution: str = "body",
 ) -> str | None:
     """Why a formed group must not fuse (members of other rounds, mixed aggregation or fusion rules,
-    bodies mixed with drifts), or None.
+    bodies mixed with drifts; with bounded groups, mixed stages or member lists), or None.
 
     Each reducer applies its own peer's rule to its slice, so a group mixing ``mean`` and
     ``clipped_mean`` would be robust on some slices only. Each member turns the average into the
@@ -207,6 +228,12 @@ def group_mismatch(
             f"group mixed fusion rules ({'; '.join(sorted(map(str, fusion_rules)))}): "
             "use the same --outer-lr, --outer-momentum and --anchor on every peer of a run"
         )
+    stages = {member.get("stage") for member in members.values()}
+    if len(stages) > 1:
+        return f"group mixed fusion stages ({', '.join(sorted(map(str, stages)))})"
+    grids = {member.get("members_digest") for member in members.values()}
+    if len(grids) > 1:
+        return "group's members saw different member lists for the round: they placed the peers on different grids"
     kinds = {member.get("contribution", "body") for member in members.values()}
     if kinds != {contribution}:
         return (

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from hivemind.utils import get_dht_time
 
@@ -46,9 +46,24 @@ class Progress:
     last_group_size: int = 0
     last_fusion_seconds: float = 0.0
     fuse_at: float | None = None
+    fuse_members: list[str] | None = None
     fingerprint: str = ""
     last_outcome: str = ""
     last_reason: str = ""
+
+
+class FusionWindow(NamedTuple):
+    """How a round's fusion window ended for this peer (see :meth:`Presence.wait_for_fusion_window`).
+
+    ``decision``: ``fuse``, ``alone``, ``missed`` or ``stop``. To fuse: ``time`` (the scheduled
+    all-reduce); ``group_size`` when the whole swarm is ready (the all-reduce may then start as soon
+    as that many joined: :func:`policy.complete_group_size`); ``members`` with bounded groups.
+    """
+
+    decision: str
+    time: float = 0.0
+    group_size: int | None = None
+    members: list[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -111,6 +126,7 @@ class Presence:
                 last_group_size=progress.last_group_size,
                 last_fusion_seconds=float(progress.last_fusion_seconds),
                 fuse_at=progress.fuse_at,
+                fuse_members=progress.fuse_members,
                 last_outcome=progress.last_outcome,
                 last_reason=progress.last_reason,
                 body_fingerprint=progress.fingerprint,
@@ -137,6 +153,7 @@ class Presence:
             last_group_size=report.group_size,
             last_fusion_seconds=report.fusion_seconds,
             fuse_at=None,
+            fuse_members=None,
             fingerprint=fingerprint,
             last_outcome=report.outcome,
             last_reason=report.reason[:200],
@@ -188,46 +205,49 @@ class Presence:
             )
 
     # ------------------------------------------------------------ waiting on the swarm, through records
-    def wait_for_fusion_window(self, round_number: int, fusion_config: FusionConfig) -> tuple[str, float, int | None]:
+    def wait_for_fusion_window(self, round_number: int, fusion_config: FusionConfig) -> FusionWindow:
         """Publish readiness, then wait for the round's fusion time (the decisions are :mod:`policy`'s).
 
-        Returns ``("fuse", time, group_size)``, ``("alone", 0, None)``, ``("missed", 0, None)`` or
-        ``("stop", 0, None)``. ``group_size``: the round's group when the whole swarm is ready for it
-        (:func:`policy.complete_group_size`; its all-reduce may start before ``time``), else None.
-        Bounded: the earliest proposal is at most ``fusion_window`` away.
+        Bounded: the earliest proposal is at most ``fusion_window`` away. With bounded groups the
+        peer that closes the window early also lists the round's members in its record, and every
+        peer takes the list of the earliest proposal (:func:`policy.round_members`), so that all
+        place the same peers on the same grid.
         """
         proposal = get_dht_time() + fusion_config.fusion_window
         self.announce(status="ready", fuse_at=proposal)
+        bounded = fusion_config.target_group_size is not None
         while not self.stop_event.is_set():
             records = self.board.fetch()
             others = policy.others(records, self.board.subkey, self.identity.model_fingerprint)
             if policy.missed_round(round_number, others):
-                return "missed", 0.0, None
+                return FusionWindow("missed")
             everyone = [*others, self.record()]
             self.reducer_seen = self.reducer_seen or not policy.no_reducer(everyone)
             scheduled = policy.fusion_time(everyone, round_number)
             now = get_dht_time()
-            decision: tuple[str, float] | None = None
+            window: FusionWindow | None = None
+            size = policy.complete_group_size(everyone, round_number, fusion_config.min_group_size)
             if not policy.has_partners(others, round_number):
                 if fusion_config.min_group_size <= 1 or now >= scheduled:
-                    decision = ("alone", 0.0)
+                    window = FusionWindow("alone")
             elif now >= scheduled - fusion_config.matchmaking_time:
-                decision = ("fuse", scheduled)
-            elif policy.everyone_ready(everyone, round_number, fusion_config.min_group_size):
-                proposal = now + fusion_config.matchmaking_time  # the whole swarm is here: close the window
-                self.announce(fuse_at=proposal)
-                decision = ("fuse", min(scheduled, proposal))
-            if decision is not None:
+                members = policy.round_members(everyone, round_number) if bounded else None
+                window = FusionWindow("fuse", scheduled, size, members)
+            elif size is not None:  # the whole swarm is here: close the window
+                proposal = now + fusion_config.matchmaking_time
+                members = policy.ready_peer_ids(everyone, round_number) if bounded else None
+                self.announce(fuse_at=proposal, fuse_members=members)
+                window = FusionWindow("fuse", min(scheduled, proposal), size, members)
+            if window is not None:
                 if not self.reducer_seen:  # clients only, ever: no group can form, alone or not
                     raise UserError(
                         f"no peer of this swarm accepts inbound connections ({len(everyone)} seen, all in client "
                         "mode behind NAT or a firewall), so no group can form",
                         "run at least one peer on a public address (or with a forwarded port and --announce-maddrs)",
                     )
-                complete = policy.complete_group_size(everyone, round_number, fusion_config.min_group_size)
-                return (*decision, complete if decision[0] == "fuse" else None)
+                return window
             self.stop_event.wait(POLL_SECONDS)
-        return "stop", 0.0, None
+        return FusionWindow("stop")
 
     def wait_for_archivers(self, timeout: float) -> None:
         """Return once every archiver holds our last fused round, or after ``timeout`` (or a stop)."""

@@ -22,7 +22,7 @@ from hivemind import DHT
 from hivemind.dht.schema import BytesWithPublicKey, RSASignatureValidator, SchemaValidator
 from hivemind.utils import ValueWithExpiration, get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
-from pydantic.v1 import BaseModel, StrictBool, StrictFloat, StrictStr, confloat, conint, constr
+from pydantic.v1 import BaseModel, StrictBool, StrictFloat, StrictStr, confloat, conint, conlist, constr
 
 Status = Literal["starting", "downloading", "training", "ready", "fusing", "idle", "stopped", "archiving"]
 # how a round ended for a peer (its RoundReport and its record's last_outcome): fused in a group; kept its own
@@ -30,6 +30,7 @@ Status = Literal["starting", "downloading", "training", "ready", "fusing", "idle
 # missed (the swarm fused without it) or synced (it downloaded the swarm's fused base instead)
 Outcome = Literal["fused", "alone", "failed", "rejected", "missed", "synced"]
 ARCHIVER = "archiving"  # the status of a bootstrap node's archiver: not a contributor
+MAX_ROUND_MEMBERS = 4096  # peer ids one record may list as a round's members (bounded groups)
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,8 @@ class PeerRecord(BaseModel):
     last_outcome: Outcome | Literal[""] = ""  # "" before the first round
     last_reason: constr(strict=True, max_length=200) = ""  # why the last round did not fuse, if it did not
     fuse_at: StrictFloat | None = None  # proposed DHT time for the all-reduce of ``round``
+    # with bounded groups: the peer ids that fuse ``round``, listed by the peer that closed its window
+    fuse_members: conlist(StrictStr, max_items=MAX_ROUND_MEMBERS) | None = None
     body_fingerprint: constr(strict=True, max_length=32) = ""  # short hash of the fused body
     model_fingerprint: constr(strict=True, max_length=32) = ""  # architecture, shapes and starting weights
     version: constr(strict=True, max_length=32) = ""

@@ -8,6 +8,7 @@ and head before fusion are saved beside it, so audits (and the tests) can check 
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 import time
 from dataclasses import dataclass, field
@@ -62,6 +63,7 @@ class RoundReport:
     majority_rate: float | None = None  # validation accuracy of always answering the most common label
     validation_loss_after: float | None = None  # validation loss of the model accuracy_after describes
     device_copy_seconds: float = 0.0  # of fusion_seconds: the body's copies GPU -> CPU -> GPU (0 on a CPU)
+    stages: list[dict[str, Any]] = field(default_factory=list)  # bounded groups: each stage's group and outcome
 
 
 OUTCOME_REASONS = {"alone": "no other peer in the swarm", "missed": "the swarm fused this round without us"}
@@ -113,6 +115,7 @@ def round_report(
         bytes_sent=0 if result is None else result.bytes_sent,
         peak_rss_mb=0.0 if training is None else peak_rss_mb(),
         device_copy_seconds=0.0 if result is None else result.copy_seconds,
+        stages=[] if result is None else [dataclasses.asdict(stage) for stage in result.stages],
     )
 
 

@@ -1,0 +1,53 @@
+"""Bounded groups over stages (swarm/stages.py): real peer processes on loopback, and the pure parts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from coldfusion_p2p.contributor.checkpoints import load_body_state
+from coldfusion_p2p.swarm.grid import grid_positions, own_stage_group
+from coldfusion_p2p.swarm.stages import members_digest, stage_wait
+
+from conftest import pre_fusion, round_dir
+
+
+def test_a_member_list_digest_ignores_order_and_tells_lists_apart():
+    assert members_digest(["b", "a", "c"]) == members_digest(["a", "b", "c"])
+    assert members_digest(["a", "b"]) != members_digest(["a", "b", "c"])
+
+
+def test_a_stage_group_waits_longer_than_a_slow_previous_stage_takes_to_drop_a_sender():
+    assert stage_wait(5.0, 10.0) > 2 * 10.0
+
+
+@pytest.mark.swarm
+def test_four_peers_on_a_two_by_two_grid_each_end_the_round_holding_the_global_mean(
+    local_swarm, tiny_model_dir, tiny_datasets
+):
+    """K = 2, D = 2: two stages of pairs. Each peer meets two others, yet ends with all four bodies' mean."""
+    datasets = [*tiny_datasets, tiny_datasets[0]]
+    settings = dict(
+        rounds=1, min_group_size=4, save_local_body=True, refit_steps=0, target_group_size=2, fusion_stages=2
+    )
+    peers = [local_swarm.start_peer(f"peer{i}", datasets[i], tiny_model_dir, seed=i, **settings) for i in range(4)]
+    local_swarm.wait_all()
+
+    bodies = [pre_fusion(peer, 1, "body") for peer in peers]
+    mean = {name: torch.stack([body[name] for body in bodies]).mean(0) for name in bodies[0]}
+    infos = [peer.round_info(1) for peer in peers]
+    peer_ids = sorted(info["peer_id"] for info in infos)
+    positions = grid_positions(peer_ids, 1)
+    for peer, info in zip(peers, infos, strict=True):
+        report = info["report"]
+        stages = [(stage["outcome"], stage["group_size"]) for stage in report["stages"]]
+        assert report["outcome"] == "fused" and stages == [("fused", 2), ("fused", 2)], report
+        assert report["group_size"] == 4 and sorted(report["peer_ids"]) == peer_ids, report  # all reached
+        groups = [own_stage_group(positions, info["peer_id"], 2, 2, stage) for stage in (0, 1)]
+        partners = {member for group in groups for member in group if member != info["peer_id"]}
+        assert len(partners) == 2, f"each stage pairs a peer with another partner: {groups}"
+        fused = load_body_state(round_dir(peer, 1))
+        for name, tensor in mean.items():
+            assert torch.allclose(fused[name], tensor, atol=1e-6), (peer.name, name)
+    spread = max(float((bodies[0][name] - bodies[1][name]).abs().max()) for name in mean)
+    assert spread > 1e-3, "the peers trained alike: the mean would prove nothing"
