@@ -78,7 +78,6 @@ def _summary_table(results: dict) -> list[str]:
         "butterfly bound s (payload)",
         "hivemind client floor 2S/rate s (at TCP goodput)",
         "round s (slowest peer)",
-        "round s - matchmaking",
         "round / fp32 butterfly bound",
         "round / payload butterfly bound",
         "goal <= 1.3x payload bound",
@@ -94,7 +93,6 @@ def _summary_table(results: dict) -> list[str]:
                 f"{b['butterfly_payload_seconds'][c]:.1f}",
                 f"{b['hivemind_client_floor_seconds'][c]:.1f} ({b['hivemind_client_floor_tcp_seconds'][c]:.1f})",
                 fmt(row["round_seconds"], digits=1),
-                fmt(row["round_seconds_minus_matchmaking"], digits=1),
                 fmt(row["round_over_butterfly_fp32"], suffix="x"),
                 fmt(row["round_over_butterfly_payload"], suffix="x"),
                 _goal(row["round_over_butterfly_payload"]),
@@ -182,19 +180,10 @@ def plot(results: dict, path: Path) -> None:
 
 
 def _draw_round_bar(axis, index: int, value: dict | None) -> None:
-    """One compression's median round time, the matchmaking wait hatched inside it, min-max as an error bar."""
+    """One compression's median round time, min-max as an error bar."""
     if value is None:
         return
     axis.bar(index, value["median"], width=0.6, color="#4c72b0", alpha=0.85)
-    axis.bar(
-        index,
-        min(value["median"], PEER_SETTINGS["matchmaking_time"]),
-        width=0.6,
-        color="white",
-        alpha=0.5,
-        hatch="//",
-        label="matchmaking wait (estimate)" if index == 0 else None,
-    )
     axis.errorbar(
         index,
         value["median"],
