@@ -170,6 +170,12 @@ def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2, help="runs per compression, order alternating")
     parser.add_argument("--rate-mbit", type=float, default=20.0, help="home link rate, each way")
+    parser.add_argument(
+        "--upload-mbit",
+        type=float,
+        default=None,
+        help="an asymmetric home line: its upload rate (default: --rate-mbit)",
+    )
     parser.add_argument("--compressions", nargs="+", default=["none", "fp16", "int8"], choices=["none", "fp16", "int8"])
     parser.add_argument("--rounds", type=int, default=2, help="fusion rounds per run")
     parser.add_argument(
@@ -185,13 +191,13 @@ def parse_arguments() -> argparse.Namespace:
         "--client-results",
         choices=["after_sending", "streamed"],
         default=None,
-        help="the peers' --client-results (default: theirs, after_sending, as hivemind does it)",
+        help="the peers' --client-results (default: theirs, streamed)",
     )
     parser.add_argument("--output-dir", default=str(ROOT / "docs" / "measurements" / "nat"))
     parser.add_argument("--work-dir", default=None, help="peers' output and logs (default: a fresh temp dir)")
     arguments = parser.parse_args()
-    if arguments.repeats < 1 or arguments.rounds < 1 or arguments.rate_mbit <= 0:
-        parser.error("--repeats and --rounds must be at least 1, --rate-mbit positive")
+    if arguments.repeats < 1 or arguments.rounds < 1 or arguments.rate_mbit <= 0 or (arguments.upload_mbit or 1) <= 0:
+        parser.error("--repeats and --rounds must be at least 1, --rate-mbit and --upload-mbit positive")
     return arguments
 
 
@@ -217,7 +223,16 @@ def run_all(model: str, arguments: argparse.Namespace, workdir: Path, extra: dic
         for compression in sequence:
             label = f"r{repeat + 1}-{compression}"
             log(f"run {label} ...")
-            run = run_once(model, compression, arguments.rate_mbit, arguments.rounds, workdir / label, label, extra)
+            run = run_once(
+                model,
+                compression,
+                arguments.rate_mbit,
+                arguments.rounds,
+                workdir / label,
+                label,
+                extra,
+                upload_mbit=arguments.upload_mbit,
+            )
             runs.append(run)
             log_run(label, run)
     return runs, order
@@ -236,6 +251,7 @@ def run_settings(arguments: argparse.Namespace, model: str, model_label: str, ex
     return {
         "repeats": arguments.repeats,
         "rate_mbit": arguments.rate_mbit,
+        "upload_mbit": arguments.upload_mbit,
         "compressions": arguments.compressions,
         "rounds": arguments.rounds,
         "model": model,
@@ -249,7 +265,17 @@ def run_settings(arguments: argparse.Namespace, model: str, model_label: str, ex
 
 def run_notes(arguments: argparse.Namespace) -> list[str]:
     """What a reader of the figures must know: what fusion_seconds includes, which links are shaped, the guard."""
+    asymmetric = getattr(arguments, "upload_mbit", None)
     return [
+        *(
+            [
+                f"asymmetric home lines: uploads shaped to {asymmetric:g} Mbit/s, downloads to "
+                f"{arguments.rate_mbit:g}: the bounds in the table assume {arguments.rate_mbit:g} both ways; a "
+                f"client's real floor is its payload / {asymmetric:g} Mbit/s"
+            ]
+            if asymmetric
+            else []
+        ),
         "fusion_seconds runs from entering fusion to the fused result: hivemind's matchmaking, the all-reduce "
         "and the verdict exchange. The whole swarm is ready, so the group starts once all 3 joined, without "
         f"waiting out matchmaking_time = {PEER_SETTINGS['matchmaking_time']:g} s (runs before 2026-12-02 18:00 "

@@ -204,7 +204,14 @@ def _peer_failures(history: dict, modes: dict, rounds: int) -> list[str]:
 
 
 def run_once(
-    model: str, compression: str, rate_mbit: float, rounds: int, workdir: Path, label: str, extra: dict | None = None
+    model: str,
+    compression: str,
+    rate_mbit: float,
+    rounds: int,
+    workdir: Path,
+    label: str,
+    extra: dict | None = None,
+    upload_mbit: float | None = None,
 ) -> dict:
     """One swarm on a fresh lab; every peer's round reports, failures listed (never raised)."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -222,7 +229,7 @@ def run_once(
         "extra": extra,
     }
     try:
-        with NetLab(homes=PEERS[1:], home_rate_mbit=rate_mbit) as lab:
+        with NetLab(homes=PEERS[1:], home_rate_mbit=rate_mbit, home_upload_mbit=upload_mbit) as lab:
             try:
                 wire = _run_in_lab(lab, run, processes, failures)
             finally:

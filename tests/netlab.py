@@ -243,7 +243,8 @@ class NetLab:
 
     ``hosts``: "bootstrap", "public" (or ``public_hosts``) and every home, by name; ``routers``: each
     home's router (its ``address`` is the home's public, WAN address: what a public peer sees).
-    ``home_rate_mbit``: shape every home link to that rate, both ways, from the start (None: unshaped).
+    ``home_rate_mbit``: shape every home link to that rate, both ways, from the start (None: unshaped);
+    ``home_upload_mbit``: its upload to that rate instead (an asymmetric line).
     """
 
     def __init__(
@@ -251,6 +252,7 @@ class NetLab:
         homes: tuple[str, ...] = ("home1", "home2"),
         strict_homes: tuple[str, ...] = (),
         home_rate_mbit: float | None = None,
+        home_upload_mbit: float | None = None,
         public_hosts: tuple[str, ...] = ("bootstrap", "public"),
     ):
         names = [*public_hosts, *homes, *strict_homes]
@@ -289,7 +291,7 @@ class NetLab:
                 self._add_home(index, name, strict=name in strict_homes)
             if home_rate_mbit is not None:
                 for name in self._homes:
-                    self.shape(name, home_rate_mbit)
+                    self.shape(name, home_rate_mbit, home_upload_mbit)
         except BaseException:
             self.close()
             raise
@@ -389,20 +391,22 @@ class NetLab:
             while self._has_rule(entry.router.namespace, rule):
                 _run(_iptables_command(entry.router.namespace, "-D", "FORWARD", *rule))
 
-    def shape(self, home: str, rate_mbit: float | None) -> None:
-        """Limit the home's link to ``rate_mbit`` Mbit/s each way (tbf on the router: WAN egress is the
-        upload, LAN egress the download); None removes the limit."""
+    def shape(self, home: str, rate_mbit: float | None, upload_mbit: float | None = None) -> None:
+        """Limit the home's link to ``rate_mbit`` Mbit/s each way, or its upload to ``upload_mbit`` (an
+        asymmetric home line; tbf on the router: WAN egress is the upload, LAN egress the download);
+        None removes the limit."""
         entry = self._home(home)
         namespace = entry.router.namespace
         for interface in (entry.wan, entry.lan):
-            if rate_mbit is None:
+            rate = upload_mbit if interface == entry.wan and upload_mbit is not None else rate_mbit
+            if rate is None:
                 shown = _run(["tc", "-n", namespace, "qdisc", "show", "dev", interface, "root"]).stdout
                 if "tbf" in shown:
                     _run(["tc", "-n", namespace, "qdisc", "del", "dev", interface, "root"])
                 continue
-            if rate_mbit <= 0:
-                raise ValueError(f"rate_mbit must be positive or None, not {rate_mbit}")
-            rate_bits = round(rate_mbit * 1e6)
+            if rate <= 0:
+                raise ValueError(f"rates must be positive or None, not {rate}")
+            rate_bits = round(rate * 1e6)
             burst = max(TBF_MIN_BURST_BYTES, round(rate_bits / 8 * TBF_BURST_SECONDS))
             tbf = f"tbf rate {rate_bits}bit burst {burst} latency {TBF_LATENCY_MS}ms"
             _run(f"tc -n {namespace} qdisc replace dev {interface} root {tbf}".split())

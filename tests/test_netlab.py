@@ -388,5 +388,12 @@ def test_constructor_options_shape_every_home():
                 lab.routers[home].command(["tc", "qdisc", "show"]), capture_output=True, text=True, timeout=10
             ).stdout
             assert shown.count("tbf") == 2 and "rate 8Mbit" in shown, shown
+    with NetLab(homes=("alpha",), home_rate_mbit=20, home_upload_mbit=5, public_hosts=("seed",)) as lab:
+        router = lab.routers["alpha"]
+        shown = subprocess.run(router.command(["tc", "qdisc", "show"]), capture_output=True, text=True, timeout=10)
+        addresses = subprocess.run(router.command(["ip", "-o", "addr"]), capture_output=True, text=True, timeout=10)
+        wan = next(line.split()[1] for line in addresses.stdout.splitlines() if f" {router.address}/" in line)
+        rates = {line.split()[4]: line.split()[9] for line in shown.stdout.splitlines() if " tbf " in line}
+        assert rates[wan] == "5Mbit" and sorted(rates.values()) == ["20Mbit", "5Mbit"], (rates, wan)
     with pytest.raises(ValueError, match="unique"):
         NetLab(homes=("home1", "home1"))

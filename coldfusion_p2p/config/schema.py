@@ -65,7 +65,7 @@ class FusionConfig:
     state_download_timeout: float = 120.0  # bound on downloading the fused base from the swarm
     max_update_ratio: float = 10.0  # reject a fused update this many times the typical one (poisoning guard)
     compression: Literal["none", "fp16", "int8"] = "none"  # fp16 halves the bytes each peer sends; int8 quarters them
-    client_results: Literal["after_sending", "streamed"] = "after_sending"  # when a client-mode peer gets the average
+    client_results: Literal["after_sending", "streamed"] = "streamed"  # NAT clients get results while sending
     aggregation: Literal["mean", "clipped_mean", "ties"] = "mean"  # clipped_mean: robust to bad updates; ties: TIES
     clip_ratio: float = 2.0  # clipped_mean caps each update's norm at this many times the group's median
     ties_density: float = 0.2  # ties keeps this fraction of each member's largest update entries per tensor

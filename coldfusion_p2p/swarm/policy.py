@@ -101,6 +101,14 @@ def ready_peer_ids(records: Iterable[PeerRecord], round_number: int) -> list[str
     return sorted(ready)
 
 
+def newest_for_round(known: PeerRecord | None, fresh: PeerRecord, round_number: int) -> PeerRecord:
+    """Of two records of one peer, the one that tells about ``round_number``: the fresh one, unless it
+    has already moved past the round (the member lists are about who was ready for it)."""
+    if known is not None and known.round == round_number and fresh.round != round_number:
+        return known
+    return fresh
+
+
 def round_members(records: Iterable[PeerRecord], round_number: int) -> list[str]:
     """The members of ``round_number`` for bounded groups: the list published with the earliest
     proposal (by the peer that closed the window; ties go to the smaller peer id), so that every

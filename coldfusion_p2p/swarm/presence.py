@@ -28,6 +28,7 @@ from coldfusion_p2p.swarm.records import PeerRecord, RecordBoard
 logger = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.2
+MEMBER_READS = 4  # bounded groups: reads of the round's member list, until two in a row agree
 RECONNECT_SECONDS = 5.0  # while nobody is in sight, ping the initial peers this often
 
 
@@ -231,12 +232,14 @@ class Presence:
                 if fusion_config.min_group_size <= 1 or now >= scheduled:
                     window = FusionWindow("alone")
             elif now >= scheduled - fusion_config.matchmaking_time:
-                members = policy.round_members(everyone, round_number) if bounded else None
+                members = self._agreed_members(round_number, scheduled, everyone) if bounded else None
                 window = FusionWindow("fuse", scheduled, size, members)
             elif size is not None:  # the whole swarm is here: close the window
                 proposal = now + fusion_config.matchmaking_time
                 members = policy.ready_peer_ids(everyone, round_number) if bounded else None
                 self.announce(fuse_at=proposal, fuse_members=members)
+                if bounded:
+                    members = self._agreed_members(round_number, min(scheduled, proposal), [*everyone, self.record()])
                 window = FusionWindow("fuse", min(scheduled, proposal), size, members)
             if window is not None:
                 if not self.reducer_seen:  # clients only, ever: no group can form, alone or not
@@ -248,6 +251,27 @@ class Presence:
                 return window
             self.stop_event.wait(POLL_SECONDS)
         return FusionWindow("stop")
+
+    def _agreed_members(self, round_number: int, scheduled: float, seen: Sequence[PeerRecord]) -> list[str]:
+        """The round's member list for bounded groups, read once every proposal had time to spread.
+
+        Read right when a peer decides, the lists disagreed on 16 loaded peers: a closer's record not
+        yet seen, or a DHT read that timed out and returned no records at all, so that peers placed
+        the others on different grids and found no partner. So wait for the scheduled time (a few
+        seconds), then read until the list stops changing (bounded), over the union of every record
+        seen since the decision: a failed or partial read can add nothing, but never shrinks it."""
+        self.stop_event.wait(max(0.0, scheduled - get_dht_time()))
+        known = {record.peer_id: record for record in seen}
+        members = policy.round_members(known.values(), round_number)
+        for _ in range(MEMBER_READS):
+            for record in policy.others(self.board.fetch(), self.board.subkey, self.identity.model_fingerprint):
+                if record.peer_id not in known or record.time >= known[record.peer_id].time:
+                    known[record.peer_id] = policy.newest_for_round(known.get(record.peer_id), record, round_number)
+            latest = policy.round_members(known.values(), round_number)
+            if latest == members:
+                break
+            members = latest
+        return members
 
     def wait_for_archivers(self, timeout: float) -> None:
         """Return once every archiver holds our last fused round, or after ``timeout`` (or a stop)."""

@@ -59,6 +59,19 @@ def test_the_group_size_is_known_only_when_the_whole_swarm_is_ready():
     assert policy.complete_group_size(three, 1, min_group_size=4) is None
 
 
+def test_a_rounds_members_are_the_earliest_proposals_list_or_else_the_ready_peers():
+    def peer(name, status="ready", round=1, fuse_at=None, members=None):
+        return record(status, round=round, fuse_at=fuse_at).copy(update={"peer_id": name, "fuse_members": members})
+
+    view = [peer("c"), peer("a", status="fusing"), peer("b", status="training"), peer("d", round=2)]
+    assert policy.round_members(view, 1) == ["a", "c"], "no list published: the ready peers of round 1"
+    listed = [*view, peer("e", fuse_at=9.0, members=["a", "e"]), peer("f", fuse_at=8.0, members=["a", "c", "f"])]
+    assert policy.round_members(listed, 1) == ["a", "c", "f"], "the earliest proposal's list"
+    moved_on = peer("c", status="idle", round=2)
+    assert policy.newest_for_round(peer("c"), moved_on, 1).round == 1, "a record that left the round keeps it"
+    assert policy.newest_for_round(peer("c"), peer("c", status="fusing"), 1).status == "fusing"
+
+
 def test_partners_are_live_peers_of_the_same_round():
     assert not policy.has_partners([], 1)
     assert not policy.has_partners([record("stopped")], 1)
