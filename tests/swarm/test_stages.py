@@ -51,3 +51,40 @@ def test_four_peers_on_a_two_by_two_grid_each_end_the_round_holding_the_global_m
             assert torch.allclose(fused[name], tensor, atol=1e-6), (peer.name, name)
     spread = max(float((bodies[0][name] - bodies[1][name]).abs().max()) for name in mean)
     assert spread > 1e-3, "the peers trained alike: the mean would prove nothing"
+
+
+@pytest.mark.swarm
+@pytest.mark.extended
+def test_twelve_peers_with_groups_of_four_over_two_stages_each_end_holding_the_global_mean(
+    local_swarm, tiny_model_dir, tiny_datasets
+):
+    """K = 4, D = 2 with 12 peers: three full rows of four, then columns of three. 4 min on 2 cores
+    (the DHT of 12 loaded peers times out often: the member list must survive empty reads)."""
+    count = 12
+    settings = dict(
+        rounds=1,
+        min_group_size=count,
+        save_local_body=True,
+        refit_steps=0,
+        target_group_size=4,
+        fusion_stages=2,
+        local_steps=1,
+        fusion_window=300.0,
+        allreduce_timeout=60.0,
+    )
+    peers = [
+        local_swarm.start_peer(f"peer{i}", tiny_datasets[i % 3], tiny_model_dir, seed=i, **settings)
+        for i in range(count)
+    ]
+    local_swarm.wait_all(timeout=720)
+    bodies = [pre_fusion(peer, 1, "body") for peer in peers]
+    mean = {name: torch.stack([body[name] for body in bodies]).mean(0) for name in bodies[0]}
+    for peer in peers:
+        report = peer.round_info(1)["report"]
+        stages = [(stage["outcome"], stage["group_size"]) for stage in report["stages"]]
+        print(peer.name, stages, f"fusion {report['fusion_seconds']:.1f} s, sent {report['bytes_sent']} B")
+        assert report["outcome"] == "fused" and stages == [("fused", 4), ("fused", 3)], report
+        assert report["group_size"] == count, report  # every contribution reached every peer
+        fused = load_body_state(round_dir(peer, 1))
+        for name, tensor in mean.items():
+            assert torch.allclose(fused[name], tensor, atol=1e-6), (peer.name, name)
