@@ -234,7 +234,7 @@ class BodyFusion:
         )
         wait_seconds = max(0.0, matchmaking_deadline - get_dht_time()) + config.allreduce_timeout + 5.0
         try:
-            gathered = self._wait_for_group(control, time.monotonic() + wait_seconds)
+            gathered = wait_in_slices(control, time.monotonic() + wait_seconds, self.should_stop)
         except Exception as error:  # hivemind raises several types; all mean "no fusion this round"
             control.cancel()
             return self._group_failed(round_number, nonce, _short_reason(error))
@@ -277,13 +277,7 @@ class BodyFusion:
             fused_norm = update_norm(buffers, start) if finite else float("nan")
         if not finite:
             return "the average has NaN or Inf values"
-        member_norms = [float(member.get("update_norm", float("nan"))) for member in members.values()]
-        honest_bounds = [float(member.get("update_bound", float("nan"))) for member in members.values()]
-        start_gaps = [sketch_distance(own_sketch, member.get("start_sketch")) for member in members.values()]
-        ratio = self.config.max_update_ratio
-        if poisoned_update(fused_norm, own_norm, member_norms, ratio, start_gaps, honest_bounds):
-            return f"the fused update is {fused_norm / max(own_norm, 1e-12):.0f}x ours: a poisoned contribution?"
-        return None
+        return poisoning_suspicion(fused_norm, own_norm, own_sketch, members, self.config.max_update_ratio)
 
     def _apply_rule(self, body: Sequence[torch.Tensor], start: list[torch.Tensor], starts_agree: bool) -> None:
         """Write the next fused base into ``body``: the rule applied to the confirmed average.
@@ -300,21 +294,6 @@ class BodyFusion:
             step = self.rule.apply(start, list(buffers), self._original, state)
         copy_into(list(body), step.base)
         self.state = step.state
-
-    def _wait_for_group(self, control, deadline: float):
-        """The step's result, waited for in slices so that SIGTERM never waits for a whole all-reduce.
-
-        Leaving mid all-reduce is safe for the others: they see an incomplete all-reduce (or our
-        missing verdict) and all keep their own bodies.
-        """
-        while True:
-            try:
-                return control.result(timeout=min(0.5, max(0.0, deadline - time.monotonic())))
-            except FutureTimeoutError:
-                if self.should_stop():
-                    raise InterruptedError("stopped by the user") from None
-                if time.monotonic() >= deadline:
-                    raise
 
     def _group_verdict(self, round_number: int, members: dict[str, dict[str, Any]]) -> str | None:
         """Wait (bounded) for every member's verdict; None if all report a complete all-reduce."""
@@ -355,6 +334,34 @@ class BodyFusion:
     def shutdown(self) -> None:
         if self.averager.is_alive():
             self.averager.shutdown()
+
+
+def wait_in_slices(control, deadline: float, should_stop: Callable[[], bool]):
+    """The step's result, waited for in slices so that SIGTERM never waits for a whole all-reduce.
+
+    Leaving mid all-reduce is safe for the others: they see an incomplete all-reduce (or our
+    missing verdict) and all keep their own bodies.
+    """
+    while True:
+        try:
+            return control.result(timeout=min(0.5, max(0.0, deadline - time.monotonic())))
+        except FutureTimeoutError:
+            if should_stop():
+                raise InterruptedError("stopped by the user") from None
+            if time.monotonic() >= deadline:
+                raise
+
+
+def poisoning_suspicion(
+    fused_norm: float, own_norm: float, own_sketch: list[float], members: dict[str, dict[str, Any]], ratio: float
+) -> str | None:
+    """Why a finite average looks poisoned (:func:`policy.poisoned_update` on what the members told), or None."""
+    member_norms = [float(member.get("update_norm", float("nan"))) for member in members.values()]
+    honest_bounds = [float(member.get("update_bound", float("nan"))) for member in members.values()]
+    start_gaps = [sketch_distance(own_sketch, member.get("start_sketch")) for member in members.values()]
+    if poisoned_update(fused_norm, own_norm, member_norms, ratio, start_gaps, honest_bounds):
+        return f"the fused update is {fused_norm / max(own_norm, 1e-12):.0f}x ours: a poisoned contribution?"
+    return None
 
 
 def update_norm(body: Sequence[torch.Tensor], start: Sequence[torch.Tensor]) -> float:
