@@ -63,6 +63,7 @@ class PeerRow:
     last_group_size: int
     last_fusion_seconds: float
     last_outcome: str
+    last_stages: str  # bounded groups: the last round's stages (swarm.stages.stage_summary)
     fingerprint: str
     version: str
     reachability: str  # public / relayed / client (swarm.reachability); "" from older versions
@@ -219,6 +220,7 @@ def _row(seen: _Seen, monotonic: float, stale_after: float) -> PeerRow:
         last_group_size=record.last_group_size,
         last_fusion_seconds=record.last_fusion_seconds,
         last_outcome=record.last_outcome,
+        last_stages=record.last_stages,
         fingerprint=record.body_fingerprint,
         version=record.version,
         reachability=record.reachability,
@@ -268,6 +270,7 @@ def _peer_table(snapshot: Snapshot) -> Table:
         "acc after",
         "samples/s",
         "group",
+        "stages",
         "fusion s",
         "seen",
     ):
@@ -295,11 +298,12 @@ def _peer_table(snapshot: Snapshot) -> Table:
             _percent(row.accuracy_after),
             f"{row.samples_per_second:.1f}",
             str(row.last_group_size),
+            row.last_stages or "-",
             f"{row.last_fusion_seconds:.1f}",
             f"{row.age_seconds:.0f}s ago",
         )
     if not snapshot.peers:
-        peers.add_row("-", "no peers yet", *[""] * 11)
+        peers.add_row("-", "no peers yet", *[""] * 12)
     return peers
 
 

@@ -24,6 +24,7 @@ from coldfusion_p2p.errors import UserError
 from coldfusion_p2p.swarm import policy
 from coldfusion_p2p.swarm.hivemind_adapter import reconnect_initial_peers
 from coldfusion_p2p.swarm.records import PeerRecord, RecordBoard
+from coldfusion_p2p.swarm.stages import stage_summary
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class Progress:
     fingerprint: str = ""
     last_outcome: str = ""
     last_reason: str = ""
+    last_stages: str = ""
 
 
 class FusionWindow(NamedTuple):
@@ -130,6 +132,7 @@ class Presence:
                 fuse_members=progress.fuse_members,
                 last_outcome=progress.last_outcome,
                 last_reason=progress.last_reason,
+                last_stages=progress.last_stages,
                 body_fingerprint=progress.fingerprint,
                 model_fingerprint=identity.model_fingerprint,
                 version=__version__,
@@ -158,6 +161,7 @@ class Presence:
             fingerprint=fingerprint,
             last_outcome=report.outcome,
             last_reason=report.reason[:200],
+            last_stages=stage_summary(report.stages),
         )
 
     def done(self, rounds: int | None) -> bool:

@@ -85,6 +85,7 @@ class PeerRecord(BaseModel):
     last_fusion_seconds: confloat(ge=0.0, strict=True) = 0.0
     last_outcome: Outcome | Literal[""] = ""  # "" before the first round
     last_reason: constr(strict=True, max_length=200) = ""  # why the last round did not fuse, if it did not
+    last_stages: constr(strict=True, max_length=80) = ""  # bounded groups: each stage's group, e.g. "4✓ 3✗"
     fuse_at: StrictFloat | None = None  # proposed DHT time for the all-reduce of ``round``
     # with bounded groups: the peer ids that fuse ``round``, listed by the peer that closed its window
     fuse_members: conlist(StrictStr, max_items=MAX_ROUND_MEMBERS) | None = None

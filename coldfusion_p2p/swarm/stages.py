@@ -55,6 +55,16 @@ class StageReport:
     reason: str = ""
 
 
+STAGE_MARKS = {"fused": "✓", "failed": "✗", "rejected": "✗", "alone": "·"}
+
+
+def stage_summary(stages: Sequence[dict[str, Any]]) -> str:
+    """A round's stages for the record and the monitor: each stage's group size and how it ended,
+    e.g. ``4✓ 3✗`` (fused in a group of 4, then a group of 3 failed); "" with one group."""
+    marks = [f"{stage['group_size']}{STAGE_MARKS.get(stage['outcome'], '?')}" for stage in stages]
+    return " ".join(marks)[:80]
+
+
 def members_digest(members: Sequence[str]) -> str:
     """A short fingerprint of a round's member list: a stage group whose members hold different
     lists placed the peers on different grids, and must not fuse (:func:`policy.group_mismatch`)."""

@@ -80,9 +80,10 @@ def test_dashboard_renders_every_panel():
         [
             record("peerAAAAAAAA", "reviews", fused_round=1, status="idle"),
             record("peerBBBBBBBB", "tweets", fused_round=1, time=time.time() - 20),
+            record("peerCCCCCCCC", "spam", fused_round=1, status="idle", last_group_size=7, last_stages="4✓ 3✗"),
         ]
     )
-    console = Console(record=True, width=160)
+    console = Console(record=True, width=180)
     console.print(render(view.snapshot()))
     text = console.export_text()
     for expected in (
@@ -97,6 +98,8 @@ def test_dashboard_renders_every_panel():
         "went stale",
         "abc123",
         "70.0%",
+        "stages",
+        "4✓ 3✗",
     ):
         assert expected in text, expected
 

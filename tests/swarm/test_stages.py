@@ -7,7 +7,7 @@ import torch
 
 from coldfusion_p2p.contributor.checkpoints import load_body_state
 from coldfusion_p2p.swarm.grid import grid_positions, own_stage_group
-from coldfusion_p2p.swarm.stages import members_digest, stage_wait
+from coldfusion_p2p.swarm.stages import members_digest, stage_summary, stage_wait
 
 from conftest import pre_fusion, round_dir
 
@@ -15,6 +15,13 @@ from conftest import pre_fusion, round_dir
 def test_a_member_list_digest_ignores_order_and_tells_lists_apart():
     assert members_digest(["b", "a", "c"]) == members_digest(["a", "b", "c"])
     assert members_digest(["a", "b"]) != members_digest(["a", "b", "c"])
+
+
+def test_the_stage_summary_shows_each_groups_size_and_outcome_and_is_empty_for_one_group():
+    stages = [{"group_size": 4, "outcome": "fused"}, {"group_size": 3, "outcome": "failed"}]
+    assert stage_summary(stages) == "4✓ 3✗"
+    assert stage_summary([{"group_size": 1, "outcome": "alone"}, {"group_size": 2, "outcome": "rejected"}]) == "1· 2✗"
+    assert stage_summary([]) == ""
 
 
 def test_a_stage_group_waits_longer_than_a_slow_previous_stage_takes_to_drop_a_sender():
