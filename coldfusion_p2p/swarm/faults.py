@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-CRASH_IN_ALLREDUCE_ENV = "COLDFUSION_FAULT_CRASH_IN_ALLREDUCE"  # "1": SIGKILL our process group mid all-reduce
+CRASH_IN_ALLREDUCE_ENV = "COLDFUSION_FAULT_CRASH_IN_ALLREDUCE"  # "n": SIGKILL our process group mid n-th all-reduce
 SCALE_UPDATE_ENV = "COLDFUSION_FAULT_SCALE_UPDATE"  # k: send k times our update; "nan": send NaNs
 STALL_IN_ALLREDUCE_ENV = "COLDFUSION_FAULT_STALL_IN_ALLREDUCE"  # a file: create it mid all-reduce, then stall
 STALL_SECONDS = 10.0  # long enough for a test to cut our link while the all-reduce is under way
@@ -25,17 +25,22 @@ STALL_SECONDS = 10.0  # long enough for a test to cut our link while the all-red
 
 @dataclass(frozen=True)
 class Faults:
-    crash_in_allreduce: bool = False
+    crash_in_allreduce: int = 0  # the all-reduce of this process to die in (1: the first); 0: never
     scale_update: str | None = None
     stall_marker: str | None = None  # the file a stalled all-reduce creates, so a test knows when to act
 
     @classmethod
     def from_environment(cls, environment: Mapping[str, str] = os.environ) -> Faults:
         return cls(
-            crash_in_allreduce=environment.get(CRASH_IN_ALLREDUCE_ENV) == "1",
+            crash_in_allreduce=int(environment.get(CRASH_IN_ALLREDUCE_ENV) or 0),
             scale_update=environment.get(SCALE_UPDATE_ENV) or None,
             stall_marker=environment.get(STALL_IN_ALLREDUCE_ENV) or None,
         )
+
+    def crashes_in(self, allreduce: int) -> bool:
+        """Whether to die in this process's ``allreduce``-th all-reduce (counted from 1): with bounded
+        groups, the second is the second stage of the first round."""
+        return 0 < self.crash_in_allreduce == allreduce
 
     async def stall_in_allreduce(self) -> None:
         """With ``stall_marker`` set (once per process), create it and pause mid all-reduce."""

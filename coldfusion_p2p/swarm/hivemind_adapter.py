@@ -248,6 +248,7 @@ class FusedBodyAverager(DecentralizedAverager):
         self._center = center
         self._gate = gate  # moderated runs: who may call our RPCs and share a group with us
         self._faults = faults  # read once at process start, never on the hot path
+        self._allreduces = 0  # all-reduces this averager took part in (test faults count them)
         # (metadata, body, rule state): what newcomers download; the state is empty without momentum
         self._snapshot: tuple[dict[str, Any], list[torch.Tensor], list[torch.Tensor]] = (
             {"round": 0},
@@ -381,6 +382,7 @@ class FusedBodyAverager(DecentralizedAverager):
 
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
         """Like hivemind's, but all or nothing: apply the deltas only if no part failed or lost a sender."""
+        self._allreduces += 1
         group_id = group_info.group_id if group_id is None else group_id
         runner = ClientStreamingRunner(
             streamed_clients=streamed_clients(self.serializer, group_info),
@@ -403,7 +405,7 @@ class FusedBodyAverager(DecentralizedAverager):
         deltas = []
         async for _, update in azip(as_aiter(*tensors), runner):
             deltas.append(update)
-            if self._faults.crash_in_allreduce:  # test-only: die like a machine mid all-reduce
+            if self._faults.crashes_in(self._allreduces):  # test-only: die like a machine mid all-reduce
                 os.killpg(os.getpgid(0), signal.SIGKILL)
             await self._faults.stall_in_allreduce()  # test-only: a window to cut our link in
         failed = runner.tensor_part_container.failed_size

@@ -61,6 +61,46 @@ def test_four_peers_on_a_two_by_two_grid_each_end_the_round_holding_the_global_m
 
 
 @pytest.mark.swarm
+def test_a_peer_killed_in_stage_two_costs_only_its_group_and_nobody_holds_a_partial_average(
+    local_swarm, tiny_model_dir, tiny_datasets, monkeypatch
+):
+    """2 x 2 grid; the victim dies mid all-reduce of stage 2. Its stage-2 partner keeps its exact
+    stage-1 pair mean; the other pair still fuses (holding the victim's stage-1 contribution)."""
+    settings = dict(
+        rounds=1, min_group_size=4, save_local_body=True, refit_steps=0, target_group_size=2, fusion_stages=2
+    )
+    survivors = [
+        local_swarm.start_peer(f"peer{i}", tiny_datasets[i], tiny_model_dir, seed=i, **settings) for i in range(3)
+    ]
+    monkeypatch.setenv("COLDFUSION_FAULT_CRASH_IN_ALLREDUCE", "2")  # its second all-reduce: stage 2
+    victim = local_swarm.start_peer("victim", tiny_datasets[0], tiny_model_dir, seed=3, **settings)
+    monkeypatch.delenv("COLDFUSION_FAULT_CRASH_IN_ALLREDUCE")
+    assert victim.wait(timeout=240) == -9, victim.log()
+    for peer in survivors:
+        assert peer.wait(timeout=240) == 0, peer.log()
+
+    reports = {peer.name: peer.round_info(1)["report"] for peer in survivors}
+    stages = {name: [(stage["outcome"], stage["group_size"]) for stage in r["stages"]] for name, r in reports.items()}
+    lost = [name for name, outcome in stages.items() if outcome == [("fused", 2), ("failed", 2)]]
+    whole = [name for name, outcome in stages.items() if outcome == [("fused", 2), ("fused", 2)]]
+    assert len(lost) == 1 and len(whole) == 2, stages  # only the victim's stage-2 group failed
+    by_name = {peer.name: peer for peer in survivors}
+    partner = by_name[lost[0]]
+    ids = {name: peer.round_info(1)["peer_id"] for name, peer in by_name.items()}
+    pair = sorted(reports[lost[0]]["peer_ids"])  # the lost one reached only its stage-1 pair
+    assert len(pair) == 2 and ids[lost[0]] in pair, reports[lost[0]]
+    first_partner = by_name[next(name for name, peer_id in ids.items() if peer_id in pair and name != lost[0])]
+    bodies = {peer.name: pre_fusion(peer, 1, "body") for peer in survivors}
+    pair_mean = {n: (bodies[partner.name][n] + bodies[first_partner.name][n]) / 2 for n in bodies[partner.name]}
+    kept = load_body_state(round_dir(partner, 1))
+    assert all(torch.allclose(kept[n], pair_mean[n], atol=1e-6) for n in pair_mean), "not its exact stage-1 mean"
+    finals = [load_body_state(round_dir(by_name[name], 1)) for name in whole]
+    assert all(torch.allclose(finals[0][n], finals[1][n], atol=1e-6) for n in pair_mean), "a partial average"
+    assert not all(torch.allclose(finals[0][n], pair_mean[n], atol=1e-6) for n in pair_mean), "stage 2 did nothing"
+    assert all(reports[name]["group_size"] == 4 for name in whole), reports  # the victim's stage-1 part is in
+
+
+@pytest.mark.swarm
 @pytest.mark.extended
 def test_twelve_peers_with_groups_of_four_over_two_stages_each_end_holding_the_global_mean(
     local_swarm, tiny_model_dir, tiny_datasets
