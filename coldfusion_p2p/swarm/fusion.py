@@ -169,8 +169,9 @@ class BodyFusion:
             outcome = self.all_reduce_group(body, start, round_number, bits, scheduled_time, group_size, weight, info)
         if not outcome.fused:
             seconds = time.perf_counter() - started
-            result = FusionResult(False, 1, (self.peer_id,), seconds, reason=outcome.reason, rejected=outcome.rejected)
-            return dataclasses.replace(result, stages=stages)
+            return FusionResult(
+                False, 1, (self.peer_id,), seconds, reason=outcome.reason, rejected=outcome.rejected, stages=stages
+            )
         starts = [member.get("start_sketch") for member in outcome.members.values()]
         member_norms = [float(member.get("update_norm", float("nan"))) for member in outcome.members.values()]
         self._apply_rule(body, start, same_start(starts, member_norms))

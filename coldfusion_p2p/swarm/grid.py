@@ -75,9 +75,4 @@ def stage_group_bits(round_number: int, stage: int, key: Sequence[int]) -> str:
 
 def own_stage_group(positions: dict[str, int], peer_id: str, group_size: int, stages: int, stage: int) -> list[str]:
     """The members of ``peer_id``'s group in ``stage`` (itself included), sorted by position."""
-    key = stage_key(coordinates(positions[peer_id], group_size, stages), stage)
-    return [
-        other
-        for other, position in sorted(positions.items(), key=lambda item: item[1])
-        if stage_key(coordinates(position, group_size, stages), stage) == key
-    ]
+    return next(group for group in stage_groups(positions, group_size, stages, stage) if peer_id in group)
