@@ -174,17 +174,18 @@ def rounds_done(fused_round: int, target_rounds: int | None) -> bool:
     return target_rounds is not None and fused_round >= target_rounds
 
 
-def group_decision(own_peer_id: str, members: dict[str, dict], verdicts: dict[str, Verdict]) -> str | None:
+def group_decision(own_peer_id: str, members: dict[str, dict], verdicts: Iterable[Verdict]) -> str | None:
     """Apply an all-reduce only when every other member confirmed a complete one (two-phase commit).
 
     Returns ``"apply"``, ``None`` (keep waiting) or the reason to roll back. Only verdicts carrying
-    the nonce a member sent to this group count, so a verdict on an earlier attempt is ignored.
+    the nonce a member sent to this group count, so a verdict on another attempt (an earlier round,
+    or another stage of this one) is ignored.
     """
     others = set(members) - {own_peer_id}
     current = {
-        peer: verdict
-        for peer, verdict in verdicts.items()
-        if peer in others and verdict.nonce == members[peer].get("nonce")
+        verdict.peer_id: verdict
+        for verdict in verdicts
+        if verdict.peer_id in others and verdict.nonce == members[verdict.peer_id].get("nonce")
     }
     refused = [peer for peer, verdict in current.items() if not verdict.ok]
     if refused:

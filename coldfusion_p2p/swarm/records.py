@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections import deque
 from dataclasses import dataclass
 from typing import Literal
 
@@ -108,9 +109,20 @@ class Verdict(BaseModel):
     time: StrictFloat
 
 
+VERDICT_HISTORY = 16  # a peer's latest verdicts, all published together: a round's stages each add one
+
+
+class VerdictLog(BaseModel):
+    """A peer's latest verdicts, oldest first. One entry per peer would not do: with bounded groups a
+    fast member's next stage would overwrite its verdict on the last one before a slower member of
+    that group read it, and the slower one would roll back a stage the others applied."""
+
+    attempts: conlist(Verdict, min_items=1, max_items=VERDICT_HISTORY)
+
+
 class SwarmSchema(BaseModel):
     peers: dict[BytesWithPublicKey, PeerRecord | None]
-    verdicts: dict[BytesWithPublicKey, Verdict | None]
+    verdicts: dict[BytesWithPublicKey, VerdictLog | None]
 
 
 def swarm_validators(keys: RunKeys, private_key: RSAPrivateKey | None = None) -> list:
@@ -128,6 +140,7 @@ class RecordBoard:
 
     def __init__(self, dht: DHT, keys: RunKeys, private_key: RSAPrivateKey | None = None):
         self.dht, self.keys = dht, keys
+        self._verdicts: deque[Verdict] = deque(maxlen=VERDICT_HISTORY)  # ours, published as one VerdictLog
         self.signature_validator = RSASignatureValidator(private_key)
         dht.add_validators([SchemaValidator(SwarmSchema, prefix=keys.prefix), self.signature_validator])
 
@@ -150,19 +163,22 @@ class RecordBoard:
         return self._fetch(self.keys.records_key, PeerRecord, timeout)
 
     def publish_verdict(self, verdict: Verdict, ttl: float = 120.0) -> bool:
+        """Add ``verdict`` to this peer's log and publish the log (its latest verdicts, see :class:`VerdictLog`)."""
+        self._verdicts.append(verdict)
+        log = VerdictLog(attempts=list(self._verdicts))
         return bool(
             self.dht.store(
                 self.keys.verdicts_key,
                 subkey=self.subkey,
-                value=verdict.dict(),
+                value=log.dict(),
                 expiration_time=get_dht_time() + ttl,
             )
         )
 
-    def fetch_verdicts(self, round_number: int, timeout: float | None = 5.0) -> dict[str, Verdict]:
-        """Verdicts on ``round_number``, by the libp2p peer id they name."""
-        verdicts = self._fetch(self.keys.verdicts_key, Verdict, timeout).values()
-        return {verdict.peer_id: verdict for verdict in verdicts if verdict.round == round_number}
+    def fetch_verdicts(self, round_number: int, timeout: float | None = 5.0) -> list[Verdict]:
+        """Every verdict on ``round_number`` that the peers' logs hold (a peer may have several: stages)."""
+        logs = self._fetch(self.keys.verdicts_key, VerdictLog, timeout).values()
+        return [verdict for log in logs for verdict in log.attempts if verdict.round == round_number]
 
     def _fetch(self, key: str, model: type[BaseModel], timeout: float | None) -> dict:
         future = self.dht.get(key, latest=True, return_future=True)

@@ -90,10 +90,9 @@ class ScriptedBoard:
 
     def fetch_verdicts(self, round_number):
         if self.verdict_of_other is None:
-            return {}
+            return []
         ok, nonce = self.verdict_of_other, self.other_nonce
-        verdict = Verdict(peer_id=OTHER_ID, round=round_number, nonce=nonce, ok=ok, time=0.0)
-        return {OTHER_ID: verdict}
+        return [Verdict(peer_id=OTHER_ID, round=round_number, nonce=nonce, ok=ok, time=0.0)]
 
 
 def trained_body(scale: float = 0.01) -> list[torch.Tensor]:

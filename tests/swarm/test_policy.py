@@ -107,11 +107,14 @@ def test_an_all_reduce_is_applied_only_when_every_member_confirms_it():
         return Verdict(peer_id=peer, round=1, nonce=nonce or f"n-{peer}", ok=ok, time=0.0)
 
     members = {peer: {"nonce": f"n-{peer}"} for peer in ("me", "a", "b")}
-    assert policy.group_decision("me", members, {"a": verdict("a")}) is None, "b has not confirmed yet"
-    assert policy.group_decision("me", members, {"a": verdict("a"), "b": verdict("b")}) == "apply"
-    assert "incomplete" in policy.group_decision("me", members, {"a": verdict("a"), "b": verdict("b", ok=False)})
-    stale = {"a": verdict("a"), "b": verdict("b", nonce="an-earlier-attempt")}
+    assert policy.group_decision("me", members, [verdict("a")]) is None, "b has not confirmed yet"
+    assert policy.group_decision("me", members, [verdict("a"), verdict("b")]) == "apply"
+    assert "incomplete" in policy.group_decision("me", members, [verdict("a"), verdict("b", ok=False)])
+    stale = [verdict("a"), verdict("b", nonce="an-earlier-attempt")]
     assert policy.group_decision("me", members, stale) is None, "a verdict on another attempt does not count"
+    # b's log also holds its verdict on its next stage: the one on this attempt still counts
+    later_stage = [verdict("a"), verdict("b"), verdict("b", nonce="its-next-stage")]
+    assert policy.group_decision("me", members, later_stage) == "apply"
 
 
 def test_a_fused_update_far_larger_than_the_typical_one_is_poisoned():

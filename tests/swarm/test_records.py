@@ -97,3 +97,25 @@ def test_forged_records_are_rejected(owner):
     genuine = signed(validator, dht_record(a_record(), victim_key))
     tampered = DHTRecord(genuine.key, genuine.subkey, genuine.value.replace(b"reviews", b"REVIEWS"), 10.0)
     assert not validator.validate(tampered)
+
+
+def test_a_peers_verdicts_on_successive_stages_all_stay_readable_through_a_real_dht():
+    """With bounded groups a member publishes its verdict on stage 2 right after the one on stage 1:
+    a slower member of the stage-1 group must still find the stage-1 verdict (it would roll back a
+    stage the others applied). The log keeps the latest VERDICT_HISTORY, oldest dropped first."""
+    from hivemind import DHT
+
+    from coldfusion_p2p.swarm.records import VERDICT_HISTORY, RecordBoard, Verdict
+
+    dht = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    try:
+        board = RecordBoard(dht, KEYS, RSAPrivateKey())
+        for attempt in range(VERDICT_HISTORY + 2):
+            verdict = Verdict(peer_id="12D3KooWme", round=1 + attempt // 4, nonce=f"n{attempt}", ok=True, time=1.0)
+            assert board.publish_verdict(verdict, ttl=30.0)
+        first_round = {verdict.nonce for verdict in board.fetch_verdicts(1)}
+        assert first_round == {"n2", "n3"}, "the oldest two fell out of the log; the round's others stay"
+        assert {verdict.nonce for verdict in board.fetch_verdicts(4)} == {f"n{i}" for i in range(12, 16)}
+        assert len([v for r in range(1, 6) for v in board.fetch_verdicts(r)]) == VERDICT_HISTORY
+    finally:
+        dht.shutdown()
