@@ -251,8 +251,7 @@ class BodyFusion:
         invalid = self._invalid_average(members, start, own_norm, own_sketch)
         if invalid is not None:  # the average is unusable: keep our body and make every member roll back too
             return dataclasses.replace(self._group_failed(round_number, nonce, f"rejected: {invalid}"), rejected=True)
-        self._publish_verdict(round_number, nonce, ok=True)
-        refusal = self._group_verdict(round_number, members)
+        refusal = await_group_verdict(self, round_number, nonce, members)
         if refusal is not None:
             return self._group_failed(round_number, nonce, refusal, publish=False)
         return GroupOutcome(True, members)
@@ -296,30 +295,19 @@ class BodyFusion:
         copy_into(list(body), step.base)
         self.state = step.state
 
-    def _group_verdict(self, round_number: int, members: dict[str, dict[str, Any]]) -> str | None:
-        """Wait (bounded) for every member's verdict; None if all report a complete all-reduce."""
-        deadline = time.monotonic() + self.config.allreduce_timeout
-        while True:
-            decision = group_decision(self.peer_id, members, self.board.fetch_verdicts(round_number))
-            if decision is not None:
-                return None if decision == "apply" else decision
-            if self.should_stop():
-                return "stopped by the user before every member confirmed"
-            if time.monotonic() > deadline:
-                return "rolled back: a group member never confirmed the all-reduce"
-            time.sleep(0.1)
-
-    def _publish_verdict(self, round_number: int, nonce: str, ok: bool) -> None:
+    def publish_verdict(self, round_number: int, nonce: str, ok: bool) -> bool:
+        """Whether the DHT took our verdict (if not, the others time out and roll back: safe)."""
         verdict = Verdict(peer_id=self.peer_id, round=round_number, nonce=nonce, ok=ok, time=get_dht_time())
         try:
-            self.board.publish_verdict(verdict, ttl=max(60.0, 2 * self.config.allreduce_timeout))
-        except Exception as error:  # the others then time out and roll back: safe
+            return self.board.publish_verdict(verdict, ttl=max(60.0, 2 * self.config.allreduce_timeout))
+        except Exception as error:
             logger.debug("publishing the verdict failed: %r", error)
+            return False
 
     def _group_failed(self, round_number: int, nonce: str, reason: str, publish: bool = True) -> GroupOutcome:
         """Keep our own body; tell the group (if any formed) not to apply this attempt's average."""
         if publish:
-            self._publish_verdict(round_number, nonce, ok=False)
+            self.publish_verdict(round_number, nonce, ok=False)
         return GroupOutcome(False, reason=reason)
 
     def publish_fused(self, round_number: int, body: Sequence[torch.Tensor], metadata: dict[str, Any]) -> None:
@@ -335,6 +323,30 @@ class BodyFusion:
     def shutdown(self) -> None:
         if self.averager.is_alive():
             self.averager.shutdown()
+
+
+def await_group_verdict(
+    fusion: BodyFusion, round_number: int, nonce: str, members: dict[str, dict[str, Any]]
+) -> str | None:
+    """Confirm our all-reduce, then wait (bounded) for every member's verdict; None if all report a
+    complete one and ours is out. A store that failed (a loaded DHT) is tried again meanwhile, since
+    without our verdict the others roll back; reads back off from 0.1 s to 1 s (big groups spare the DHT)."""
+    deadline = time.monotonic() + fusion.config.allreduce_timeout
+    published, pause = False, 0.1
+    while True:
+        published = published or fusion.publish_verdict(round_number, nonce, ok=True)
+        decision = group_decision(fusion.peer_id, members, fusion.board.fetch_verdicts(round_number))
+        if decision == "apply" and published:  # not before ours is out: the others would roll back
+            return None
+        if decision not in (None, "apply"):
+            return decision
+        if fusion.should_stop():
+            return "stopped by the user before every member confirmed"
+        if time.monotonic() > deadline:
+            missing = "a group member never confirmed" if published else "the DHT never took our verdict on"
+            return f"rolled back: {missing} the all-reduce"
+        time.sleep(pause)
+        pause = min(1.0, pause * 1.5)
 
 
 def wait_in_slices(control, deadline: float, should_stop: Callable[[], bool]):

@@ -163,7 +163,10 @@ class RecordBoard:
         return self._fetch(self.keys.records_key, PeerRecord, timeout)
 
     def publish_verdict(self, verdict: Verdict, ttl: float = 120.0) -> bool:
-        """Add ``verdict`` to this peer's log and publish the log (its latest verdicts, see :class:`VerdictLog`)."""
+        """Add ``verdict`` to this peer's log and publish the log (its latest verdicts, see :class:`VerdictLog`);
+        publishing again on the same attempt (a failed store tried again) replaces its entry."""
+        if self._verdicts and self._verdicts[-1].nonce == verdict.nonce:
+            self._verdicts.pop()
         self._verdicts.append(verdict)
         log = VerdictLog(attempts=list(self._verdicts))
         return bool(

@@ -82,11 +82,14 @@ class ScriptedAverager:
 
 
 class ScriptedBoard:
-    def __init__(self, verdict_of_other: bool | None):
-        self.verdict_of_other, self.published = verdict_of_other, []
+    def __init__(self, verdict_of_other: bool | None, failed_stores: int = 0):
+        self.verdict_of_other, self.published, self.failed_stores = verdict_of_other, [], failed_stores
 
     def publish_verdict(self, verdict, ttl):
+        """The DHT refuses the first ``failed_stores`` stores (a loaded DHT), then takes them."""
         self.published.append(verdict)
+        self.failed_stores -= 1
+        return self.failed_stores < 0
 
     def fetch_verdicts(self, round_number):
         if self.verdict_of_other is None:
@@ -112,9 +115,9 @@ def other_member(body, **overrides) -> dict:
     return {**info, **overrides}
 
 
-def run_fusion(average, others, verdict_of_other=True, body=None, original=None, **config):
+def run_fusion(average, others, verdict_of_other=True, body=None, original=None, failed_stores=0, **config):
     body = body if body is not None else trained_body()
-    board = ScriptedBoard(verdict_of_other)
+    board = ScriptedBoard(verdict_of_other, failed_stores)
     board.other_nonce = others.get(OTHER_ID, {}).get("nonce", "") if isinstance(others, dict) else ""
     averager = ScriptedAverager(average, others)
     settings = dict(matchmaking_time=0.2, request_timeout=0.1, allreduce_timeout=0.5, **config)
@@ -137,6 +140,20 @@ def test_a_complete_confirmed_all_reduce_is_applied():
     assert result.bytes_sent == 1000
     assert all(torch.equal(now, mean) for now, mean in zip(body, average, strict=True))
     assert [verdict.ok for verdict in board.published] == [True]
+
+
+def test_a_verdict_the_dht_did_not_take_is_published_again_while_waiting_for_the_others():
+    """Without our verdict every other member rolls back; a store refused under load must not decide that."""
+    own, other = trained_body(), trained_body(0.02)
+    average = [(a + b) / 2 for a, b in zip(own, other, strict=True)]
+    result, _, _, board, _ = run_fusion(average, {OTHER_ID: other_member(other)}, body=own, failed_stores=2)
+    assert result.fused
+    assert [verdict.ok for verdict in board.published] == [True] * 3, "tried until the DHT took it, then no more"
+    assert len({verdict.nonce for verdict in board.published}) == 1, "the same attempt's verdict each time"
+    # ... and one the DHT never takes rolls us back with the others (who never saw it), though they confirmed
+    result, body, kept, _, _ = run_fusion(average, {OTHER_ID: other_member(other)}, body=own, failed_stores=10**6)
+    assert not result.fused and "never took our verdict" in result.reason, result.reason
+    assert_kept(body, kept)
 
 
 def test_with_lossy_compression_members_send_their_drift_from_the_original_and_fuse_to_the_mean_body():
