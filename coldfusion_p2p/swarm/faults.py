@@ -17,30 +17,41 @@ from dataclasses import dataclass
 
 import torch
 
-CRASH_IN_ALLREDUCE_ENV = "COLDFUSION_FAULT_CRASH_IN_ALLREDUCE"  # "n": SIGKILL our process group mid n-th all-reduce
+# "R" or "R:S": SIGKILL our process group mid all-reduce of round R (with bounded groups: of its stage S, from 1)
+CRASH_IN_ALLREDUCE_ENV = "COLDFUSION_FAULT_CRASH_IN_ALLREDUCE"
 SCALE_UPDATE_ENV = "COLDFUSION_FAULT_SCALE_UPDATE"  # k: send k times our update; "nan": send NaNs
 STALL_IN_ALLREDUCE_ENV = "COLDFUSION_FAULT_STALL_IN_ALLREDUCE"  # a file: create it mid all-reduce, then stall
 STALL_SECONDS = 10.0  # long enough for a test to cut our link while the all-reduce is under way
 
 
+def crash_point(value: str) -> dict[str, int | None]:
+    """``"R"`` or ``"R:S"`` as :class:`Faults`' crash fields ("" or "0": never)."""
+    round_text, _, stage_text = value.partition(":")
+    return {"crash_round": int(round_text or 0), "crash_stage": int(stage_text) if stage_text else None}
+
+
 @dataclass(frozen=True)
 class Faults:
-    crash_in_allreduce: int = 0  # the all-reduce of this process to die in (1: the first); 0: never
+    crash_round: int = 0  # the round whose all-reduce this process dies in; 0: never
+    crash_stage: int | None = None  # ... and with bounded groups the stage (from 1); None: its first all-reduce
     scale_update: str | None = None
     stall_marker: str | None = None  # the file a stalled all-reduce creates, so a test knows when to act
 
     @classmethod
     def from_environment(cls, environment: Mapping[str, str] = os.environ) -> Faults:
         return cls(
-            crash_in_allreduce=int(environment.get(CRASH_IN_ALLREDUCE_ENV) or 0),
+            **crash_point(environment.get(CRASH_IN_ALLREDUCE_ENV) or ""),
             scale_update=environment.get(SCALE_UPDATE_ENV) or None,
             stall_marker=environment.get(STALL_IN_ALLREDUCE_ENV) or None,
         )
 
-    def crashes_in(self, allreduce: int) -> bool:
-        """Whether to die in this process's ``allreduce``-th all-reduce (counted from 1): with bounded
-        groups, the second is the second stage of the first round."""
-        return 0 < self.crash_in_allreduce == allreduce
+    def crashes_in(self, round_number: int, stage: int | None) -> bool:
+        """Whether to die in this all-reduce: of ``round_number``, and (bounded groups) its ``stage``
+        (from 0, as in the gathered info). Named by round and stage, not by a count of all-reduces,
+        since a stage that finds no group runs none and would shift a count."""
+        if not 0 < self.crash_round == round_number:
+            return False
+        return self.crash_stage is None or stage == self.crash_stage - 1
 
     async def stall_in_allreduce(self) -> None:
         """With ``stall_marker`` set (once per process), create it and pause mid all-reduce."""

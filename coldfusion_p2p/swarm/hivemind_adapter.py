@@ -213,15 +213,21 @@ class ClientStreamingRunner(AllReduceRunner):
                 await task
 
 
-def streamed_clients(serializer, group_info) -> frozenset[PeerID]:
-    """The group's peers whose gathered info asks for streamed results (``--client-results streamed``)."""
-    wanting = set()
+def gathered_infos(serializer, group_info) -> dict[PeerID, dict]:
+    """What each member of the group told it (the ``gather`` of its step); {} for a malformed entry."""
+    infos = {}
     for peer_id, gathered in zip(group_info.peer_ids, group_info.gathered, strict=True):
+        info = {}
         with contextlib.suppress(Exception):  # a malformed entry: hivemind's own default for that peer
             info = serializer.loads(serializer.loads(gathered)[2])
-            if isinstance(info, dict) and info.get("client_results") == "streamed":
-                wanting.add(peer_id)
-    return frozenset(wanting)
+        infos[peer_id] = info if isinstance(info, dict) else {}
+    return infos
+
+
+def streamed_clients(serializer, group_info) -> frozenset[PeerID]:
+    """The group's peers whose gathered info asks for streamed results (``--client-results streamed``)."""
+    infos = gathered_infos(serializer, group_info)
+    return frozenset(peer_id for peer_id, info in infos.items() if info.get("client_results") == "streamed")
 
 
 class FusedBodyAverager(DecentralizedAverager):
@@ -248,7 +254,6 @@ class FusedBodyAverager(DecentralizedAverager):
         self._center = center
         self._gate = gate  # moderated runs: who may call our RPCs and share a group with us
         self._faults = faults  # read once at process start, never on the hot path
-        self._allreduces = 0  # all-reduces this averager took part in (test faults count them)
         # (metadata, body, rule state): what newcomers download; the state is empty without momentum
         self._snapshot: tuple[dict[str, Any], list[torch.Tensor], list[torch.Tensor]] = (
             {"round": 0},
@@ -382,8 +387,9 @@ class FusedBodyAverager(DecentralizedAverager):
 
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
         """Like hivemind's, but all or nothing: apply the deltas only if no part failed or lost a sender."""
-        self._allreduces += 1
         group_id = group_info.group_id if group_id is None else group_id
+        own = gathered_infos(self.serializer, group_info).get(self.peer_id, {})
+        crash = self._faults.crashes_in(own.get("round", 0), own.get("stage"))  # test-only
         runner = ClientStreamingRunner(
             streamed_clients=streamed_clients(self.serializer, group_info),
             p2p=self._p2p,
@@ -405,7 +411,7 @@ class FusedBodyAverager(DecentralizedAverager):
         deltas = []
         async for _, update in azip(as_aiter(*tensors), runner):
             deltas.append(update)
-            if self._faults.crashes_in(self._allreduces):  # test-only: die like a machine mid all-reduce
+            if crash:  # test-only: die like a machine mid all-reduce
                 os.killpg(os.getpgid(0), signal.SIGKILL)
             await self._faults.stall_in_allreduce()  # test-only: a window to cut our link in
         failed = runner.tensor_part_container.failed_size

@@ -9,7 +9,7 @@ from coldfusion_p2p.swarm.faults import CRASH_IN_ALLREDUCE_ENV, SCALE_UPDATE_ENV
 
 def test_no_variables_means_no_faults():
     faults = Faults.from_environment({})
-    assert faults == Faults() and not faults.crash_in_allreduce and faults.scale_update is None
+    assert faults == Faults() and not faults.crashes_in(1, None) and faults.scale_update is None
     body, start = [torch.ones(3)], [torch.zeros(3)]
     faults.poison_update(body, start)
     assert torch.equal(body[0], torch.ones(3))
@@ -17,12 +17,13 @@ def test_no_variables_means_no_faults():
 
 def test_the_variables_turn_the_faults_on():
     faults = Faults.from_environment({CRASH_IN_ALLREDUCE_ENV: "1", SCALE_UPDATE_ENV: "100"})
-    assert faults.crashes_in(1) and not faults.crashes_in(2)
-    assert Faults.from_environment({CRASH_IN_ALLREDUCE_ENV: "2"}).crashes_in(2), "the second all-reduce: stage 2"
+    assert faults.crashes_in(1, None) and faults.crashes_in(1, 1) and not faults.crashes_in(2, None)
+    stage_two = Faults.from_environment({CRASH_IN_ALLREDUCE_ENV: "1:2"})
+    assert stage_two.crashes_in(1, 1) and not stage_two.crashes_in(1, 0), "round 1, stage 2 (0-based 1 in the info)"
     body, start = [torch.full((3,), 1.5)], [torch.ones(3)]
     faults.poison_update(body, start)
     assert torch.allclose(body[0], torch.full((3,), 51.0))  # start + 100 x the update of 0.5
     nan = [torch.ones(2)]
     Faults.from_environment({SCALE_UPDATE_ENV: "nan"}).poison_update(nan, [torch.zeros(2)])
     assert torch.isnan(nan[0]).all()
-    assert not any(Faults.from_environment({CRASH_IN_ALLREDUCE_ENV: "0"}).crashes_in(n) for n in (0, 1, 2))
+    assert not any(Faults.from_environment({CRASH_IN_ALLREDUCE_ENV: "0"}).crashes_in(n, None) for n in (0, 1, 2))
