@@ -9,15 +9,28 @@ from __future__ import annotations
 
 import statistics
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from common import DATA, LOOPBACK, cli, peer_environment
 
 from coldfusion_p2p.config import as_flags
 
+SAMPLE_SECONDS = 2.0  # how often a sampler looks at the running peers
 
-def run_swarm(model: str, n_peers: int, workdir: Path, **settings) -> list[dict]:
-    """N real peer processes on loopback for a few rounds; returns every peer's round history."""
+
+def run_swarm(
+    model: str,
+    n_peers: int,
+    workdir: Path,
+    sampler: Callable[[list[subprocess.Popen]], None] | None = None,
+    **settings,
+) -> list[dict]:
+    """N real peer processes on loopback for a few rounds; returns every peer's round history.
+
+    Peers take the bundled contributors' data in turn. ``sampler`` is called with the live peer
+    processes every ``SAMPLE_SECONDS`` until they all exit (memory sampling, say)."""
     from hivemind import DHT
 
     from coldfusion_p2p.contributor.checkpoints import read_history
@@ -31,7 +44,7 @@ def run_swarm(model: str, n_peers: int, workdir: Path, **settings) -> list[dict]
     try:
         for index in range(n_peers):
             flags = {
-                "dataset": str(DATA / datasets[index] / "train.csv"),
+                "dataset": str(DATA / datasets[index % len(datasets)] / "train.csv"),
                 "model": model,
                 "run_id": run_id,
                 "initial_peers": [str(a) for a in entry.get_visible_maddrs()],
@@ -56,8 +69,13 @@ def run_swarm(model: str, n_peers: int, workdir: Path, **settings) -> list[dict]
                         stderr=subprocess.STDOUT,
                     )
                 )
-        for process in processes:
-            process.wait(timeout=1800)
+        deadline = time.monotonic() + 1800
+        while any(process.poll() is None for process in processes):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the {n_peers}-peer swarm in {workdir} ran past 30 minutes")
+            if sampler is not None:
+                sampler([process for process in processes if process.poll() is None])
+            time.sleep(SAMPLE_SECONDS)
     finally:
         for process in processes:
             if process.poll() is None:

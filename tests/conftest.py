@@ -56,7 +56,10 @@ FAST_SWARM_SETTINGS = {
     "lr": 3e-3,
     "torch_threads": 1,
     "matchmaking_time": 1.5,
-    "request_timeout": 0.5,
+    # a follower waits this long for its leader's "accepted"; a leader whose group is complete starts at once,
+    # so one that gave up still counts as a member and the round is lost. 0.5 s was too short with a dozen
+    # processes on 2 busy cores (groups of 3 lost a sender now and then)
+    "request_timeout": 1.0,
     "fusion_window": 60.0,  # closed early once min_group_size peers are ready: only a slow start waits
     "allreduce_timeout": 20.0,
     "next_chunk_timeout": 5.0,

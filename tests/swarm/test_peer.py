@@ -373,8 +373,18 @@ def test_a_peer_frozen_by_sigstop_is_dropped_then_catches_up_after_sigcont(local
     without closing a single connection. The others must fuse without it within the timeouts, on
     exactly their two bodies; after SIGCONT it must notice the rounds it missed, download the fused
     base instead of checkpointing its stale round, and fuse with the others again."""
-    # a 30 s window: the others must not wait it out, since the frozen peer's record expires first
-    settings = dict(rounds=10, min_group_size=2, fusion_window=30.0, save_local_body=True, keep_checkpoints=20)
+    # a 30 s window: the others must not wait it out, since the frozen peer's record expires first.
+    # While the frozen node sits in DHT routing tables, a DHT read now and then waits out hivemind's 3 s
+    # request timeout on it (measured: one read in 5-10, for as long as it stays frozen), so the matchmaking
+    # window must outlast one such read or the two others may never see each other's declarations.
+    settings = dict(
+        rounds=10,
+        min_group_size=2,
+        fusion_window=30.0,
+        save_local_body=True,
+        keep_checkpoints=20,
+        matchmaking_time=4.0,
+    )
     # peer2 trains longest, so when it is frozen right after a checkpoint the others soon wait for it
     steps = (40, 40, 120)
     peers = [
@@ -411,7 +421,7 @@ def test_a_peer_frozen_by_sigstop_is_dropped_then_catches_up_after_sigcont(local
     # with records that never expire (sabotage) the others waited 22.8 and 28.9 s)
     waits = [peer.round_info(fused_without_it[0])["report"]["wait_seconds"] for peer in running]
     timeouts = FAST_SWARM_SETTINGS
-    wait_bound = record_ttl(timeouts["record_period"]) + timeouts["matchmaking_time"] + 2 * timeouts["request_timeout"]
+    wait_bound = record_ttl(timeouts["record_period"]) + settings["matchmaking_time"] + 2 * timeouts["request_timeout"]
     assert max(waits) <= wait_bound + 12.0 < settings["fusion_window"], (waits, wait_bound)
     synced, rejoined = assert_caught_up_then_fused(frozen, running, stopped_round, fused_without_it, thawed_at)
     for peer in peers:
