@@ -210,7 +210,7 @@ def report(results: dict) -> str:
     lines = report_header("One group against bounded groups: real loopback swarms", results)
     lines += section(
         "What ran",
-        f"{results['model_label']} peers, one process each (one torch thread), on 127.0.0.1; {results['rounds']} "
+        f"Peers of {results['model_label']}, one process each (one torch thread), on 127.0.0.1; {results['rounds']} "
         f"rounds of 1 local step; bounded groups of K = {results['group_size']} over the fewest stages that hold N "
         f"(N = 4 is one stage, the same group as one group). {results['trials']} swarms per row, the arms' order "
         "alternating. Fusion time: each round's slowest peer, rounds 2 on (median (min-max) over every trial's "
@@ -275,6 +275,8 @@ def main(argv: list[str] | None = None) -> None:
     started = time.monotonic()
     work_dir = settings.work_dir or Path(tempfile.mkdtemp(prefix="bounded-groups-"))
     model, model_label = benchmark_model(settings.model, work_dir)
+    if settings.model == "tiny":  # the tests' tiny BERT: start-up, memory and protocol cost, not bandwidth
+        model_label = "the tests' tiny BERT (2 layers, hidden 32: a body of 86 kB)"
     runs = []
     for peers in settings.peers:
         for trial in range(settings.trials):
