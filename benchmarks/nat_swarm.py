@@ -120,11 +120,12 @@ def wait_for_peers_file(bootstrap: Process, path: Path, address: str) -> list[st
     raise RuntimeError(f"the bootstrap wrote no peers file within {BOOTSTRAP_TIMEOUT:.0f}s:\n{bootstrap.log()[-2000:]}")
 
 
-def _start_bootstrap(lab: NetLab, workdir: Path, run_id: str, processes: list[Process]) -> list[str]:
-    """The run's bootstrap on the lab's internet (appended to ``processes`` at once); its addresses."""
+def start_bootstrap(lab: NetLab, workdir: Path, run_id: str, processes: list[Process], **flags) -> list[str]:
+    """The run's bootstrap on the lab's internet (appended to ``processes`` at once), with ``flags``
+    (``relay=True``, say); its addresses."""
     host = lab.hosts["bootstrap"]
     peers_file = workdir / "bootstrap.peers"
-    bootstrap_flags = {"peers_file": str(peers_file), "host_maddrs": [f"/ip4/{host.address}/tcp/0"]}
+    bootstrap_flags = {"peers_file": str(peers_file), "host_maddrs": [f"/ip4/{host.address}/tcp/0"], **flags}
     processes.append(
         Process(
             "bootstrap",
@@ -154,7 +155,7 @@ def _run_in_lab(lab: NetLab, run: dict, processes: list[Process], failures: list
     ``run``: model, compression, rounds, workdir, run_id, extra. Every process started is appended to
     ``processes`` at once, so that the caller kills it also when this raises."""
     workdir = run["workdir"]
-    initial_peers = _start_bootstrap(lab, workdir, run["run_id"], processes)
+    initial_peers = start_bootstrap(lab, workdir, run["run_id"], processes)
     before = link_counters(lab)
     for name in PEERS:
         flags = {

@@ -4,11 +4,11 @@ Peers on 127.0.0.1 all reach each other directly, so they never exercise what re
 routers that let nothing in, firewalls that let only TCP out, slow uplinks, cables pulled mid-round.
 ``NetLab`` builds that in network namespaces (root only, nothing outside its own namespaces is touched):
 
-    internet namespace: a bridge, 10.77.0.0/24, no route to any 192.168.x network
-      bootstrap  10.77.0.2        public hosts: reachable by everyone
-      public     10.77.0.3
-      home1-gw   10.77.0.11  --  LAN 192.168.1.1/24  --  home1  192.168.1.2 (default route: its router)
-      home2-gw   10.77.0.12  --  LAN 192.168.2.1/24  --  home2  192.168.2.2
+    internet namespace: a bridge, 11.77.0.0/24, no route to any 192.168.x network
+      bootstrap  11.77.0.2        public hosts: reachable by everyone
+      public     11.77.0.3
+      home1-gw   11.77.0.11  --  LAN 192.168.1.1/24  --  home1  192.168.1.2 (default route: its router)
+      home2-gw   11.77.0.12  --  LAN 192.168.2.1/24  --  home2  192.168.2.2
       ...        (strict homes are numbered after the plain ones)
 
 Each router masquerades its LAN behind its WAN address (a port-preserving Linux NAT, like most home
@@ -48,9 +48,13 @@ _NAME_PATTERN = re.compile(r"^[a-z][a-z0-9]{0,15}$")
 COMMAND_TIMEOUT = 20.0  # seconds for any one ip/tc/iptables call: they take milliseconds unless wedged
 KILL_TIMEOUT = 10.0  # seconds close() waits for killed processes to leave a namespace
 
-INTERNET = "10.77.0"  # the /24 the bridge, the public hosts and the routers' WAN sides share
-FIRST_PUBLIC = 2  # bootstrap 10.77.0.2, public 10.77.0.3, ...
-FIRST_ROUTER = 11  # home routers' WAN addresses: 10.77.0.11, .12, ...
+# The /24 the bridge, the public hosts and the routers' WAN sides share. It must be one libp2p counts as
+# public (go-multiaddr's IsPublicAddr: not 10/8, 100.64/10, 172.16/12, 192.168/16, nor a documentation
+# range): a relay only reserves slots with its public addresses, so on 10.x no peer ever got a relayed
+# address. The addresses exist inside the lab's namespaces alone, which have no route anywhere else.
+INTERNET = "11.77.0"
+FIRST_PUBLIC = 2  # bootstrap 11.77.0.2, public 11.77.0.3, ...
+FIRST_ROUTER = 11  # home routers' WAN addresses: 11.77.0.11, .12, ...
 MAX_PUBLIC_HOSTS = FIRST_ROUTER - FIRST_PUBLIC
 MAX_HOMES = 200
 

@@ -11,7 +11,7 @@ import threading
 import time
 
 import pytest
-from netlab import NAMESPACE_PREFIX, NetLab, iptables_variant, lab_unavailable_reason, sweep_stale_labs
+from netlab import INTERNET, NAMESPACE_PREFIX, NetLab, iptables_variant, lab_unavailable_reason, sweep_stale_labs
 
 REASON = lab_unavailable_reason()
 if REASON is not None:
@@ -196,9 +196,9 @@ def lab_names() -> tuple[list[str], str]:
 def test_homes_reach_the_public_host_through_nat(lab, agents):
     echo, port = server(agents, lab.hosts["public"])
     for home in ("home1", "home2", "home3"):
-        assert attempt(lab.hosts[home], "connect", "10.77.0.3", port) == "echo hello"
+        assert attempt(lab.hosts[home], "connect", f"{INTERNET}.3", port) == "echo hello"
         assert echo.line() == f"peer {lab.routers[home].address}"  # the router's WAN address: NAT happened
-    assert lab.hosts["home1"].address == "192.168.1.2" and lab.routers["home1"].address == "10.77.0.11"
+    assert lab.hosts["home1"].address == "192.168.1.2" and lab.routers["home1"].address == f"{INTERNET}.11"
 
 
 def test_nothing_reaches_a_home_from_outside(lab, agents):
@@ -240,16 +240,16 @@ except TimeoutError:
 def test_the_strict_home_gets_only_tcp_out(lab, agents):
     _, tcp_port = server(agents, lab.hosts["public"])
     udp, udp_port = server(agents, lab.hosts["public"], "udp-server")
-    assert attempt(lab.hosts["home1"], "udp", "10.77.0.3", udp_port) == "echo hello"  # a plain home: UDP works
-    assert udp.line() == "peer 10.77.0.11"
-    assert attempt(lab.hosts["home3"], "connect", "10.77.0.3", tcp_port) == "echo hello"
-    assert attempt(lab.hosts["home3"], "udp", "10.77.0.3", udp_port) == "failed TimeoutError"
+    assert attempt(lab.hosts["home1"], "udp", f"{INTERNET}.3", udp_port) == "echo hello"  # a plain home: UDP works
+    assert udp.line() == f"peer {INTERNET}.11"
+    assert attempt(lab.hosts["home3"], "connect", f"{INTERNET}.3", tcp_port) == "echo hello"
+    assert attempt(lab.hosts["home3"], "udp", f"{INTERNET}.3", udp_port) == "failed TimeoutError"
     ping = subprocess.run(  # ICMP neither: a raw echo request gets no reply
-        lab.hosts["home3"].command([sys.executable, "-c", PING, "10.77.0.3"]), capture_output=True, timeout=10
+        lab.hosts["home3"].command([sys.executable, "-c", PING, f"{INTERNET}.3"]), capture_output=True, timeout=10
     )
     assert ping.stdout.split() == [b"timeout"], ping
     ping = subprocess.run(
-        lab.hosts["home1"].command([sys.executable, "-c", PING, "10.77.0.3"]), capture_output=True, timeout=10
+        lab.hosts["home1"].command([sys.executable, "-c", PING, f"{INTERNET}.3"]), capture_output=True, timeout=10
     )
     assert ping.stdout.split() == [b"reply"], ping
 
@@ -268,7 +268,7 @@ def test_shape_limits_both_directions(lab, agents):
     lab.shape("home1", 20)
     sink, sink_port = server(agents, public, "tcp-server", "sink", str(RATE_BYTES))
     sender = agents(home, "send", public.address, str(sink_port), str(RATE_BYTES))
-    assert sink.line() == "peer 10.77.0.11"
+    assert sink.line() == f"peer {INTERNET}.11"
     upload = measured_mbit(sink)
     assert sender.line(timeout=30) == "sent done"
     _, source_port = server(agents, public, "tcp-server", "source", str(RATE_BYTES))
@@ -382,7 +382,7 @@ def test_a_lab_left_by_a_dead_process_is_swept_and_an_exiting_one_closes_itself(
 def test_constructor_options_shape_every_home():
     with NetLab(homes=("alpha",), strict_homes=("beta",), home_rate_mbit=8, public_hosts=("seed",)) as lab:
         assert sorted(lab.hosts) == ["alpha", "beta", "seed"] and lab.homes == ("alpha", "beta")
-        assert lab.hosts["seed"].address == "10.77.0.2" and lab.hosts["beta"].address == "192.168.2.2"
+        assert lab.hosts["seed"].address == f"{INTERNET}.2" and lab.hosts["beta"].address == "192.168.2.2"
         for home in lab.homes:
             shown = subprocess.run(
                 lab.routers[home].command(["tc", "qdisc", "show"]), capture_output=True, text=True, timeout=10

@@ -149,26 +149,20 @@ class Peer:
         self._resume_local_checkpoint()
         with signals_deferred():
             self.dht, self.mode = reachability.join(config.network, self.keys, moderation=self.moderation)
-        self.presence.identity = self._identity(self.mode.name)
         self.board = RecordBoard(self.dht, self.keys)
         gate = None if self.moderation is None else InviteGate(self.dht, self.keys.records_key, self.moderation)
-        prefix, original, state = (
-            self.keys.averager_prefix(self.model_fingerprint),
-            self._original_body,
-            self._resumed_state,
-        )
         with signals_deferred():
             self.fusion = BodyFusion(
                 self.dht,
                 self.body,
-                prefix=prefix,
+                prefix=self.keys.averager_prefix(self.model_fingerprint),
                 config=config.fusion,
                 board=self.board,
                 gate=gate,
                 should_stop=self.stop_event.is_set,
                 rule=self.rule,
-                original=original,
-                state=state,
+                original=self._original_body,
+                state=self._resumed_state,
                 client_mode=self.mode.averager_client_mode,
             )
         alone = {"group_size": 0, "peer_ids": [], "fingerprint": body_fingerprint(self.body)}
@@ -176,9 +170,17 @@ class Peer:
         addresses, reachable = self.dht.get_visible_maddrs(), self.mode.name == "public"
         device = f"{self.trainer.device} in {config.training.precision}"
         self.console.joined(self.fusion.peer_id, addresses, self.data, self.keys.run_id, reachable, device)
-        self.console.reachability(self.mode)
+        self._adopt_mode(self.mode)
+        if self.mode.awaiting_relay:  # its slot comes minutes later: then the record and the console say so
+            reachability.watch_relay(self.dht, self.stop_event, self._adopt_mode)
         self.presence.check_compatible(self.board, self.keys.run_id)  # before publishing: strangers stay out
         self.presence.start(self.board, self.fusion.peer_id, self.config.network.initial_peers)
+
+    def _adopt_mode(self, mode: reachability.Mode) -> None:
+        """Our mode, in our record (the monitor's column) and in the console's one line."""
+        self.mode = mode
+        self.presence.identity = self._identity(mode.name)
+        self.console.reachability(mode)
 
     def _identity(self, mode: str) -> Identity:
         invite = self.moderation.invite.encode() if self.moderation is not None else ""

@@ -11,8 +11,13 @@ The modes (:class:`Mode`):
 * **relayed**: inbound connections fail, but a bootstrap started with ``--relay`` serves libp2p
   circuit relays and the node holds a reservation there (a ``/p2p-circuit`` address), so libp2p
   can still dial it through the relay. It fuses like a client (averager and DHT in client mode):
-  bodies through a relay would put every byte of the swarm through the bootstrap's link. A node
-  that gets no reservation within :data:`RELAY_RESERVATION_TIMEOUT` says so and runs as a client.
+  bodies through a relay would put every byte of the swarm through the bootstrap's link. The
+  reservation is libp2p's autorelay's to make, and it comes late: with fewer than 4 relays in
+  sight autorelay first waits out its 3-minute boot delay (measured on the network lab: 172 s).
+  So such a node joins as a client that awaits a relay (:attr:`Mode.awaiting_relay`), and
+  :func:`watch_relay` turns it into a relayed one once its slot is reserved. A relay only
+  reserves with addresses libp2p counts as public: behind a relay on a private address
+  (10.x, 192.168.x) no ``/p2p-circuit`` address ever appears.
 * **client**: inbound connections fail and no relay is used. hivemind's client mode: the averager
   sends its body to the reducers and receives the average but reduces nothing and serves no state,
   and the DHT node only asks. It only ever dials out, which NAT allows.
@@ -34,7 +39,9 @@ import functools
 import ipaddress
 import json
 import logging
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -56,7 +63,8 @@ DIALBACK_HANDLER = "coldfusion.reachability.dialback"
 MAX_PROBED_ADDRESSES = 8
 DIAL_TIMEOUT = 3.0  # seconds per address: a NAT drops the SYN silently, so only a timeout tells
 PROBE_TIMEOUT = 2 * DIAL_TIMEOUT + 4.0  # one bootstrap's whole answer
-RELAY_RESERVATION_TIMEOUT = 10.0  # seconds a relayed node waits for its /p2p-circuit address
+RELAY_WAIT = 600.0  # seconds a node that asked a relay for a slot watches for it (autorelay waits ~180 s first)
+RELAY_POLL = 2.0  # ... looking this often
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,7 @@ class Mode:
 
     name: ModeName
     reason: str
+    awaiting_relay: bool = False  # a client whose DHT asked a relay for a slot (see watch_relay)
 
     @property
     def averager_client_mode(self) -> bool:
@@ -140,24 +149,47 @@ def join(
         if mode.name != "public":
             dht.shutdown()
             dht = _start(config, keys, mode, moderation, serve_relay=False, restart=True)
-    if mode.name == "relayed" and not _has_relay_address(dht, RELAY_RESERVATION_TIMEOUT):
-        mode = Mode(
-            "client", f"{mode.reason}, but no relay gave a reservation within {RELAY_RESERVATION_TIMEOUT:.0f} s"
-        )
+    if mode.name == "relayed":  # until autorelay has reserved its slot (minutes), it runs as a client
+        reason = f"{mode.reason}; asked for a relay slot, which libp2p reserves after about 3 minutes"
+        mode = Mode("client", reason, awaiting_relay=True)
     if mode.name == "public":
         serve_probes(dht, relay=serve_relay)
     return dht, mode
 
 
-def _has_relay_address(dht: DHT, timeout: float) -> bool:
-    """Wait (bounded) until libp2p announces a ``/p2p-circuit`` address: a relay reserved us a slot."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if any("p2p-circuit" in str(address) for address in dht.get_visible_maddrs(latest=True)):
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.5)
+def relay_address(dht: DHT) -> str | None:
+    """This node's ``/p2p-circuit`` address, once a relay has reserved it a slot; else None."""
+    addresses = [str(address) for address in dht.get_visible_maddrs(latest=True)]
+    return next((address for address in addresses if "p2p-circuit" in address), None)
+
+
+def watch_relay(
+    dht: DHT, stop_event: threading.Event, on_reserved: Callable[[Mode], None], timeout: float = RELAY_WAIT
+) -> threading.Thread:
+    """In the background, wait (bounded) for a relay to reserve this node a slot, then hand
+    ``on_reserved`` its relayed mode. Until then, and for good if none comes, the node is a client.
+    Started once the node has joined, so the seconds it reports count from then."""
+    started = time.monotonic()
+
+    def watch() -> None:
+        while not stop_event.wait(RELAY_POLL):
+            try:
+                address = relay_address(dht)
+            except Exception as error:  # the DHT shutting down
+                logger.debug("reading our addresses failed: %r", error)
+                return
+            waited = time.monotonic() - started
+            if address is not None:
+                reason = f"a relay reserved this node a slot {waited:.0f} s after it joined: {address}"
+                on_reserved(Mode("relayed", reason))
+                return
+            if waited > timeout:
+                logger.info("no relay reserved a slot in %.0f s: staying a client", waited)
+                return
+
+    thread = threading.Thread(target=watch, name="relay-watch", daemon=True)
+    thread.start()
+    return thread
 
 
 def _start(

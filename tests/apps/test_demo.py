@@ -124,7 +124,11 @@ def test_quick_demo_runs_end_to_end_and_writes_the_report(tmp_path):
 
     report = tmp_path / "report"
     result = subprocess.run(
-        peer_command("demo", "--quick", "--curve-every", "1", "--report-dir", str(report), "--run-id", "test-demo"),
+        peer_command(
+            *("demo", "--quick", "--curve-every", "1", "--report-dir", str(report), "--run-id", "test-demo"),
+            # smaller than --quick where nothing asserted depends on it: the suite's slowest test (4 min in CI)
+            *("--evaluated-contributors", "1", "--max-train-examples", "100", "--max-test-examples", "60"),
+        ),
         capture_output=True,
         text=True,
         env=peer_environment(),

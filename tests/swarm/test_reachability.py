@@ -22,6 +22,7 @@ from coldfusion_p2p.swarm.reachability import (
     probe,
     probed_addresses,
     serve_probes,
+    watch_relay,
 )
 from coldfusion_p2p.swarm.records import PeerRecord
 
@@ -54,6 +55,35 @@ def test_explicit_settings_and_the_cases_with_nothing_to_probe():
     silent = decide_mode("auto", "auto", None, has_initial_peers=True)
     assert silent.name == "public" and "--reachability private" in silent.reason
     assert decide_mode("auto", "auto", OPEN, True).line().startswith("reachability: public (")
+
+
+class AddressesLater:
+    """A stand-in for the DHT's address list (only what watch_relay reads): a relay slot after ``calls`` looks."""
+
+    def __init__(self, calls: int):
+        self.calls, self.seen = calls, 0
+
+    def get_visible_maddrs(self, latest: bool = False):
+        self.seen += 1
+        own = ["/ip4/192.168.1.2/tcp/4001/p2p/QmMe"]
+        return own + (["/ip4/11.77.0.2/tcp/31337/p2p/QmRelay/p2p-circuit/p2p/QmMe"] if self.seen > self.calls else [])
+
+
+def test_a_client_awaiting_a_relay_turns_relayed_once_its_slot_appears_and_stops_watching(monkeypatch):
+    import threading
+
+    monkeypatch.setattr("coldfusion_p2p.swarm.reachability.RELAY_POLL", 0.01)
+    modes, stop = [], threading.Event()
+    watch_relay(AddressesLater(calls=3), stop, modes.append).join(timeout=5)
+    assert [mode.name for mode in modes] == ["relayed"], modes
+    assert "/p2p/QmRelay/p2p-circuit/p2p/QmMe" in modes[0].reason and "after it joined" in modes[0].reason
+    assert modes[0].averager_client_mode, "a relayed node still fuses as a client"
+    never = []
+    watch_relay(AddressesLater(calls=10**9), stop, never.append, timeout=0.05).join(timeout=5)
+    assert never == [], "no slot within the bound: it stays a client"
+    stop.set()
+    watch_relay(AddressesLater(calls=0), stop, never.append).join(timeout=5)
+    assert never == [], "a stopping node stops watching"
 
 
 def test_probed_addresses_keep_tcp_and_drop_loopback_unless_the_prober_is_local():

@@ -107,10 +107,60 @@ def stage_means(bodies: dict[str, dict], weights: dict[str, float]) -> dict:
     return {n: sum(weights[peer] * bodies[peer][n] for peer in weights) / total for n in names}
 
 
-def assert_holds(peer, expected: dict, what: str) -> None:
-    fused = load_body_state(round_dir(peer, 2))
+def assert_holds(peer, expected: dict, what: str, round_number: int = 2) -> None:
+    fused = load_body_state(round_dir(peer, round_number))
     worst = max(float((fused[n] - expected[n]).abs().max()) for n in expected)
     assert worst <= 1e-6, f"{peer.name} does not hold {what} (off by {worst:.2e})"
+
+
+@pytest.mark.swarm
+def test_the_poisoning_guard_rejects_each_stage_group_with_the_attacker_and_the_others_fuse_around_it(
+    local_swarm, tiny_model_dir, tiny_datasets, monkeypatch
+):
+    """2 x 2 grid, one peer sends 100x its update. Each of its two stage groups rejects the average (all
+    or nothing per group); the honest pair of stage 1 fuses, and in stage 2 the attacker's first partner
+    (its own body, weight 1) fuses with that pair's other member (their mean, weight 2): every honest
+    body ends an exact mean of honest bodies only."""
+    settings = dict(
+        rounds=1, min_group_size=4, save_local_body=True, refit_steps=0, target_group_size=2, fusion_stages=2
+    )
+    honest = [
+        local_swarm.start_peer(f"peer{i}", tiny_datasets[i], tiny_model_dir, seed=i, **settings) for i in range(3)
+    ]
+    monkeypatch.setenv("COLDFUSION_FAULT_SCALE_UPDATE", "100")
+    attacker = local_swarm.start_peer("attacker", tiny_datasets[0], tiny_model_dir, seed=3, **settings)
+    monkeypatch.delenv("COLDFUSION_FAULT_SCALE_UPDATE")
+    local_swarm.wait_all()
+
+    ids = {peer.round_info(1)["peer_id"]: peer for peer in [*honest, attacker]}
+    attacker_id = attacker.round_info(1)["peer_id"]
+    positions = grid_positions(ids, 1)
+    bodies = {peer_id: pre_fusion(peer, 1, "body") for peer_id, peer in ids.items() if peer is not attacker}
+    carried, weight = {}, {}
+    for peer_id in bodies:
+        pair = own_stage_group(positions, peer_id, 2, 2, 0)
+        clean = attacker_id not in pair
+        carried[peer_id] = stage_means(bodies, dict.fromkeys(pair, 1.0)) if clean else bodies[peer_id]
+        weight[peer_id] = 2.0 if clean else 1.0
+    for peer_id, peer in ids.items():
+        if peer is attacker:
+            continue
+        report = peer.round_info(1)["report"]
+        groups = [own_stage_group(positions, peer_id, 2, 2, stage) for stage in (0, 1)]
+        expected = ["rejected" if attacker_id in group else "fused" for group in groups]
+        assert [stage["outcome"] for stage in report["stages"]] == expected, (peer.name, report["stages"])
+        if attacker_id in groups[1]:
+            assert_holds(peer, carried[peer_id], "its stage-1 pair's mean", round_number=1)
+        else:
+            pair = {member: carried[member] for member in groups[1]}
+            assert_holds(peer, stage_means(pair, {m: weight[m] for m in groups[1]}), "an honest mean", 1)
+    three = stage_means(bodies, dict.fromkeys(bodies, 1.0))
+    assert sum(1 for peer in honest if held_is(peer, three)) == 2, "two end on the mean of all honest bodies"
+
+
+def held_is(peer, expected: dict) -> bool:
+    fused = load_body_state(round_dir(peer, 1))
+    return all(torch.allclose(fused[n], expected[n], atol=1e-6) for n in expected)
 
 
 @pytest.mark.swarm
