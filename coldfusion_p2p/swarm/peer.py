@@ -43,7 +43,7 @@ from coldfusion_p2p.swarm.console import PeerConsole
 from coldfusion_p2p.swarm.faults import FAULTS
 from coldfusion_p2p.swarm.fusion import BodyFusion, FusionResult, finite_or_nan
 from coldfusion_p2p.swarm.network import check_network_config, network_moderation, shut_down
-from coldfusion_p2p.swarm.presence import POLL_SECONDS, Identity, Presence
+from coldfusion_p2p.swarm.presence import Identity, Presence
 from coldfusion_p2p.swarm.process_safety import install as install_fork_hooks
 from coldfusion_p2p.swarm.records import RecordBoard, RunKeys
 from coldfusion_p2p.swarm.round_store import (
@@ -304,7 +304,7 @@ class Peer:
             self.presence.announce(status="downloading", fuse_at=None)
             state = self.fusion.download_fused(target, self.body, timeout=max(1.0, deadline - time.monotonic()))
             if state is None:
-                self.stop_event.wait(POLL_SECONDS)
+                self.stop_event.wait(self.presence.poll_seconds)
                 continue
             copy_into(self.body, state.tensors)
             self.fusion.state = state.state  # the fusion rule's state (outer momentum) travels with the base

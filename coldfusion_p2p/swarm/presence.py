@@ -28,7 +28,6 @@ from coldfusion_p2p.swarm.stages import stage_summary
 
 logger = logging.getLogger(__name__)
 
-POLL_SECONDS = 0.2
 MEMBER_READS = 4  # bounded groups: reads of the round's member list, until two in a row agree
 RECONNECT_SECONDS = 5.0  # while nobody is in sight, ping the initial peers this often
 
@@ -82,6 +81,14 @@ class Identity:
     device: str = ""  # where it trains and in what precision, e.g. "cuda:0 bf16"
 
 
+def poll_seconds(record_period: float) -> float:
+    """How often a waiting peer reads the swarm's records: a quarter of their refresh period, at most
+    5 times a second. Every peer of a window reads every record each time, so the DHT's load grows
+    with the swarm's size times this rate: 16 peers reading every 0.2 s kept 2 cores' DHTs so busy
+    that reads timed out and windows never saw the whole swarm ready."""
+    return max(0.2, record_period / 4)
+
+
 def record_ttl(record_period: float) -> float:
     """How long our record outlives its last refresh: a few missed refreshes, never less than 3 s.
 
@@ -95,6 +102,7 @@ class Presence:
 
     def __init__(self, identity: Identity, record_period: float, stop_event: threading.Event):
         self.identity, self.record_period, self.stop_event = identity, record_period, stop_event
+        self.poll_seconds = poll_seconds(record_period)
         self.progress = Progress()
         self.swarm_fused_round = 0  # the newest round another compatible peer fused, as last seen
         self.reducer_seen = False  # ever seen a live peer that can reduce (not in client mode)?
@@ -253,7 +261,7 @@ class Presence:
                         "run at least one peer on a public address (or with a forwarded port and --announce-maddrs)",
                     )
                 return window
-            self.stop_event.wait(POLL_SECONDS)
+            self.stop_event.wait(self.poll_seconds)
         return FusionWindow("stop")
 
     def _agreed_members(self, round_number: int, scheduled: float, seen: Sequence[PeerRecord]) -> list[str]:
@@ -283,7 +291,7 @@ class Presence:
         while time.monotonic() < deadline and not self.stop_event.is_set():
             if not policy.archivers_behind(self.board.fetch().values(), self.progress.fused_round):
                 return
-            self.stop_event.wait(POLL_SECONDS)
+            self.stop_event.wait(self.poll_seconds)
 
     def round_to_download(self, min_round: int | None, deadline: float) -> int | None:
         """The fused round worth downloading now, or None (nothing newer; or a stop or the deadline).
@@ -299,7 +307,7 @@ class Presence:
                 return target if target > self.progress.fused_round else None
             if not policy.still_fusing(others, min_round):
                 return policy.fused_without_us(others, min_round)
-            self.stop_event.wait(POLL_SECONDS)
+            self.stop_event.wait(self.poll_seconds)
         return None
 
     def _publish_periodically(self) -> None:
