@@ -151,6 +151,8 @@ def run_arm(settings: Settings, model: str, peers: int, bounded: bool, workdir: 
         fusion_window=300.0,  # closed early once all are ready: only the start-up skew waits
         allreduce_timeout=60.0,
         record_period=2.0,
+        matchmaking_time=5.0,  # the defaults users run: one group of 16 never assembled in 2 s on 2 cores
+        request_timeout=3.0,
     )
     if bounded:
         options["target_group_size"] = settings.group_size
@@ -212,7 +214,8 @@ def report(results: dict) -> str:
         "What ran",
         f"Peers of {results['model_label']}, one process each (one torch thread), on 127.0.0.1; {results['rounds']} "
         f"rounds of 1 local step; bounded groups of K = {results['group_size']} over the fewest stages that hold N "
-        f"(N = 4 is one stage, the same group as one group). {results['trials']} swarms per row, the arms' order "
+        f"(N = 4 is one stage, the same group as one group); the default timeouts (matchmaking 5 s, requests 3 s), "
+        f"min_group_size N. {results['trials']} swarms per row, the arms' order "
         "alternating. Fusion time: each round's slowest peer, rounds 2 on (median (min-max) over every trial's "
         "rounds). Bytes: what each peer sent in a round's all-reduces. Memory: the peak PSS of each peer's "
         "process tree (main, DHT and averager processes, p2pd), and of all peers together.",

@@ -112,8 +112,17 @@ def peer_command(*arguments: str) -> list[str]:
 class PeerProcess:
     """A ``coldfusion-peer <command>`` child process (``join`` by default) with its output in a log file."""
 
-    def __init__(self, name: str, workdir: Path, settings: dict, command: str = "join", wrap: Sequence[str] = ()):
-        """``wrap`` prefixes the command line: ``ip netns exec <namespace>`` runs it on a lab host."""
+    def __init__(
+        self,
+        name: str,
+        workdir: Path,
+        settings: dict,
+        command: str = "join",
+        wrap: Sequence[str] = (),
+        environment: dict[str, str] | None = None,
+    ):
+        """``wrap`` prefixes the command line: ``ip netns exec <namespace>`` runs it on a lab host.
+        ``environment``: more variables for this process alone (test faults: ``swarm/faults.py``)."""
         self.name = name
         self.output_dir = Path(settings.get("output_dir", workdir / name))
         self.log_path = workdir / f"{name}.log"
@@ -122,7 +131,7 @@ class PeerProcess:
             [*wrap, *peer_command(command, *as_flags(settings))],
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env=peer_environment(),
+            env={**peer_environment(), **(environment or {})},
             start_new_session=True,
         )
 
@@ -214,7 +223,10 @@ class LocalSwarm:
         self.peers.append(node)
         return node
 
-    def start_peer(self, name: str, dataset: Path, model: Path, **overrides) -> PeerProcess:
+    def start_peer(
+        self, name: str, dataset: Path, model: Path, environment: dict[str, str] | None = None, **overrides
+    ) -> PeerProcess:
+        """A peer with the fast test settings and ``overrides`` (flags); ``environment``: see PeerProcess."""
         settings = {
             **FAST_SWARM_SETTINGS,
             "dataset": str(dataset),
@@ -225,7 +237,7 @@ class LocalSwarm:
             "quiet": True,
             **overrides,
         }
-        peer = PeerProcess(name, self.workdir, settings)
+        peer = PeerProcess(name, self.workdir, settings, environment=environment)
         self.peers.append(peer)
         return peer
 
@@ -277,7 +289,9 @@ class LabSwarm:
         self.initial_peers = [peer for peer in node.wait_ready() if peer.startswith(address)]
         return node
 
-    def start_peer(self, name: str, host: str, dataset: Path, model: Path, **overrides) -> PeerProcess:
+    def start_peer(
+        self, name: str, host: str, dataset: Path, model: Path, environment: dict[str, str] | None = None, **overrides
+    ) -> PeerProcess:
         settings = {
             **FAST_SWARM_SETTINGS,
             "dataset": str(dataset),
@@ -288,7 +302,7 @@ class LabSwarm:
             "host_maddrs": self._maddrs(host),
             **overrides,
         }
-        peer = PeerProcess(name, self.workdir, settings, wrap=self.lab.hosts[host].command([]))
+        peer = PeerProcess(name, self.workdir, settings, wrap=self.lab.hosts[host].command([]), environment=environment)
         self.peers.append(peer)
         return peer
 

@@ -18,6 +18,7 @@ from coldfusion_p2p.merge.aggregation import (
     ties_merge,
     trim_update,
 )
+from coldfusion_p2p.swarm.faults import SCALE_UPDATE_ENV
 
 from conftest import pre_fusion, round_dir
 
@@ -155,16 +156,15 @@ def _flat(body: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
 
 @pytest.mark.swarm
 def test_clipped_mean_keeps_one_100x_attacker_among_four_from_moving_the_base(
-    local_swarm, tiny_model_dir, tiny_datasets, monkeypatch
+    local_swarm, tiny_model_dir, tiny_datasets
 ):
     """Real peers: three honest ones and one that sends 100x its update, all with --aggregation clipped_mean."""
     settings = dict(rounds=1, min_group_size=4, save_local_body=True, aggregation="clipped_mean", keep_checkpoints=5)
     honest = [
         local_swarm.start_peer(f"honest{i}", tiny_datasets[i], tiny_model_dir, seed=i, **settings) for i in range(3)
     ]
-    monkeypatch.setenv("COLDFUSION_FAULT_SCALE_UPDATE", "100")
-    attacker = local_swarm.start_peer("attacker", tiny_datasets[0], tiny_model_dir, seed=3, **settings)
-    monkeypatch.delenv("COLDFUSION_FAULT_SCALE_UPDATE")
+    poison = {SCALE_UPDATE_ENV: "100"}
+    attacker = local_swarm.start_peer("attacker", tiny_datasets[0], tiny_model_dir, poison, seed=3, **settings)
     local_swarm.wait_all()
 
     start = AutoModel.from_pretrained(tiny_model_dir).state_dict()

@@ -19,6 +19,7 @@ import torch
 from netlab import NetLab, lab_unavailable_reason
 
 from coldfusion_p2p.contributor.checkpoints import load_body_state
+from coldfusion_p2p.swarm.faults import STALL_IN_ALLREDUCE_ENV
 
 from conftest import LabSwarm, peer_command, peer_environment, pre_fusion, round_dir, swarm_diagnosis, wait_until
 
@@ -173,7 +174,7 @@ def router_bytes(swarm: LabSwarm, home: str) -> int:
 
 
 def test_a_link_cut_mid_all_reduce_leaves_no_partial_average_and_the_peer_rejoins(
-    tmp_path, tiny_model_dir, tiny_datasets, monkeypatch
+    tmp_path, tiny_model_dir, tiny_datasets
 ):
     with lab_swarm(tmp_path, "cut") as swarm:
         swarm.start_bootstrap()
@@ -183,10 +184,9 @@ def test_a_link_cut_mid_all_reduce_leaves_no_partial_average_and_the_peer_rejoin
         marker = tmp_path / "home1-in-allreduce"
         peers = []
         for i, host in enumerate(hosts):
-            if host == "home1":  # its first all-reduce pauses (test-only fault) once under way
-                monkeypatch.setenv("COLDFUSION_FAULT_STALL_IN_ALLREDUCE", str(marker))
-            peers.append(swarm.start_peer(host, host, tiny_datasets[i], tiny_model_dir, seed=i, **settings))
-            monkeypatch.delenv("COLDFUSION_FAULT_STALL_IN_ALLREDUCE", raising=False)
+            # home1's first all-reduce pauses (test-only fault) once under way
+            stall = {STALL_IN_ALLREDUCE_ENV: str(marker)} if host == "home1" else None
+            peers.append(swarm.start_peer(host, host, tiny_datasets[i], tiny_model_dir, stall, seed=i, **settings))
         public, cut_peer = peers[0], peers[1]
         wait_until(marker.exists, timeout=200, message="home1's first all-reduce")
         cut_round = max(cut_peer.rounds_written(), default=0) + 1

@@ -14,6 +14,7 @@ from coldfusion_p2p.config import build_config
 from coldfusion_p2p.contributor.checkpoints import apply_body_state, latest_checkpoint, load_body_state, load_head
 from coldfusion_p2p.contributor.learner import build_learner
 from coldfusion_p2p.contributor.model import load_head_state
+from coldfusion_p2p.swarm.faults import CRASH_IN_ALLREDUCE_ENV, SCALE_UPDATE_ENV
 from coldfusion_p2p.swarm.presence import record_ttl
 
 from conftest import FAST_SWARM_SETTINGS, pre_fusion, read_scalars, round_dir, wait_until
@@ -242,18 +243,15 @@ def test_a_peer_with_another_model_gets_a_clear_error_and_nobody_crashes(
 
 
 @pytest.mark.parametrize("fault", ["100", "nan"])
-def test_a_poisoned_contribution_is_rejected_by_everyone(
-    local_swarm, tiny_model_dir, tiny_datasets, fault, monkeypatch
-):
+def test_a_poisoned_contribution_is_rejected_by_everyone(local_swarm, tiny_model_dir, tiny_datasets, fault):
     # a wide window (closed early once all three are ready): a slow start of the attacker's process
     # on a loaded machine must not turn the rejection into a group that never formed
     settings = dict(rounds=1, min_group_size=3, save_local_body=True, fusion_window=90.0)
     honest = [
         local_swarm.start_peer(f"honest{i}", tiny_datasets[i], tiny_model_dir, seed=i, **settings) for i in (0, 1)
     ]
-    monkeypatch.setenv("COLDFUSION_FAULT_SCALE_UPDATE", fault)
-    attacker = local_swarm.start_peer("attacker", tiny_datasets[2], tiny_model_dir, seed=2, **settings)
-    monkeypatch.delenv("COLDFUSION_FAULT_SCALE_UPDATE")
+    poison = {SCALE_UPDATE_ENV: fault}
+    attacker = local_swarm.start_peer("attacker", tiny_datasets[2], tiny_model_dir, poison, seed=2, **settings)
     local_swarm.wait_all()
     for peer in honest:
         report = peer.round_info(1)["report"]
@@ -265,7 +263,7 @@ def test_a_poisoned_contribution_is_rejected_by_everyone(
 
 
 def test_a_peer_killed_mid_all_reduce_leaves_no_half_averaged_body_and_rejoins(
-    local_swarm, tiny_model_dir, tiny_datasets, monkeypatch
+    local_swarm, tiny_model_dir, tiny_datasets
 ):
     # a wide window (closed early whenever all three are ready): after the crash the survivors wait
     # in round 2 for the victim's restart, however slowly it starts on a loaded machine
@@ -273,9 +271,8 @@ def test_a_peer_killed_mid_all_reduce_leaves_no_half_averaged_body_and_rejoins(
     survivors = [
         local_swarm.start_peer(f"survivor{i}", tiny_datasets[i], tiny_model_dir, seed=i, **settings) for i in (0, 1)
     ]
-    monkeypatch.setenv("COLDFUSION_FAULT_CRASH_IN_ALLREDUCE", "1")
-    victim = local_swarm.start_peer("victim", tiny_datasets[2], tiny_model_dir, seed=2, **settings)
-    monkeypatch.delenv("COLDFUSION_FAULT_CRASH_IN_ALLREDUCE")
+    crash = {CRASH_IN_ALLREDUCE_ENV: "1"}
+    victim = local_swarm.start_peer("victim", tiny_datasets[2], tiny_model_dir, crash, seed=2, **settings)
     assert victim.wait(timeout=120) == -9, victim.log()
     wait_until(lambda: all(1 in peer.rounds_written() for peer in survivors), timeout=90, message="survivors' round 1")
 

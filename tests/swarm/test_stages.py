@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from coldfusion_p2p.contributor.checkpoints import load_body_state
+from coldfusion_p2p.swarm.faults import CRASH_IN_ALLREDUCE_ENV, SCALE_UPDATE_ENV
 from coldfusion_p2p.swarm.grid import grid_positions, own_stage_group
 from coldfusion_p2p.swarm.stages import members_digest, stage_summary, stage_wait
 
@@ -62,7 +63,7 @@ def test_four_peers_on_a_two_by_two_grid_each_end_the_round_holding_the_global_m
 
 @pytest.mark.swarm
 def test_a_peer_killed_in_stage_two_costs_only_its_group_and_nobody_holds_a_partial_average(
-    local_swarm, tiny_model_dir, tiny_datasets, monkeypatch
+    local_swarm, tiny_model_dir, tiny_datasets
 ):
     """2 x 2 grid; the victim dies mid all-reduce of stage 2. Its stage-2 partner keeps its exact
     stage-1 pair mean; the other pair still fuses (holding the victim's stage-1 contribution)."""
@@ -72,9 +73,8 @@ def test_a_peer_killed_in_stage_two_costs_only_its_group_and_nobody_holds_a_part
     survivors = [
         local_swarm.start_peer(f"peer{i}", tiny_datasets[i], tiny_model_dir, seed=i, **settings) for i in range(3)
     ]
-    monkeypatch.setenv("COLDFUSION_FAULT_CRASH_IN_ALLREDUCE", "1:2")  # round 1, stage 2
-    victim = local_swarm.start_peer("victim", tiny_datasets[0], tiny_model_dir, seed=3, **settings)
-    monkeypatch.delenv("COLDFUSION_FAULT_CRASH_IN_ALLREDUCE")
+    crash = {CRASH_IN_ALLREDUCE_ENV: "1:2"}  # round 1, stage 2
+    victim = local_swarm.start_peer("victim", tiny_datasets[0], tiny_model_dir, crash, seed=3, **settings)
     assert victim.wait(timeout=240) == -9, victim.log()
     for peer in survivors:
         assert peer.wait(timeout=240) == 0, peer.log()
@@ -115,7 +115,7 @@ def assert_holds(peer, expected: dict, what: str, round_number: int = 2) -> None
 
 @pytest.mark.swarm
 def test_the_poisoning_guard_rejects_each_stage_group_with_the_attacker_and_the_others_fuse_around_it(
-    local_swarm, tiny_model_dir, tiny_datasets, monkeypatch
+    local_swarm, tiny_model_dir, tiny_datasets
 ):
     """2 x 2 grid, one peer sends 100x its update. Each of its two stage groups rejects the average (all
     or nothing per group); the honest pair of stage 1 fuses, and in stage 2 the attacker's first partner
@@ -127,9 +127,8 @@ def test_the_poisoning_guard_rejects_each_stage_group_with_the_attacker_and_the_
     honest = [
         local_swarm.start_peer(f"peer{i}", tiny_datasets[i], tiny_model_dir, seed=i, **settings) for i in range(3)
     ]
-    monkeypatch.setenv("COLDFUSION_FAULT_SCALE_UPDATE", "100")
-    attacker = local_swarm.start_peer("attacker", tiny_datasets[0], tiny_model_dir, seed=3, **settings)
-    monkeypatch.delenv("COLDFUSION_FAULT_SCALE_UPDATE")
+    poison = {SCALE_UPDATE_ENV: "100"}
+    attacker = local_swarm.start_peer("attacker", tiny_datasets[0], tiny_model_dir, poison, seed=3, **settings)
     local_swarm.wait_all()
 
     ids = {peer.round_info(1)["peer_id"]: peer for peer in [*honest, attacker]}
@@ -166,7 +165,7 @@ def held_is(peer, expected: dict) -> bool:
 @pytest.mark.swarm
 @pytest.mark.extended
 def test_twelve_peers_in_groups_of_four_reach_the_global_mean_and_a_peer_killed_mid_stage_costs_only_its_groups(
-    local_swarm, tiny_model_dir, tiny_datasets, monkeypatch
+    local_swarm, tiny_model_dir, tiny_datasets
 ):
     """K = 4, D = 2 with 12 peers: three rows of four, then four columns of three (4-5 min on 2 cores).
 
@@ -192,9 +191,8 @@ def test_twelve_peers_in_groups_of_four_reach_the_global_mean_and_a_peer_killed_
         local_swarm.start_peer(f"peer{i}", tiny_datasets[i % 3], tiny_model_dir, seed=i, **settings)
         for i in range(count - 1)
     ]
-    monkeypatch.setenv("COLDFUSION_FAULT_CRASH_IN_ALLREDUCE", "2:1")  # round 2, stage 1
-    victim = local_swarm.start_peer("victim", tiny_datasets[0], tiny_model_dir, seed=count, **settings)
-    monkeypatch.delenv("COLDFUSION_FAULT_CRASH_IN_ALLREDUCE")
+    crash = {CRASH_IN_ALLREDUCE_ENV: "2:1"}  # round 2, stage 1
+    victim = local_swarm.start_peer("victim", tiny_datasets[0], tiny_model_dir, crash, seed=count, **settings)
     assert victim.wait(timeout=720) == -9, victim.log()
     for peer in peers:
         assert peer.wait(timeout=300) == 0, peer.log()
