@@ -60,6 +60,7 @@ class Settings:
     rounds: int = 3
     model: str | None = "tiny"
     work_dir: Path | None = None
+    rebuild: bool = False
 
 
 def parse(argv: list[str] | None = None) -> Settings:
@@ -71,6 +72,11 @@ def parse(argv: list[str] | None = None) -> Settings:
     parser.add_argument("--rounds", type=int, default=Settings.rounds)
     parser.add_argument("--model", default=Settings.model, help="'tiny' (default), a model folder, or 'minilm'")
     parser.add_argument("--work-dir", type=Path, default=None, help="where the swarms write (default: a temp dir)")
+    parser.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="only rewrite the report from --out's bounded_groups.json and the swarms' histories in --work-dir",
+    )
     arguments = parser.parse_args(argv)
     if arguments.rounds < 2:
         parser.error("--rounds must be at least 2 (round 1 includes the start-up skew and is not measured)")
@@ -82,6 +88,7 @@ def parse(argv: list[str] | None = None) -> Settings:
         rounds=arguments.rounds,
         model=None if arguments.model == "minilm" else arguments.model,
         work_dir=arguments.work_dir,
+        rebuild=arguments.rebuild,
     )
 
 
@@ -168,12 +175,14 @@ def run_arm(settings: Settings, model: str, peers: int, bounded: bool, workdir: 
         if row["outcome"] != "fused" or row["group_size"] != peers
     ]
     return {
+        "workdir": str(workdir),
         "peers": peers,
         "arm": "bounded" if bounded else "one group",
         "group_size": settings.group_size if bounded else peers,
         "stages": stages_needed(peers, settings.group_size) if bounded else 1,
         "wall_seconds": time.monotonic() - started,
         "round_fusion_seconds": [max(row["fusion_seconds"] for row in group) for group in by_round.values()],
+        "group_sizes": [row["group_size"] for row in measured],  # contributions each peer's round reached
         "bytes_per_peer": [row["bytes_sent"] for row in measured],
         "failures": failures,
         "tree_pss_mb": sorted(memory.tree_mb.values()),
@@ -196,6 +205,7 @@ def summarize(runs: list[dict]) -> list[dict]:
                 "stages": arm_runs[0]["stages"],
                 "trials": len(arm_runs),
                 "failed_rounds": sum(len(run["failures"]) for run in arm_runs),
+                "reached": statistics.mean(size / key[0] for run in arm_runs for size in run["group_sizes"]),
                 "fusion_seconds": spread(value for run in arm_runs for value in run["round_fusion_seconds"]),
                 "bytes_per_peer": spread(value for run in arm_runs for value in run["bytes_per_peer"]),
                 "tree_pss_mb": spread(per_peer),
@@ -224,7 +234,8 @@ def report(results: dict) -> str:
         "N",
         "groups",
         "stages",
-        "failed rounds",
+        "peer-rounds short of N",
+        "reached",
         "fusion s per round",
         "kB sent per peer per round",
         "PSS per peer tree, MB",
@@ -239,6 +250,7 @@ def report(results: dict) -> str:
                 "one" if row["arm"] == "one group" else f"K={row['group_size']}",
                 row["stages"],
                 row["failed_rounds"],
+                f"{row['reached']:.2f}",
                 fmt(row["fusion_seconds"], digits=1),
                 fmt(row["bytes_per_peer"], scale=1000, digits=0),
                 fmt(row["tree_pss_mb"], digits=0),
@@ -273,8 +285,40 @@ def plot(results: dict, path: Path) -> None:
     save_figure(figure, path)
 
 
+def rebuild(settings: Settings) -> dict:
+    """The results of an earlier run, with what its swarms' histories say and the JSON lacks (older runs)."""
+    import json
+
+    from coldfusion_p2p.contributor.checkpoints import read_history
+
+    results = json.loads((settings.out / "bounded_groups.json").read_text())
+    for run in results["runs"]:
+        trial = sum(
+            1
+            for other in results["runs"][: results["runs"].index(run)]
+            if other["arm"] == run["arm"] and other["peers"] == run["peers"]
+        )
+        workdir = Path(run.get("workdir") or settings.work_dir / f"n{run['peers']}-{run['arm'].split()[0]}-{trial}")
+        rows = [row for peer in range(run["peers"]) for row in read_history(workdir / f"peer{peer}")]
+        run["workdir"] = str(workdir)
+        run["group_sizes"] = [row["group_size"] for row in rows if row["round"] >= 2]
+    results["rows"] = summarize(results["runs"])
+    return results
+
+
+def write(results: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "bounded_groups.json", results)
+    (out / "bounded_groups.md").write_text(report(results))
+    plot(results, out / "bounded_groups.png")
+    print(report(results))
+
+
 def main(argv: list[str] | None = None) -> None:
     settings = parse(argv)
+    if settings.rebuild:
+        write(rebuild(settings), settings.out)
+        return
     started = time.monotonic()
     work_dir = settings.work_dir or Path(tempfile.mkdtemp(prefix="bounded-groups-"))
     model, model_label = benchmark_model(settings.model, work_dir)
@@ -300,11 +344,7 @@ def main(argv: list[str] | None = None) -> None:
         "rows": summarize(runs),
         "runs": runs,
     }
-    settings.out.mkdir(parents=True, exist_ok=True)
-    write_json(settings.out / "bounded_groups.json", results)
-    (settings.out / "bounded_groups.md").write_text(report(results))
-    plot(results, settings.out / "bounded_groups.png")
-    print(report(results))
+    write(results, settings.out)
     if any(run["failures"] for run in runs):
         raise SystemExit(1)
 
