@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from common import (
     benchmark_model,
+    bullet_section,
     fmt,
     log,
     order_of,
@@ -147,6 +148,16 @@ class PeakMemory:
         self.swarm_mb = max(self.swarm_mb, total)
 
 
+def peer_errors(workdir: Path, peers: int) -> list[str]:
+    """The one-line errors peers exited with (e.g. a start that found its initial peers too busy)."""
+    errors = []
+    for peer in range(peers):
+        log_path = workdir / f"peer{peer}.log"
+        lines = log_path.read_text(errors="replace").splitlines() if log_path.exists() else []
+        errors += [f"peer{peer}: {line[:200]}" for line in lines if line.startswith("error:")]
+    return errors
+
+
 # ----------------------------------------------------------------------------- one swarm
 def run_arm(settings: Settings, model: str, peers: int, bounded: bool, workdir: Path) -> dict:
     """One swarm of ``peers`` peers; its per-round fusion times and bytes, failures and memory."""
@@ -185,6 +196,7 @@ def run_arm(settings: Settings, model: str, peers: int, bounded: bool, workdir: 
         "group_sizes": [row["group_size"] for row in measured],  # contributions each peer's round reached
         "bytes_per_peer": [row["bytes_sent"] for row in measured],
         "failures": failures,
+        "errors": peer_errors(workdir, peers),
         "tree_pss_mb": sorted(memory.tree_mb.values()),
         "main_rss_mb": sorted(memory.main_rss_mb.values()),
         "swarm_pss_mb": memory.swarm_mb,
@@ -204,7 +216,7 @@ def summarize(runs: list[dict]) -> list[dict]:
                 "group_size": arm_runs[0]["group_size"],
                 "stages": arm_runs[0]["stages"],
                 "trials": len(arm_runs),
-                "failed_rounds": sum(len(run["failures"]) for run in arm_runs),
+                "short_rounds": sum(size != key[0] for run in arm_runs for size in run["group_sizes"]),
                 "reached": statistics.mean(size / key[0] for run in arm_runs for size in run["group_sizes"]),
                 "fusion_seconds": spread(value for run in arm_runs for value in run["round_fusion_seconds"]),
                 "bytes_per_peer": spread(value for run in arm_runs for value in run["bytes_per_peer"]),
@@ -234,7 +246,7 @@ def report(results: dict) -> str:
         "N",
         "groups",
         "stages",
-        "peer-rounds short of N",
+        "peer-rounds short of N (rounds 2 on)",
         "reached",
         "fusion s per round",
         "kB sent per peer per round",
@@ -249,7 +261,7 @@ def report(results: dict) -> str:
                 row["peers"],
                 "one" if row["arm"] == "one group" else f"K={row['group_size']}",
                 row["stages"],
-                row["failed_rounds"],
+                row["short_rounds"],
                 f"{row['reached']:.2f}",
                 fmt(row["fusion_seconds"], digits=1),
                 fmt(row["bytes_per_peer"], scale=1000, digits=0),
@@ -259,8 +271,16 @@ def report(results: dict) -> str:
                 row["peers_in_machine"],
             )
         )
-    failures = [f"N={run['peers']} {run['arm']}: {failure}" for run in results["runs"] for failure in run["failures"]]
-    lines += section("Rounds that did not fuse all N", *(failures or ["None."]))
+    short = []
+    for index, run in enumerate(results["runs"]):
+        sizes = [size for size in run["group_sizes"] if size != run["peers"]]
+        if sizes or run["errors"]:
+            short.append(
+                f"N={run['peers']} {run['arm']} (run {index + 1}): {len(sizes)} peer-rounds short of N, in "
+                f"groups of {', '.join(map(str, sorted(set(sizes)))) or '-'}"
+                + "".join(f"; {error[:110]}..." for error in run["errors"])
+            )
+    lines += bullet_section("Swarms with rounds that did not fuse all N", short, empty="None.")
     return "\n".join(lines) + "\n"
 
 
@@ -302,6 +322,7 @@ def rebuild(settings: Settings) -> dict:
         rows = [row for peer in range(run["peers"]) for row in read_history(workdir / f"peer{peer}")]
         run["workdir"] = str(workdir)
         run["group_sizes"] = [row["group_size"] for row in rows if row["round"] >= 2]
+        run["errors"] = peer_errors(workdir, run["peers"])
     results["rows"] = summarize(results["runs"])
     return results
 
