@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+import time
 from pathlib import Path
 from typing import Literal
 
@@ -24,6 +25,17 @@ from coldfusion_p2p.swarm.process_safety import install as install_fork_hooks
 from coldfusion_p2p.swarm.records import RunKeys, swarm_validators
 
 logger = logging.getLogger(__name__)
+
+JOIN_ATTEMPTS = 3  # DHT starts when the initial peers let a ping time out (busy), not when they refuse it
+PING_TIMEOUT = 3.0  # hivemind's DHT request timeout (wait_timeout): a ping unanswered this long timed out
+
+
+def busy_not_refused(seconds: float, attempt: int) -> bool:
+    """Whether a DHT start whose pings of the initial peers all failed is worth another try: they
+    timed out (busy peers: 16 starting at once on 2 cores did that), rather than being refused at
+    once (a moderated run without our invite), and tries are left. Pure."""
+    return seconds >= PING_TIMEOUT and attempt < JOIN_ATTEMPTS
+
 
 DHT_START_TIMEOUT = 60.0
 
@@ -134,19 +146,31 @@ def start_dht(
         options["identity_path"] = str(identity)
     if moderation is not None:
         options["authorizer"] = InviteAuthorizer(moderation)
-    try:
-        return DHT(**options)
-    except P2PDaemonError as error:
-        raise _daemon_error(config, error) from None
-    except RuntimeError as error:
-        if "none of the initial_peers responded" not in str(error):
-            raise
-        raise _refused_error(config, moderation) from None
+    for attempt in range(1, JOIN_ATTEMPTS + 1):
+        started = time.monotonic()
+        try:
+            return DHT(**options)
+        except P2PDaemonError as error:
+            raise _daemon_error(config, error) from None
+        except RuntimeError as error:
+            if "none of the initial_peers responded" not in str(error):
+                raise
+            if not busy_not_refused(time.monotonic() - started, attempt):
+                raise _refused_error(config, moderation, attempt) from None
+            logger.warning("the initial peers did not answer within %.0f s (busy?): trying again", PING_TIMEOUT)
+            time.sleep(attempt * 2.0)
 
 
-def _refused_error(config: NetworkConfig, moderation: Moderation | None) -> UserError:
-    """The initial peers are reachable but answered no DHT request: a moderated run refusing us."""
+def _refused_error(config: NetworkConfig, moderation: Moderation | None, attempts: int) -> UserError:
+    """The initial peers are reachable but answered no DHT request: a moderated run refusing us, or
+    (after ``attempts`` > 1 tries that timed out) peers too busy to answer."""
     peers = ", ".join(config.initial_peers)
+    if attempts > 1:
+        return UserError(
+            f"the initial peers ({peers}) refused this node or did not answer its DHT requests in {attempts} tries",
+            "check that they run and are not overloaded; if the run is moderated, this node needs the run "
+            "owner's invite (--require-invite, --identity, --invite, --owner-public-key)",
+        )
     if moderation is None:
         return UserError(
             f"the initial peers ({peers}) refused this node: the run is moderated and this node has no invite",
