@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
+import io
 import json
 import os
 import signal
@@ -22,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModel
 
 sys.path.insert(0, str(Path(__file__).parent))
 # hivemind switches torch to the "file_system" sharing strategy, whose torch_shm_manager helper dies
@@ -30,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")
 
 from coldfusion_p2p.config import as_flags
+from coldfusion_p2p.contributor.checkpoints import load_body_state
 from coldfusion_p2p.swarm.round_store import PRE_FUSION_FILE
 
 from tiny_models import build_tiny_model, sentiment_rows, write_csv
@@ -62,7 +66,7 @@ FAST_SWARM_SETTINGS = {
     "request_timeout": 1.0,
     "fusion_window": 60.0,  # closed early once min_group_size peers are ready: only a slow start waits
     "allreduce_timeout": 20.0,
-    "next_chunk_timeout": 5.0,
+    "next_chunk_timeout": 10.0,  # 5 s: CI dropped a sender of a 2-peer group on loopback now and then
     "state_download_timeout": 30.0,
     "record_period": 0.5,
     "host_maddrs": ["/ip4/127.0.0.1/tcp/0"],
@@ -512,3 +516,49 @@ def pre_fusion(peer, round_number: int, part: str) -> dict:
     tensors = load_file(round_dir(peer, round_number) / PRE_FUSION_FILE)
     prefix = f"{part}."
     return {name[len(prefix) :]: tensor for name, tensor in tensors.items() if name.startswith(prefix)}
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackDrift:
+    """How far a fused base sits from the honest peers' mean, in typical honest updates."""
+
+    plain: float  # where the plain mean of what everyone sent would sit
+    fused: float  # where the honest peers' fused base sits (they all hold the same one)
+    learned: float  # how far the fused base moved from the start, as a share of the honest mean's move
+
+
+def attack_drift(model_dir: Path, honest: Sequence, attacker, scale: float, round_number: int = 1) -> AttackDrift:
+    """Measure a round in which ``attacker`` sent ``scale`` times its update (``SCALE_UPDATE_ENV``);
+    asserts the honest peers fused one finite body (each member adds ``average - own part``)."""
+    start_state = AutoModel.from_pretrained(model_dir).state_dict()
+    fused_states = [load_body_state(round_dir(peer, round_number)) for peer in honest]
+    names = sorted(fused_states[0])
+
+    def flat(state: dict) -> torch.Tensor:
+        return torch.cat([state[name].float().reshape(-1) for name in names])
+
+    start = flat(start_state)
+    fused = [flat(state) for state in fused_states]
+    assert all(torch.isfinite(body).all() for body in fused)
+    assert all(torch.allclose(body, fused[0], atol=1e-6) for body in fused), "the honest members disagree"
+    trained = [flat(pre_fusion(peer, round_number, "body")) for peer in [*honest, attacker]]
+    sent = [*trained[:-1], start + scale * (trained[-1] - start)]
+    honest_mean = torch.stack(trained[:-1]).mean(0)
+    typical = float(torch.stack([(body - start).norm() for body in trained[:-1]]).median())
+    return AttackDrift(
+        plain=float((torch.stack(sent).mean(0) - honest_mean).norm()) / typical,
+        fused=float((fused[0] - honest_mean).norm()) / typical,
+        learned=float((fused[0] - start).norm()) / float((honest_mean - start).norm()),
+    )
+
+
+def cli_output(*arguments: str) -> str:
+    """A quick ``coldfusion-peer`` command (identity, invite) run in this process; it must succeed.
+    A process each would cost ~5 s of imports on 2 cores, and a moderated swarm needs several."""
+    from coldfusion_p2p.cli import main
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main(list(arguments))
+    assert code == 0, printed.getvalue()
+    return printed.getvalue()

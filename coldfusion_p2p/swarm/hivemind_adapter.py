@@ -39,6 +39,10 @@ against; importing this module with another version logs a warning):
   ``hivemind.compression.serialization._BASE_COMPRESSION_TYPES``, process-wide): hivemind 1.1.12
   calls ``int()`` on a one-element array there, a TypeError with numpy 2, so no 8-bit part could
   be decoded. :class:`Uniform8Bit` reads the same bytes the same way, without that call.
+  Its ``quantize`` (the sending side) replaces hivemind's for two reasons: hivemind's calls
+  ``torch.quantize_per_tensor``, deprecated for removal, and with ``allow_inplace`` (how hivemind
+  serializes a reducer's results) it builds the codebook from the *centered* values, so every
+  decoded part lost its mean. Ours makes the same indices and the codebook of the actual values.
 * ``DHTNode.protocol.routing_table`` and ``P2P._client.connect`` (private, read and called by
   :func:`reconnect_initial_peers`): hivemind drops every node that fails to answer from the routing
   table and never re-adds the initial peers, so after a link cut longer than a few requests a node
@@ -57,6 +61,7 @@ import contextlib
 import ctypes
 import functools
 import logging
+import math
 import multiprocessing as mp
 import os
 import signal
@@ -73,6 +78,7 @@ from hivemind.averaging.allreduce import AllReduceRunner
 from hivemind.averaging.partition import AllreduceException
 from hivemind.compression import CompressionBase, Float16Compression, NoCompression, Uniform8BitQuantization
 from hivemind.compression import serialization as serialization_module
+from hivemind.compression.quantization import average_buckets
 from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2
 from hivemind.utils import MPFuture, get_dht_time
@@ -100,7 +106,19 @@ if hivemind.__version__ != HIVEMIND_VERSION:
 
 class Uniform8Bit(Uniform8BitQuantization):
     """hivemind's uniform 8-bit quantization (a 256-entry codebook of bucket means per part, 6 sigma
-    wide), with an ``extract`` that works with numpy 2 (see the module docstring)."""
+    wide), with an ``extract`` that works with numpy 2 and a ``quantize`` of our own (see the module
+    docstring); the bytes on the wire are hivemind's ``UNIFORM_8BIT``."""
+
+    def quantize(self, tensor: torch.Tensor, allow_inplace: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        values = tensor.detach().to(torch.float32)
+        offset = self.n_bins // 2
+        centered = values - values.mean()
+        scale = self.RANGE_IN_SIGMAS * float(centered.norm()) / math.sqrt(max(centered.numel() - 1, 1)) / self.n_bins
+        steps = torch.round(centered / scale) if scale > 0 else torch.zeros_like(centered)
+        steps = torch.where(torch.isfinite(steps), steps, torch.zeros_like(steps))  # NaNs decode to NaN: see below
+        indices = (steps.clamp_(-offset, offset - 1) + offset).to(torch.uint8)
+        codebook = average_buckets(values, indices, self.n_bins)  # a NaN value makes its bucket NaN
+        return indices.numpy(), codebook.numpy().astype(self.codebook_dtype)
 
     def extract(self, serialized_tensor):
         buffer = serialized_tensor.buffer

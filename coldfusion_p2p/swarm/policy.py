@@ -305,15 +305,22 @@ def poisoned_update(
     near zero), and a newcomer's honest first update is then a hundred times theirs. So an update
     is never called poisoned while the fused update is no longer than one honest round could make:
     ``honest_bounds`` are the members' ``adam_update_bound`` (their median, robust to one liar).
+
+    The norms' and bounds' medians are the lower ones: in a pair (stage groups of 2) the upper median
+    is the other member's own claim, so a liar declaring its 100x update would vouch for itself.
     """
-    norms = sorted(norm for norm in member_norms if norm == norm and norm >= 0)
-    median = norms[len(norms) // 2] if norms else 0.0
+    median = lower_median(member_norms)
     gaps = sorted(gap for gap in start_gaps if gap == gap and gap >= 0)
-    start_gap = gaps[len(gaps) // 2] if gaps else 0.0
+    start_gap = gaps[len(gaps) // 2] if gaps else 0.0  # the upper one: a pair's gaps are (0, the real gap)
     reference = max(own_norm, median, 1e-12) + start_gap
-    bounds = sorted(bound for bound in honest_bounds if bound == bound and bound >= 0)
-    honest_limit = bounds[len(bounds) // 2] if bounds else 0.0
+    honest_limit = lower_median(honest_bounds)
     return not fused_norm <= max(max_ratio * reference, honest_limit)  # NaN counts as poisoned
+
+
+def lower_median(values: Iterable[float]) -> float:
+    """The lower median of the finite, non-negative values (0 for none): one high claim never raises it."""
+    kept = sorted(value for value in values if value == value and 0 <= value < float("inf"))
+    return kept[(len(kept) - 1) // 2] if kept else 0.0
 
 
 def adam_update_bound(lr: float, steps: int, num_values: int) -> float:

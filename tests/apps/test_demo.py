@@ -126,8 +126,10 @@ def test_quick_demo_runs_end_to_end_and_writes_the_report(tmp_path):
     result = subprocess.run(
         peer_command(
             *("demo", "--quick", "--curve-every", "1", "--report-dir", str(report), "--run-id", "test-demo"),
-            # smaller than --quick where nothing asserted depends on it: the suite's slowest test (4 min in CI)
-            *("--evaluated-contributors", "1", "--max-train-examples", "100", "--max-test-examples", "60"),
+            # smaller than --quick where nothing asserted depends on it: the suite's slowest test (5.7 min in CI)
+            *("--evaluated-contributors", "1", "--unseen-datasets", "bbc_news_topic"),
+            *("--max-train-examples", "48", "--max-test-examples", "40"),
+            *("--local-steps", "2", "--batch-size", "8", "--finetune-steps", "3", "--probe-steps", "40"),
         ),
         capture_output=True,
         text=True,

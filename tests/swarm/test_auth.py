@@ -35,7 +35,7 @@ from coldfusion_p2p.swarm.hivemind_adapter import FusedBodyAverager
 from coldfusion_p2p.swarm.network import network_moderation, shut_down, start_dht
 from coldfusion_p2p.swarm.records import PeerRecord, RecordBoard, RunKeys
 
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, cli_output
 
 RUN = "moderated-run"
 UNREACHABLE = "/ip4/127.0.0.1/tcp/9/p2p/QmNWbgEMioifYsa6ihdAvq15uiY1rwrndcnbeFyDejYQXx"
@@ -310,31 +310,21 @@ def test_bad_invites_and_keys_are_one_line_errors(capsys, tmp_path, owner):
 # ---------------------------------------------------------------- a real moderated swarm
 @pytest.mark.swarm
 def test_invited_peers_fuse_and_an_uninvited_peer_is_refused(local_swarm, tiny_model_dir, tiny_datasets, tmp_path):
-    def cli(*arguments: str) -> str:
-        import subprocess
-
-        from conftest import peer_command, peer_environment
-
-        done = subprocess.run(
-            peer_command(*arguments), capture_output=True, text=True, env=peer_environment(), timeout=60
-        )
-        assert done.returncode == 0, done.stderr
-        return done.stdout
-
     run_id = local_swarm.run_id
-    owner_public = cli("identity", "--identity", str(tmp_path / "owner.key")).splitlines()[1].split(":", 1)[1].strip()
+    owner_text = cli_output("identity", "--identity", str(tmp_path / "owner.key"))
+    owner_public = owner_text.splitlines()[1].split(":", 1)[1].strip()
     moderated = {}
     for name in ("boot", "peer0", "peer1", "stranger"):
-        cli("identity", "--identity", str(tmp_path / f"{name}.key"))
+        cli_output("identity", "--identity", str(tmp_path / f"{name}.key"))
         moderated[name] = {
             "identity": str(tmp_path / f"{name}.key"),
             "require_invite": True,
             "owner_public_key": owner_public,
         }
         if name != "stranger":
-            token = tmp_path / f"{name}.invite"
+            token = str(tmp_path / f"{name}.invite")
             owner_key, key = str(tmp_path / "owner.key"), str(tmp_path / f"{name}.key")
-            cli("invite", "--owner-key", owner_key, "--public-key", key, "--run-id", run_id, "--output", str(token))
+            cli_output("invite", "--owner-key", owner_key, "--public-key", key, "--run-id", run_id, "--output", token)
             moderated[name]["invite"] = str(token)
 
     boot = local_swarm.start_bootstrap("boot", **moderated["boot"])

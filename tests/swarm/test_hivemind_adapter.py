@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.compression import Uniform8BitQuantization, deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.proto.runtime_pb2 import CompressionType
 
 from coldfusion_p2p.contributor.checkpoints import load_body_state
 from coldfusion_p2p.contributor.model import body_parameters, body_state_names, load_classifier
-from coldfusion_p2p.swarm.hivemind_adapter import COMPRESSIONS
+from coldfusion_p2p.swarm.hivemind_adapter import COMPRESSIONS, Uniform8Bit
 
 from conftest import pre_fusion, round_dir
 
@@ -29,6 +29,26 @@ def test_int8_parts_are_a_quarter_of_fp32_and_decode_through_hiveminds_own_deser
     bucket = 6 * float(tensor.std()) / 256
     assert float((decoded - tensor)[inside].abs().max()) <= bucket
     assert COMPRESSIONS["int8"]().compression_type == CompressionType.UNIFORM_8BIT
+
+
+def test_our_int8_quantize_makes_hiveminds_indices_and_keeps_a_parts_mean_when_serialized_in_place():
+    """hivemind serializes a reducer's results with allow_inplace, where its own quantize builds the
+    codebook from centered values: every decoded part lost its mean. Ours: the same indices, no loss."""
+    generator = torch.Generator().manual_seed(0)
+    part = 0.04 * torch.randn(4096, generator=generator) + 0.1  # a delta part with a mean of 0.1
+    theirs_indices, theirs_codebook = Uniform8BitQuantization().quantize(part.clone())
+    ours_indices, ours_codebook = Uniform8Bit().quantize(part.clone())
+    assert (ours_indices == theirs_indices).all() and (ours_codebook == theirs_codebook).all()
+    bucket = 6 * float(part.std()) / 256
+    for decode in (Uniform8Bit().extract, deserialize_torch_tensor):
+        decoded = decode(serialize_torch_tensor(part.clone(), CompressionType.UNIFORM_8BIT, allow_inplace=True))
+        assert abs(float((decoded - part).mean())) < bucket / 10, "the part's mean was lost"
+    in_place_indices, in_place_codebook = Uniform8BitQuantization().quantize(part.clone(), allow_inplace=True)
+    lost = torch.as_tensor(in_place_codebook)[torch.as_tensor(in_place_indices).long()] - part
+    assert float(lost.mean()) == pytest.approx(-0.1, abs=0.01)  # what hivemind's own would have sent
+    assert Uniform8Bit().quantize(torch.zeros(8))[0].tolist() == [128] * 8  # a constant part: no division by 0
+    nan_indices, nan_codebook = Uniform8Bit().quantize(torch.tensor([1.0, float("nan"), 2.0]))
+    assert torch.isnan(torch.as_tensor(nan_codebook)[torch.as_tensor(nan_indices).long()]).all()  # the guard sees it
 
 
 @pytest.mark.swarm

@@ -21,7 +21,16 @@ from netlab import NetLab, lab_unavailable_reason
 from coldfusion_p2p.contributor.checkpoints import load_body_state
 from coldfusion_p2p.swarm.faults import STALL_IN_ALLREDUCE_ENV
 
-from conftest import LabSwarm, peer_command, peer_environment, pre_fusion, round_dir, swarm_diagnosis, wait_until
+from conftest import (
+    LabSwarm,
+    cli_output,
+    peer_command,
+    peer_environment,
+    pre_fusion,
+    round_dir,
+    swarm_diagnosis,
+    wait_until,
+)
 
 _REASON = lab_unavailable_reason()
 if _REASON is not None:
@@ -285,21 +294,15 @@ def test_invited_peers_behind_nat_fuse_in_a_moderated_run(tmp_path, tiny_model_d
     """Invites are checked on the averager's RPCs, which client peers call and never serve, and on
     the DHT, which they only ask: a moderated run must still take their bodies."""
 
-    def cli(*arguments: str) -> str:
-        done = subprocess.run(
-            peer_command(*arguments), capture_output=True, text=True, env=peer_environment(), timeout=60
-        )
-        assert done.returncode == 0, done.stderr
-        return done.stdout
-
     with lab_swarm(tmp_path, "moderated", homes=("home1",)) as swarm:
         owner_key = str(tmp_path / "owner.key")
-        owner_public = cli("identity", "--identity", owner_key).splitlines()[1].split(":", 1)[1].strip()
+        owner_public = cli_output("identity", "--identity", owner_key).splitlines()[1].split(":", 1)[1].strip()
         moderated = {}
         for name in ("bootstrap", "public", "home1"):
             key, token = str(tmp_path / f"{name}.key"), str(tmp_path / f"{name}.invite")
-            cli("identity", "--identity", key)
-            cli("invite", "--owner-key", owner_key, "--public-key", key, "--run-id", swarm.run_id, "--output", token)
+            cli_output("identity", "--identity", key)
+            invite = ("--owner-key", owner_key, "--public-key", key, "--run-id", swarm.run_id, "--output", token)
+            cli_output("invite", *invite)
             moderated[name] = dict(identity=key, invite=token, require_invite=True, owner_public_key=owner_public)
         swarm.start_bootstrap(**moderated["bootstrap"])
         peers = [

@@ -126,6 +126,13 @@ def test_a_fused_update_far_larger_than_the_typical_one_is_poisoned():
     assert policy.poisoned_update(25.0, own_norm=1.0, member_norms=[float("nan")] * 4, max_ratio=10)
 
 
+def test_in_a_pair_a_member_declaring_its_own_100x_update_does_not_vouch_for_it():
+    """Stage groups of 2: the upper median of two norms is the attacker's own claim."""
+    assert policy.poisoned_update(50.0, own_norm=1.0, member_norms=[1.0, 100.0], max_ratio=10)
+    assert policy.poisoned_update(50.0, 1.0, [1.0, 100.0], 10, honest_bounds=[2.0, 1e9])
+    assert not policy.poisoned_update(3.0, own_norm=1.0, member_norms=[1.0, 5.0], max_ratio=10), "honest, unequal"
+
+
 def test_a_newcomer_among_converged_peers_is_not_poison_but_a_round_no_honest_peer_could_make_is():
     """Converged peers update by 0.01; a newcomer's honest update of 3 averages to 1 (100x theirs)."""
     converged = [0.01, 0.01, 3.0]

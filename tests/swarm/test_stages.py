@@ -10,7 +10,7 @@ from coldfusion_p2p.swarm.faults import CRASH_IN_ALLREDUCE_ENV, SCALE_UPDATE_ENV
 from coldfusion_p2p.swarm.grid import grid_positions, own_stage_group
 from coldfusion_p2p.swarm.stages import members_digest, stage_summary, stage_wait
 
-from conftest import pre_fusion, round_dir
+from conftest import attack_drift, pre_fusion, round_dir
 
 
 def test_a_member_list_digest_ignores_order_and_tells_lists_apart():
@@ -240,3 +240,36 @@ def test_twelve_peers_in_groups_of_four_reach_the_global_mean_and_a_peer_killed_
             expected = stage_means(column_carried, {member: weight[member] for member in own_column})
             assert_holds(peer, expected, "its column's weighted mean of what it carried")
     print("round 2 stages:", outcomes)
+
+
+@pytest.mark.swarm
+def test_clipped_mean_runs_in_each_stage_group_and_bounds_a_100x_attacker_on_the_grid(
+    local_swarm, tiny_model_dir, tiny_datasets
+):
+    """2 x 2 grid with --aggregation clipped_mean, one peer sends 100x its update. Clipping in a pair
+    caps it at clip_ratio (2) times its partner's update, so no group rejects; the next stage clips
+    again, and all four end on one base near the honest mean (the plain mean would sit ~25 updates away)."""
+    settings = dict(
+        rounds=1,
+        min_group_size=4,
+        save_local_body=True,
+        refit_steps=0,
+        target_group_size=2,
+        fusion_stages=2,
+        aggregation="clipped_mean",
+    )
+    honest = [
+        local_swarm.start_peer(f"peer{i}", tiny_datasets[i], tiny_model_dir, seed=i, **settings) for i in range(3)
+    ]
+    poison = {SCALE_UPDATE_ENV: "100"}
+    attacker = local_swarm.start_peer("attacker", tiny_datasets[0], tiny_model_dir, poison, seed=3, **settings)
+    local_swarm.wait_all()
+
+    for peer in honest:
+        stages = [(stage["outcome"], stage["group_size"]) for stage in peer.round_info(1)["report"]["stages"]]
+        assert stages == [("fused", 2), ("fused", 2)], (peer.name, stages)
+    drift = attack_drift(tiny_model_dir, honest, attacker, scale=100)
+    print(f"drift from the honest mean, in typical honest updates: plain {drift.plain:.2f}, fused {drift.fused:.2f}")
+    assert drift.plain > 10
+    assert drift.fused < 1.5  # per pair the attacker counts as at most 2 updates, halved, then clipped again
+    assert drift.learned > 0.5
