@@ -12,6 +12,20 @@ from coldfusion_p2p.swarm.stages import members_digest, stage_summary, stage_wai
 
 from conftest import attack_drift, pre_fusion, round_dir
 
+# K = 2, D = 2 for four peers in one round. A follower that waits longer than request_timeout for its
+# leader's "accepted" gives up while the leader starts with it (hivemind's matchmaking); with four peers
+# of five processes each on 2 cores a stage-2 group was lost that way at the tests' 1 s (seen once)
+GRID_2X2 = dict(
+    rounds=1,
+    min_group_size=4,
+    save_local_body=True,
+    refit_steps=0,
+    target_group_size=2,
+    fusion_stages=2,
+    matchmaking_time=3.0,
+    request_timeout=2.0,
+)
+
 
 def test_a_member_list_digest_ignores_order_and_tells_lists_apart():
     assert members_digest(["b", "a", "c"]) == members_digest(["a", "b", "c"])
@@ -35,10 +49,7 @@ def test_four_peers_on_a_two_by_two_grid_each_end_the_round_holding_the_global_m
 ):
     """K = 2, D = 2: two stages of pairs. Each peer meets two others, yet ends with all four bodies' mean."""
     datasets = [*tiny_datasets, tiny_datasets[0]]
-    settings = dict(
-        rounds=1, min_group_size=4, save_local_body=True, refit_steps=0, target_group_size=2, fusion_stages=2
-    )
-    peers = [local_swarm.start_peer(f"peer{i}", datasets[i], tiny_model_dir, seed=i, **settings) for i in range(4)]
+    peers = [local_swarm.start_peer(f"peer{i}", datasets[i], tiny_model_dir, seed=i, **GRID_2X2) for i in range(4)]
     local_swarm.wait_all()
 
     bodies = [pre_fusion(peer, 1, "body") for peer in peers]
@@ -67,9 +78,7 @@ def test_a_peer_killed_in_stage_two_costs_only_its_group_and_nobody_holds_a_part
 ):
     """2 x 2 grid; the victim dies mid all-reduce of stage 2. Its stage-2 partner keeps its exact
     stage-1 pair mean; the other pair still fuses (holding the victim's stage-1 contribution)."""
-    settings = dict(
-        rounds=1, min_group_size=4, save_local_body=True, refit_steps=0, target_group_size=2, fusion_stages=2
-    )
+    settings = GRID_2X2
     survivors = [
         local_swarm.start_peer(f"peer{i}", tiny_datasets[i], tiny_model_dir, seed=i, **settings) for i in range(3)
     ]
@@ -121,9 +130,7 @@ def test_the_poisoning_guard_rejects_each_stage_group_with_the_attacker_and_the_
     or nothing per group); the honest pair of stage 1 fuses, and in stage 2 the attacker's first partner
     (its own body, weight 1) fuses with that pair's other member (their mean, weight 2): every honest
     body ends an exact mean of honest bodies only."""
-    settings = dict(
-        rounds=1, min_group_size=4, save_local_body=True, refit_steps=0, target_group_size=2, fusion_stages=2
-    )
+    settings = GRID_2X2
     honest = [
         local_swarm.start_peer(f"peer{i}", tiny_datasets[i], tiny_model_dir, seed=i, **settings) for i in range(3)
     ]
@@ -249,15 +256,7 @@ def test_clipped_mean_runs_in_each_stage_group_and_bounds_a_100x_attacker_on_the
     """2 x 2 grid with --aggregation clipped_mean, one peer sends 100x its update. Clipping in a pair
     caps it at clip_ratio (2) times its partner's update, so no group rejects; the next stage clips
     again, and all four end on one base near the honest mean (the plain mean would sit ~25 updates away)."""
-    settings = dict(
-        rounds=1,
-        min_group_size=4,
-        save_local_body=True,
-        refit_steps=0,
-        target_group_size=2,
-        fusion_stages=2,
-        aggregation="clipped_mean",
-    )
+    settings = dict(GRID_2X2, aggregation="clipped_mean")
     honest = [
         local_swarm.start_peer(f"peer{i}", tiny_datasets[i], tiny_model_dir, seed=i, **settings) for i in range(3)
     ]
