@@ -194,6 +194,14 @@ class ClientStreamingRunner(AllReduceRunner):
     def __init__(self, *args, streamed_clients: frozenset[PeerID] = frozenset(), **kwargs):
         super().__init__(*args, **kwargs)
         self.streamed_clients = streamed_clients
+        self.reducer_errors: dict[PeerID, str] = {}  # why a reducer's results never came (hivemind logs it at debug)
+
+    async def _communicate_with_peer(self, peer_id: PeerID):
+        try:
+            await super()._communicate_with_peer(peer_id)
+        except Exception as error:
+            self.reducer_errors[peer_id] = repr(error)[:90]  # records keep 200 characters of a reason
+            raise
 
     def should_delay_results(self, peer_id: PeerID) -> bool:
         return super().should_delay_results(peer_id) and peer_id not in self.streamed_clients
@@ -434,8 +442,9 @@ class FusedBodyAverager(DecentralizedAverager):
             await self._faults.stall_in_allreduce()  # test-only: a window to cut our link in
         failed = runner.tensor_part_container.failed_size
         if failed or runner.banned_senders:
+            why = "".join(f" ({peer.to_base58()[-8:]}: {error})" for peer, error in runner.reducer_errors.items())
             raise AllreduceException(
-                f"incomplete all-reduce: {failed} values fell back to local ones, "
+                f"incomplete all-reduce: {failed} values fell back to local ones{why}, "
                 f"{len(runner.banned_senders)} sender(s) dropped"
             )
         for tensor, delta in zip(tensors, deltas, strict=True):
