@@ -12,9 +12,10 @@ from coldfusion_p2p.swarm.stages import members_digest, stage_summary, stage_wai
 
 from conftest import attack_drift, pre_fusion, round_dir
 
-# K = 2, D = 2 for four peers in one round. A follower that waits longer than request_timeout for its
-# leader's "accepted" gives up while the leader starts with it (hivemind's matchmaking); with four peers
-# of five processes each on 2 cores a stage-2 group was lost that way at the tests' 1 s (seen once)
+# K = 2, D = 2 for four peers in one round (the 12-peer test builds on it). A follower that waits longer
+# than request_timeout for its leader's "accepted" gives up while the leader starts with it (hivemind's
+# matchmaking); with four peers of five processes each on 2 cores a stage-2 group was lost that way at
+# the tests' 1 s (seen once)
 GRID_2X2 = dict(
     rounds=1,
     min_group_size=4,
@@ -183,12 +184,10 @@ def test_twelve_peers_in_groups_of_four_reach_the_global_mean_and_a_peer_killed_
     computable mean of survivors' bodies, and none holds a partial average."""
     count = 12
     settings = dict(
+        GRID_2X2,
         rounds=2,
         min_group_size=count,
-        save_local_body=True,
-        refit_steps=0,
         target_group_size=4,
-        fusion_stages=2,
         local_steps=1,
         fusion_window=300.0,
         allreduce_timeout=60.0,
