@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 # The test process itself (its in-process DHT entry point) shares by file descriptors instead.
 os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")
 
+from coldfusion_p2p.cli import main as cli_main
 from coldfusion_p2p.config import as_flags
 from coldfusion_p2p.contributor.checkpoints import load_body_state
 from coldfusion_p2p.swarm.round_store import PRE_FUSION_FILE
@@ -555,10 +556,8 @@ def attack_drift(model_dir: Path, honest: Sequence, attacker, scale: float, roun
 def cli_output(*arguments: str) -> str:
     """A quick ``coldfusion-peer`` command (identity, invite) run in this process; it must succeed.
     A process each would cost ~5 s of imports on 2 cores, and a moderated swarm needs several."""
-    from coldfusion_p2p.cli import main
-
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        code = main(list(arguments))
+        code = cli_main(list(arguments))
     assert code == 0, printed.getvalue()
     return printed.getvalue()

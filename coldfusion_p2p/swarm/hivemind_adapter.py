@@ -115,7 +115,7 @@ class Uniform8Bit(Uniform8BitQuantization):
         centered = values - values.mean()
         scale = self.RANGE_IN_SIGMAS * float(centered.norm()) / math.sqrt(max(centered.numel() - 1, 1)) / self.n_bins
         steps = torch.round(centered / scale) if scale > 0 else torch.zeros_like(centered)
-        steps = torch.where(torch.isfinite(steps), steps, torch.zeros_like(steps))  # NaNs decode to NaN: see below
+        steps = torch.nan_to_num(steps, nan=0.0)  # a NaN still decodes to NaN: see the codebook below
         indices = (steps.clamp_(-offset, offset - 1) + offset).to(torch.uint8)
         codebook = average_buckets(values, indices, self.n_bins)  # a NaN value makes its bucket NaN
         return indices.numpy(), codebook.numpy().astype(self.codebook_dtype)
