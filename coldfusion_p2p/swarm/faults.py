@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,6 +22,7 @@ CRASH_IN_ALLREDUCE_ENV = "COLDFUSION_FAULT_CRASH_IN_ALLREDUCE"
 SCALE_UPDATE_ENV = "COLDFUSION_FAULT_SCALE_UPDATE"  # k: send k times our update; "nan": send NaNs
 STALL_IN_ALLREDUCE_ENV = "COLDFUSION_FAULT_STALL_IN_ALLREDUCE"  # a file: create it mid all-reduce, then stall
 STALL_SECONDS = 10.0  # long enough for a test to cut our link while the all-reduce is under way
+MISS_GROUP_ENV = "COLDFUSION_FAULT_MISS_GROUP"  # R: round R's first matchmaking looks where nobody is
 
 
 def crash_point(value: str) -> dict[str, int | None]:
@@ -36,6 +37,8 @@ class Faults:
     crash_stage: int | None = None  # ... and with bounded groups the stage (from 1); None: its first all-reduce
     scale_update: str | None = None
     stall_marker: str | None = None  # the file a stalled all-reduce creates, so a test knows when to act
+    miss_group_round: int = 0  # the round whose first matchmaking finds nobody; 0: never
+    _group_missed: set[int] = field(default_factory=set, compare=False, repr=False)
 
     @classmethod
     def from_environment(cls, environment: Mapping[str, str] = os.environ) -> Faults:
@@ -43,7 +46,16 @@ class Faults:
             **crash_point(environment.get(CRASH_IN_ALLREDUCE_ENV) or ""),
             scale_update=environment.get(SCALE_UPDATE_ENV) or None,
             stall_marker=environment.get(STALL_IN_ALLREDUCE_ENV) or None,
+            miss_group_round=int(environment.get(MISS_GROUP_ENV) or 0),
         )
+
+    def group_bits(self, bits: str, round_number: int) -> str:
+        """``bits``, except in round ``miss_group_round`` the first time: a key of its own, so that
+        matchmaking meets nobody (as when two peers miss each other's declarations on a stalled DHT)."""
+        if round_number != self.miss_group_round or round_number in self._group_missed:
+            return bits
+        self._group_missed.add(round_number)
+        return bits + "1"
 
     def crashes_in(self, round_number: int, stage: int | None) -> bool:
         """Whether to die in this all-reduce: of ``round_number``, and (bounded groups) its ``stage``

@@ -41,6 +41,7 @@ from coldfusion_p2p.contributor.model import copy_into
 from coldfusion_p2p.merge.aggregation import contribution
 from coldfusion_p2p.merge.rules import FusionRule
 from coldfusion_p2p.swarm.auth import InviteGate
+from coldfusion_p2p.swarm.faults import FAULTS
 from coldfusion_p2p.swarm.hivemind_adapter import FusedBodyAverager
 from coldfusion_p2p.swarm.policy import (
     contribution_kind,
@@ -79,6 +80,7 @@ class FusionResult:
     state: list[torch.Tensor] = field(default_factory=list)  # the fusion rule's state after a fusion
     copy_seconds: float = 0.0  # the body's device->host copy before and host->device copy after (0 on a CPU)
     stages: tuple[StageReport, ...] = ()  # bounded groups: each stage's group and outcome
+    no_group: bool = False  # matchmaking found nobody (one group, not stages): safe to look again
 
 
 def on_host(tensors: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], bool]:
@@ -170,7 +172,14 @@ class BodyFusion:
         if not outcome.fused:
             seconds = time.perf_counter() - started
             return FusionResult(
-                False, 1, (self.peer_id,), seconds, reason=outcome.reason, rejected=outcome.rejected, stages=stages
+                False,
+                1,
+                (self.peer_id,),
+                seconds,
+                reason=outcome.reason,
+                rejected=outcome.rejected,
+                stages=stages,
+                no_group=outcome.no_group and not stages,
             )
         starts = [member.get("start_sketch") for member in outcome.members.values()]
         member_norms = [float(member.get("update_norm", float("nan"))) for member in outcome.members.values()]
@@ -223,7 +232,7 @@ class BodyFusion:
         matchmaking_deadline = (
             max(scheduled_time, get_dht_time() + config.matchmaking_time) + 2 * config.request_timeout
         )
-        self.averager.set_round_group(bits, group_size)
+        self.averager.set_round_group(FAULTS.group_bits(bits, round_number), group_size)
         self._load_contribution(body, start)
         control = self.averager.step(
             gather=info,
@@ -238,9 +247,10 @@ class BodyFusion:
             gathered = wait_in_slices(control, time.monotonic() + wait_seconds, self.should_stop)
         except Exception as error:  # hivemind raises several types; all mean "no fusion this round"
             control.cancel()
-            return self._group_failed(round_number, nonce, _short_reason(error))
+            failed = self._group_failed(round_number, nonce, _short_reason(error))
+            return dataclasses.replace(failed, no_group=not control.began_allreduce)
         if not gathered:
-            return self._group_failed(round_number, nonce, "no group formed")
+            return dataclasses.replace(self._group_failed(round_number, nonce, "no group formed"), no_group=True)
         members = {peer.to_base58(): data if isinstance(data, dict) else {} for peer, data in gathered.items()}
         mismatch = group_mismatch(members, round_number, config.aggregation, self.rule.signature(), self.contribution)
         if mismatch is None and expected is not None and set(members) != set(expected):

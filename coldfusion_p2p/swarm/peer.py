@@ -57,6 +57,11 @@ from coldfusion_p2p.swarm.round_store import (
 
 logger = logging.getLogger(__name__)
 
+# A round whose matchmaking found nobody (no tensor exchanged) looks for its group once more, through
+# a fresh fusion window: while a frozen node sits in the DHT's routing tables, reads stall for seconds
+# and two ready peers can each miss the other's declaration (seen in CI; the round was lost for both)
+MATCHMAKING_ATTEMPTS = 2
+
 
 @contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
@@ -271,21 +276,25 @@ class Peer:
         validation), ``alone``, ``missed`` (the swarm fused without us), ``stop``.
         """
         with self.console.fusing(round_number) as set_stage:
-            window = self.presence.wait_for_fusion_window(round_number, self.config.fusion)
-            if window.decision != "fuse":
-                return window.decision, None
-            set_stage("all-reducing the bodies")
-            self.presence.update(status="fusing")
-            FAULTS.poison_update(self.body, self.fusion.averager.last_fused_body())  # tests only
-            result = self.fusion.fuse(
-                self.body,
-                round_number=round_number,
-                scheduled_time=window.time,
-                group_size=window.group_size,
-                members=window.members,
-                weight=policy.fusion_weight(self.config.fusion.weighting, len(self.data.train)),
-                info=fusion_info(self.config, self.data, self.body, round_number),
-            )
+            for attempt in range(1, MATCHMAKING_ATTEMPTS + 1):
+                window = self.presence.wait_for_fusion_window(round_number, self.config.fusion)
+                if window.decision != "fuse":
+                    return window.decision, None
+                set_stage("all-reducing the bodies")
+                self.presence.update(status="fusing")
+                FAULTS.poison_update(self.body, self.fusion.averager.last_fused_body())  # tests only
+                result = self.fusion.fuse(
+                    self.body,
+                    round_number=round_number,
+                    scheduled_time=window.time,
+                    group_size=window.group_size,
+                    members=window.members,
+                    weight=policy.fusion_weight(self.config.fusion.weighting, len(self.data.train)),
+                    info=fusion_info(self.config, self.data, self.body, round_number),
+                )
+                if not result.no_group or attempt == MATCHMAKING_ATTEMPTS or self.stop_event.is_set():
+                    break
+                self.console.info(f"round {round_number}: no group found ({result.reason}); looking again")
         return ("fused" if result.fused else "rejected" if result.rejected else "failed"), result
 
     def catch_up(self, reason: str, min_round: int | None = None) -> bool:

@@ -156,8 +156,18 @@ def no_reducer(records: Iterable[PeerRecord]) -> bool:
 
 
 def missed_round(local_round: int, other_records: Iterable[PeerRecord]) -> bool:
-    """A peer working on ``local_round`` is behind when the swarm already fused that round."""
-    return swarm_fused_round(other_records) >= local_round
+    """A peer working on ``local_round`` is behind when others fused that round in a group, or moved
+    past it.
+
+    A peer whose own fusion of the round failed (or that fused alone) also moves its ``fused_round``
+    on, but nobody fused the round: counting it made the peers still training or waiting for that
+    round give it up ("missed") when they could still fuse it together (seen: one of two peers failed
+    to find its partner, and the partner then skipped the round instead of fusing it alone).
+    """
+    return any(
+        record.fused_round > local_round or (record.fused_round == local_round and record.last_group_size >= 2)
+        for record in other_records
+    )
 
 
 def fusion_weight(weighting: str, num_examples: int) -> float:

@@ -104,7 +104,7 @@ class Presence:
         self.identity, self.record_period, self.stop_event = identity, record_period, stop_event
         self.poll_seconds = poll_seconds(record_period)
         self.progress = Progress()
-        self.swarm_fused_round = 0  # the newest round another compatible peer fused, as last seen
+        self.others_seen: list[PeerRecord] = []  # the other compatible peers' records, as last seen
         self.reducer_seen = False  # ever seen a live peer that can reduce (not in client mode)?
         self.peer_id = ""
         self.board: RecordBoard | None = None
@@ -180,7 +180,7 @@ class Presence:
         """Stop training early when asked to, or when the swarm already fused this round without us
         (e.g. we were frozen): the round is lost anyway, and the sooner we catch up the sooner we
         are back in the swarm's current round instead of chasing it one stale round after another."""
-        return self.stop_event.is_set() or self.swarm_fused_round >= round_number
+        return self.stop_event.is_set() or policy.missed_round(round_number, self.others_seen)
 
     def publish(self) -> None:
         if self.board is None:
@@ -324,7 +324,7 @@ class Presence:
             logger.debug("reconnecting to the initial peers failed: %r", error)
 
     def _watch_swarm(self) -> None:
-        """Keep :attr:`swarm_fused_round` fresh, so that training notices when the swarm left us behind."""
+        """Keep :attr:`others_seen` fresh, so that training notices when the swarm left us behind."""
         while not self.stop_event.wait(self.record_period):
             try:
                 others = policy.others(self.board.fetch(), self.board.subkey, self.identity.model_fingerprint)
@@ -334,5 +334,5 @@ class Presence:
             if not others:  # alone, or cut off: make sure the DHT still knows its way back
                 self._reconnect_now_and_then()
                 continue
-            self.swarm_fused_round = policy.swarm_fused_round(others)
+            self.others_seen = others
             self.reducer_seen = self.reducer_seen or not policy.no_reducer([*others, self.record()])

@@ -43,6 +43,7 @@ class GroupOutcome:
     members: dict[str, dict[str, Any]] = field(default_factory=dict)
     reason: str = ""
     rejected: bool = False  # the all-reduce worked but its result failed validation (e.g. poisoning)
+    no_group: bool = False  # matchmaking found nobody: no tensor was exchanged, so nobody can have applied
 
 
 @dataclass(frozen=True)

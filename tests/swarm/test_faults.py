@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from coldfusion_p2p.swarm.faults import CRASH_IN_ALLREDUCE_ENV, SCALE_UPDATE_ENV, Faults
+from coldfusion_p2p.swarm.faults import CRASH_IN_ALLREDUCE_ENV, MISS_GROUP_ENV, SCALE_UPDATE_ENV, Faults
 
 
 def test_no_variables_means_no_faults():
     faults = Faults.from_environment({})
     assert faults == Faults() and not faults.crashes_in(1, None) and faults.scale_update is None
+    assert faults.group_bits("0001", 1) == "0001"
     body, start = [torch.ones(3)], [torch.zeros(3)]
     faults.poison_update(body, start)
     assert torch.equal(body[0], torch.ones(3))
@@ -27,3 +28,10 @@ def test_the_variables_turn_the_faults_on():
     Faults.from_environment({SCALE_UPDATE_ENV: "nan"}).poison_update(nan, [torch.zeros(2)])
     assert torch.isnan(nan[0]).all()
     assert not any(Faults.from_environment({CRASH_IN_ALLREDUCE_ENV: "0"}).crashes_in(n, None) for n in (0, 1, 2))
+
+
+def test_a_missed_group_is_missed_once_in_its_round_only():
+    faults = Faults.from_environment({MISS_GROUP_ENV: "2"})
+    assert faults.group_bits("0001", 1) == "0001"
+    assert faults.group_bits("0010", 2) != "0010", "round 2's first matchmaking goes where nobody is"
+    assert faults.group_bits("0010", 2) == "0010", "... and its next one where the others are"

@@ -31,8 +31,8 @@ class ScriptedPeerId:
 
 
 class ScriptedControl:
-    def __init__(self, outcome):
-        self.outcome, self.cancelled = outcome, False
+    def __init__(self, outcome, began_allreduce: bool):
+        self.outcome, self.cancelled, self.began_allreduce = outcome, False, began_allreduce
 
     def result(self, timeout=None):
         if isinstance(self.outcome, BaseException):
@@ -46,8 +46,8 @@ class ScriptedControl:
 class ScriptedAverager:
     """Stands in for FusedBodyAverager: ``step`` "all-reduces" to a scripted average and group."""
 
-    def __init__(self, average, others: dict | BaseException):
-        self.average, self.others = average, others
+    def __init__(self, average, others: dict | BaseException, began_allreduce: bool = False):
+        self.average, self.others, self.began_allreduce = average, others, began_allreduce
         self.buffers = [tensor.clone() for tensor in START]
         self.bytes_sent = mp.Value(ctypes.c_uint64, 0)
         self.peer_id = ScriptedPeerId(OWN_ID)
@@ -69,7 +69,7 @@ class ScriptedAverager:
     def step(self, gather, **kwargs):
         self.sent_info = gather
         if self.others is None or isinstance(self.others, BaseException):  # no group / matchmaking failed
-            self.control = ScriptedControl(self.others)
+            self.control = ScriptedControl(self.others, self.began_allreduce)
             return self.control
         self.sent = [buffer.clone() for buffer in self.buffers]  # what this member contributed
         for buffer, value in zip(self.buffers, self.average, strict=True):
@@ -77,7 +77,7 @@ class ScriptedAverager:
         self.bytes_sent.value += 1000
         members = {ScriptedPeerId(OWN_ID): gather}
         members.update({ScriptedPeerId(peer): info for peer, info in self.others.items()})
-        self.control = ScriptedControl(members)
+        self.control = ScriptedControl(members, began_allreduce=True)
         return self.control
 
 
@@ -115,11 +115,13 @@ def other_member(body, **overrides) -> dict:
     return {**info, **overrides}
 
 
-def run_fusion(average, others, verdict_of_other=True, body=None, original=None, failed_stores=0, **config):
+def run_fusion(
+    average, others, verdict_of_other=True, body=None, original=None, failed_stores=0, began_allreduce=False, **config
+):
     body = body if body is not None else trained_body()
     board = ScriptedBoard(verdict_of_other, failed_stores)
     board.other_nonce = others.get(OTHER_ID, {}).get("nonce", "") if isinstance(others, dict) else ""
-    averager = ScriptedAverager(average, others)
+    averager = ScriptedAverager(average, others, began_allreduce)
     settings = dict(matchmaking_time=0.2, request_timeout=0.1, allreduce_timeout=0.5, **config)
     config = FusionConfig(**settings)
     fusion = BodyFusion(None, body, prefix="test", config=config, board=board, averager=averager, original=original)
@@ -181,11 +183,19 @@ def test_a_failed_matchmaking_keeps_the_body_and_says_why():
     assert averager.control.cancelled
     assert_kept(body, kept)
     assert [verdict.ok for verdict in board.published] == [False]
+    assert result.no_group, "nothing was exchanged: the peer may look for its group again"
 
 
 def test_no_group_keeps_the_body():
     result, body, kept, _, _ = run_fusion(None, None)
-    assert not result.fused and result.reason == "no group formed"
+    assert not result.fused and result.reason == "no group formed" and result.no_group
+    assert_kept(body, kept)
+
+
+def test_an_all_reduce_that_failed_once_begun_is_not_a_missing_group():
+    """Members may have exchanged parts: looking again could fuse another subset than the one that rolled back."""
+    result, body, kept, _, _ = run_fusion(None, RuntimeError("peer X sent 3 parts"), began_allreduce=True)
+    assert not result.fused and not result.no_group
     assert_kept(body, kept)
 
 

@@ -14,7 +14,7 @@ from coldfusion_p2p.config import build_config
 from coldfusion_p2p.contributor.checkpoints import apply_body_state, latest_checkpoint, load_body_state, load_head
 from coldfusion_p2p.contributor.learner import build_learner
 from coldfusion_p2p.contributor.model import load_head_state
-from coldfusion_p2p.swarm.faults import CRASH_IN_ALLREDUCE_ENV, SCALE_UPDATE_ENV
+from coldfusion_p2p.swarm.faults import CRASH_IN_ALLREDUCE_ENV, MISS_GROUP_ENV, SCALE_UPDATE_ENV
 from coldfusion_p2p.swarm.presence import record_ttl
 
 from conftest import FAST_SWARM_SETTINGS, pre_fusion, read_scalars, round_dir, wait_until
@@ -300,6 +300,26 @@ def test_a_peer_killed_mid_all_reduce_leaves_no_half_averaged_body_and_rejoins(
     assert fused, {r: (report["outcome"], report["reason"]) for r, report in later.items()}
     report = later[fused[0]]
     assert report["group_size"] == 3 and survivor_ids < set(report["peer_ids"]), report
+
+
+def test_a_round_whose_matchmaking_found_nobody_looks_again_and_fuses(local_swarm, tiny_model_dir, tiny_datasets):
+    """peer0's first matchmaking of round 1 looks where nobody is (the fault), so neither finds a group;
+    nothing was exchanged, so both look again through a fresh window and fuse round 1 on their two bodies."""
+    settings = dict(rounds=1, min_group_size=2, save_local_body=True, quiet=False)
+    faults = ({MISS_GROUP_ENV: "1"}, None)
+    peers = [
+        local_swarm.start_peer(f"peer{i}", tiny_datasets[i], tiny_model_dir, faults[i], seed=i, **settings)
+        for i in (0, 1)
+    ]
+    local_swarm.wait_all()
+    trained = [pre_fusion(peer, 1, "body") for peer in peers]
+    for peer in peers:
+        assert "round 1: no group found" in peer.log(), peer.log()
+        report = peer.round_info(1)["report"]
+        assert report["outcome"] == "fused" and report["group_size"] == 2, report
+        fused = load_body_state(round_dir(peer, 1))
+        for name in trained[0]:
+            assert torch.allclose(fused[name], (trained[0][name] + trained[1][name]) / 2, atol=1e-6), name
 
 
 def assert_loadable_and_finite(peer) -> None:

@@ -80,8 +80,15 @@ def test_partners_are_live_peers_of_the_same_round():
 
 
 def test_a_peer_behind_the_swarm_missed_its_round():
-    assert policy.missed_round(2, [record("idle", round=3, fused_round=2)])
-    assert not policy.missed_round(2, [record("training", round=2, fused_round=1)])
+    assert policy.missed_round(2, [record("idle", round=3, fused_round=2, group=2)])
+    assert policy.missed_round(2, [record("training", round=4, fused_round=3, group=1)])  # moved past it
+    assert not policy.missed_round(2, [record("training", round=2, fused_round=1, group=2)])
+
+
+def test_a_partner_whose_own_fusion_failed_does_not_make_the_round_missed():
+    """It moved on to the next round, but nobody fused this one: the others may still fuse it."""
+    failed = record("training", round=3, fused_round=2, group=1)
+    assert not policy.missed_round(2, [failed, record("ready", round=2, fused_round=1, group=2)])
     assert policy.swarm_fused_round([]) == 0
 
 
