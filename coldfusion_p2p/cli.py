@@ -81,6 +81,15 @@ def parse_config(arguments: argparse.Namespace, config_type: type = PeerConfig):
     return build_config(file_values, values, config_type)
 
 
+def check_inputs_early(config) -> None:
+    """Input errors fixed in a second (a mistyped --dataset path), found before the seconds of
+    torch, transformers and hivemind imports that logging and the commands need."""
+    if isinstance(config, PeerConfig):
+        from coldfusion_p2p.contributor.sources import check_local_dataset
+
+        check_local_dataset(config.data.dataset)
+
+
 def configure_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
@@ -313,6 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config_type, run, _, _ = COMMANDS[arguments.command]
         config = parse_config(arguments, config_type)
+        check_inputs_early(config)
         with _stop_during_imports():
             configure_logging(config.logging.verbose)
         return run(config)

@@ -19,11 +19,12 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from coldfusion_p2p.errors import UserError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +60,15 @@ def read_source(dataset: str) -> Source:
         return _read_file(path)
     if path.is_dir():
         return _read_folder(path)
-    if looks_like_path(dataset):
-        raise UserError(f"dataset file {dataset} does not exist", "check the --dataset path")
+    check_local_dataset(dataset)
     return _read_hub(dataset)
+
+
+def check_local_dataset(dataset: str | None) -> None:
+    """A ``--dataset`` meant as a local path must exist. Cheap (no pandas, no torch), so the CLI
+    checks it before the seconds of imports a peer needs: a typo fails at once, not after 10 s."""
+    if dataset and looks_like_path(dataset) and not Path(dataset).expanduser().exists():
+        raise UserError(f"dataset file {dataset} does not exist", "check the --dataset path")
 
 
 def looks_like_path(text: str) -> bool:
@@ -98,6 +105,8 @@ def _read_file(path: Path) -> Source:
 
 def _read_frame(path: Path, suffix: str) -> pd.DataFrame:
     """Read every cell as written: "NA", "null" or "None" in a text column stay strings."""
+    import pandas as pd  # here, not at the top: the CLI imports this module for its early checks
+
     if suffix in (".csv", ".tsv"):
         return pd.read_csv(
             path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False, na_values=[""]
