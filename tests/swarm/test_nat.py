@@ -143,9 +143,9 @@ def test_a_late_joiner_behind_an_outbound_only_firewall_downloads_the_fused_base
     """The late joiner's router masquerades and lets only outbound TCP out (no UDP, no ICMP)."""
     with lab_swarm(tmp_path, "late", homes=("home1",), strict_homes=("strict",)) as swarm:
         swarm.start_bootstrap()
-        # min_group_size 3: until the late joiner is there, each window stays open (45 s), so the
-        # early two cannot finish every round before it has started, however slow the machine
-        settings = dict(rounds=4, min_group_size=3, local_steps=20, **{**NAT_SETTINGS, "fusion_window": 45.0})
+        # min_group_size 3: until the late joiner is there, each window stays open (25 s), so the early
+        # two cannot finish every round before it has started (4 x 25 s to do so), however slow the machine
+        settings = dict(rounds=5, min_group_size=3, local_steps=20, **{**NAT_SETTINGS, "fusion_window": 25.0})
         early = swarm.start_peers(("public", "home1"), tiny_datasets, tiny_model_dir, **settings)
         wait_until(lambda: all(1 in peer.rounds_written() for peer in early), timeout=150, message="round 1")
         late = swarm.start_peer("strict", "strict", tiny_datasets[2], tiny_model_dir, seed=2, **settings)

@@ -110,10 +110,10 @@ def test_three_peers_fuse_bodies_into_their_mean_and_keep_their_heads(local_swar
 
 
 def test_late_joiner_starts_from_the_swarm_base_and_round(local_swarm, tiny_model_dir, tiny_datasets):
-    # min_group_size 3: until the late joiner is there, every window stays open its whole 30 s, so on
-    # a loaded machine the early two cannot finish all rounds before it has started up
+    # min_group_size 3: until the late joiner is there, every window stays open its whole 15 s, so on
+    # a loaded machine the early two cannot finish all rounds before it has started up (7 x 15 s to do so)
     settings = dict(rounds=8, keep_checkpoints=20, local_steps=20, save_local_body=True, min_group_size=3)
-    settings.update(fusion_window=30.0)  # round 1 waits it out for the absent third (not 60 s: a slow test)
+    settings.update(fusion_window=15.0)  # round 1 waits it out for the absent third (not 60 s: a slow test)
     early = [local_swarm.start_peer(f"early{i}", tiny_datasets[i], tiny_model_dir, seed=i, **settings) for i in (0, 1)]
     wait_until(lambda: all(1 in peer.rounds_written() for peer in early), timeout=120, message="round 1 of early peers")
     late = local_swarm.start_peer("late", tiny_datasets[2], tiny_model_dir, seed=2, **settings)

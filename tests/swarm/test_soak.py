@@ -114,6 +114,7 @@ def assert_rounds_fused(peers: list[PeerProcess]) -> dict[str, list[int]]:
     return fused_rounds
 
 
+@pytest.mark.extended  # 60-80 s on 2 cores: the suite's 25 minutes no longer had room for it
 def test_twenty_rounds_with_random_restarts(local_swarm: LocalSwarm, tiny_model_dir, tiny_datasets):
     rng = random.Random(20261126)
     ports = [free_port() for _ in tiny_datasets]
