@@ -80,7 +80,7 @@ class FusionResult:
     state: list[torch.Tensor] = field(default_factory=list)  # the fusion rule's state after a fusion
     copy_seconds: float = 0.0  # the body's device->host copy before and host->device copy after (0 on a CPU)
     stages: tuple[StageReport, ...] = ()  # bounded groups: each stage's group and outcome
-    no_group: bool = False  # matchmaking found nobody (one group, not stages): safe to look again
+    retryable: bool = False  # one group (not stages) lost to our transport: safe to look again (GroupOutcome)
 
 
 def on_host(tensors: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], bool]:
@@ -179,7 +179,7 @@ class BodyFusion:
                 reason=outcome.reason,
                 rejected=outcome.rejected,
                 stages=stages,
-                no_group=outcome.no_group and not stages,
+                retryable=outcome.retryable and not stages,
             )
         starts = [member.get("start_sketch") for member in outcome.members.values()]
         member_norms = [float(member.get("update_norm", float("nan"))) for member in outcome.members.values()]
@@ -248,9 +248,9 @@ class BodyFusion:
         except Exception as error:  # hivemind raises several types; all mean "no fusion this round"
             control.cancel()
             failed = self._group_failed(round_number, nonce, _short_reason(error))
-            return dataclasses.replace(failed, no_group=not control.began_allreduce)
+            return dataclasses.replace(failed, retryable=True)
         if not gathered:
-            return dataclasses.replace(self._group_failed(round_number, nonce, "no group formed"), no_group=True)
+            return dataclasses.replace(self._group_failed(round_number, nonce, "no group formed"), retryable=True)
         members = {peer.to_base58(): data if isinstance(data, dict) else {} for peer, data in gathered.items()}
         mismatch = group_mismatch(members, round_number, config.aggregation, self.rule.signature(), self.contribution)
         if mismatch is None and expected is not None and set(members) != set(expected):

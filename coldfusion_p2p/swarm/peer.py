@@ -17,11 +17,12 @@ only the record in :mod:`coldfusion_p2p.swarm.records` goes to the DHT.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -43,7 +44,7 @@ from coldfusion_p2p.swarm.console import PeerConsole
 from coldfusion_p2p.swarm.faults import FAULTS
 from coldfusion_p2p.swarm.fusion import BodyFusion, FusionResult, finite_or_nan
 from coldfusion_p2p.swarm.network import check_network_config, network_moderation, shut_down
-from coldfusion_p2p.swarm.presence import Identity, Presence
+from coldfusion_p2p.swarm.presence import FusionWindow, Identity, Presence
 from coldfusion_p2p.swarm.process_safety import install as install_fork_hooks
 from coldfusion_p2p.swarm.records import RecordBoard, RunKeys
 from coldfusion_p2p.swarm.round_store import (
@@ -56,11 +57,6 @@ from coldfusion_p2p.swarm.round_store import (
 )
 
 logger = logging.getLogger(__name__)
-
-# A round whose matchmaking found nobody (no tensor exchanged) looks for its group once more, through
-# a fresh fusion window: while a frozen node sits in the DHT's routing tables, reads stall for seconds
-# and two ready peers can each miss the other's declaration (seen in CI; the round was lost for both)
-MATCHMAKING_ATTEMPTS = 2
 
 
 @contextlib.contextmanager
@@ -274,28 +270,41 @@ class Peer:
 
         Outcomes: ``fused``, ``failed`` or ``rejected`` (kept own body; rejected: the average failed
         validation), ``alone``, ``missed`` (the swarm fused without us), ``stop``.
+
+        A round our own transport lost (no group found, or an exception mid all-reduce: nobody applied
+        it, see :attr:`FusionResult.retryable`) is tried once more, with the members that lost it too:
+        in CI two ready peers each missed the other's declaration on a DHT stalled by a frozen node, and
+        two int8 peers each timed out on the other's parts, and the round was lost for both.
         """
         with self.console.fusing(round_number) as set_stage:
-            for attempt in range(1, MATCHMAKING_ATTEMPTS + 1):
-                window = self.presence.wait_for_fusion_window(round_number, self.config.fusion)
-                if window.decision != "fuse":
+            window = self.presence.wait_for_fusion_window(round_number, self.config.fusion)
+            if window.decision != "fuse":
+                return window.decision, None
+            FAULTS.poison_update(self.body, self.fusion.averager.last_fused_body())  # tests only
+            result = self._all_reduce(round_number, window, set_stage)
+            if result.retryable and not self.stop_event.is_set():
+                self.console.info(f"round {round_number}: fusion failed ({result.reason}); looking again")
+                window = self.presence.wait_for_fusion_window(round_number, self.config.fusion, retry=True)
+                if window.decision in ("missed", "stop"):
                     return window.decision, None
-                set_stage("all-reducing the bodies")
-                self.presence.update(status="fusing")
-                FAULTS.poison_update(self.body, self.fusion.averager.last_fused_body())  # tests only
-                result = self.fusion.fuse(
-                    self.body,
-                    round_number=round_number,
-                    scheduled_time=window.time,
-                    group_size=window.group_size,
-                    members=window.members,
-                    weight=policy.fusion_weight(self.config.fusion.weighting, len(self.data.train)),
-                    info=fusion_info(self.config, self.data, self.body, round_number),
-                )
-                if not result.no_group or attempt == MATCHMAKING_ATTEMPTS or self.stop_event.is_set():
-                    break
-                self.console.info(f"round {round_number}: no group found ({result.reason}); looking again")
+                if window.decision == "fuse":  # else nobody else looks again: the first attempt's failure stands
+                    earlier = result.seconds
+                    result = self._all_reduce(round_number, window, set_stage)
+                    result = dataclasses.replace(result, seconds=result.seconds + earlier)
         return ("fused" if result.fused else "rejected" if result.rejected else "failed"), result
+
+    def _all_reduce(self, round_number: int, window: FusionWindow, set_stage: Callable[[str], None]) -> FusionResult:
+        set_stage("all-reducing the bodies")
+        self.presence.update(status="fusing")
+        return self.fusion.fuse(
+            self.body,
+            round_number=round_number,
+            scheduled_time=window.time,
+            group_size=window.group_size,
+            members=window.members,
+            weight=policy.fusion_weight(self.config.fusion.weighting, len(self.data.train)),
+            info=fusion_info(self.config, self.data, self.body, round_number),
+        )
 
     def catch_up(self, reason: str, min_round: int | None = None) -> bool:
         """Download the swarm's newest fused base if it is ahead of ours; bounded in time.

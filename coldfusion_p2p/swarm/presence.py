@@ -218,13 +218,18 @@ class Presence:
             )
 
     # ------------------------------------------------------------ waiting on the swarm, through records
-    def wait_for_fusion_window(self, round_number: int, fusion_config: FusionConfig) -> FusionWindow:
+    def wait_for_fusion_window(
+        self, round_number: int, fusion_config: FusionConfig, retry: bool = False
+    ) -> FusionWindow:
         """Publish readiness, then wait for the round's fusion time (the decisions are :mod:`policy`'s).
 
         Bounded: the earliest proposal is at most ``fusion_window`` away. With bounded groups the
         peer that closes the window early also lists the round's members in its record, and every
         peer takes the list of the earliest proposal (:func:`policy.round_members`), so that all
         place the same peers on the same grid.
+
+        ``retry``: a second look after an attempt our transport lost; it ends ("alone") as soon as no
+        other peer is ready for the round, since only the members that lost it too look again.
         """
         proposal = get_dht_time() + fusion_config.fusion_window
         self.announce(status="ready", fuse_at=proposal)
@@ -234,6 +239,8 @@ class Presence:
             others = policy.others(records, self.board.subkey, self.identity.model_fingerprint)
             if policy.missed_round(round_number, others):
                 return FusionWindow("missed")
+            if retry and not policy.still_fusing(others, round_number):  # nobody else looks again
+                return FusionWindow("alone")
             everyone = [*others, self.record()]
             self.reducer_seen = self.reducer_seen or not policy.no_reducer(everyone)
             scheduled = policy.fusion_time(everyone, round_number)

@@ -31,8 +31,8 @@ class ScriptedPeerId:
 
 
 class ScriptedControl:
-    def __init__(self, outcome, began_allreduce: bool):
-        self.outcome, self.cancelled, self.began_allreduce = outcome, False, began_allreduce
+    def __init__(self, outcome):
+        self.outcome, self.cancelled = outcome, False
 
     def result(self, timeout=None):
         if isinstance(self.outcome, BaseException):
@@ -46,8 +46,8 @@ class ScriptedControl:
 class ScriptedAverager:
     """Stands in for FusedBodyAverager: ``step`` "all-reduces" to a scripted average and group."""
 
-    def __init__(self, average, others: dict | BaseException, began_allreduce: bool = False):
-        self.average, self.others, self.began_allreduce = average, others, began_allreduce
+    def __init__(self, average, others: dict | BaseException):
+        self.average, self.others = average, others
         self.buffers = [tensor.clone() for tensor in START]
         self.bytes_sent = mp.Value(ctypes.c_uint64, 0)
         self.peer_id = ScriptedPeerId(OWN_ID)
@@ -69,7 +69,7 @@ class ScriptedAverager:
     def step(self, gather, **kwargs):
         self.sent_info = gather
         if self.others is None or isinstance(self.others, BaseException):  # no group / matchmaking failed
-            self.control = ScriptedControl(self.others, self.began_allreduce)
+            self.control = ScriptedControl(self.others)
             return self.control
         self.sent = [buffer.clone() for buffer in self.buffers]  # what this member contributed
         for buffer, value in zip(self.buffers, self.average, strict=True):
@@ -77,7 +77,7 @@ class ScriptedAverager:
         self.bytes_sent.value += 1000
         members = {ScriptedPeerId(OWN_ID): gather}
         members.update({ScriptedPeerId(peer): info for peer, info in self.others.items()})
-        self.control = ScriptedControl(members, began_allreduce=True)
+        self.control = ScriptedControl(members)
         return self.control
 
 
@@ -115,13 +115,11 @@ def other_member(body, **overrides) -> dict:
     return {**info, **overrides}
 
 
-def run_fusion(
-    average, others, verdict_of_other=True, body=None, original=None, failed_stores=0, began_allreduce=False, **config
-):
+def run_fusion(average, others, verdict_of_other=True, body=None, original=None, failed_stores=0, **config):
     body = body if body is not None else trained_body()
     board = ScriptedBoard(verdict_of_other, failed_stores)
     board.other_nonce = others.get(OTHER_ID, {}).get("nonce", "") if isinstance(others, dict) else ""
-    averager = ScriptedAverager(average, others, began_allreduce)
+    averager = ScriptedAverager(average, others)
     settings = dict(matchmaking_time=0.2, request_timeout=0.1, allreduce_timeout=0.5, **config)
     config = FusionConfig(**settings)
     fusion = BodyFusion(None, body, prefix="test", config=config, board=board, averager=averager, original=original)
@@ -183,19 +181,12 @@ def test_a_failed_matchmaking_keeps_the_body_and_says_why():
     assert averager.control.cancelled
     assert_kept(body, kept)
     assert [verdict.ok for verdict in board.published] == [False]
-    assert result.no_group, "nothing was exchanged: the peer may look for its group again"
+    assert result.retryable, "our verdict rolls every member back: the peer may look for its group again"
 
 
 def test_no_group_keeps_the_body():
     result, body, kept, _, _ = run_fusion(None, None)
-    assert not result.fused and result.reason == "no group formed" and result.no_group
-    assert_kept(body, kept)
-
-
-def test_an_all_reduce_that_failed_once_begun_is_not_a_missing_group():
-    """Members may have exchanged parts: looking again could fuse another subset than the one that rolled back."""
-    result, body, kept, _, _ = run_fusion(None, RuntimeError("peer X sent 3 parts"), began_allreduce=True)
-    assert not result.fused and not result.no_group
+    assert not result.fused and result.reason == "no group formed" and result.retryable
     assert_kept(body, kept)
 
 
@@ -210,7 +201,7 @@ def test_an_all_reduce_that_failed_once_begun_is_not_a_missing_group():
 def test_a_mismatched_group_does_not_fuse(override, words):
     other = trained_body(0.02)
     result, body, kept, _, _ = run_fusion(other, {OTHER_ID: other_member(other, **override)})
-    assert not result.fused and words in result.reason
+    assert not result.fused and words in result.reason and not result.retryable, "a group that cannot agree"
     assert_kept(body, kept)
 
 
@@ -218,7 +209,7 @@ def test_a_nan_average_is_rejected():
     other = trained_body(0.02)
     average = [torch.full_like(tensor, float("nan")) for tensor in START]
     result, body, kept, board, _ = run_fusion(average, {OTHER_ID: other_member(other)})
-    assert result.rejected and not result.fused and "NaN" in result.reason
+    assert result.rejected and not result.fused and "NaN" in result.reason and not result.retryable
     assert_kept(body, kept)
     assert [verdict.ok for verdict in board.published] == [False]
 
@@ -235,6 +226,7 @@ def test_a_member_reporting_an_incomplete_all_reduce_rolls_everyone_back():
     other = trained_body(0.02)
     result, body, kept, board, _ = run_fusion(other, {OTHER_ID: other_member(other)}, verdict_of_other=False)
     assert not result.fused and "incomplete for 1 group member" in result.reason
+    assert not result.retryable, "the member that lost it looks again; one whose all-reduce completed does not"
     assert_kept(body, kept)
     assert [verdict.ok for verdict in board.published] == [True], "we confirmed our own view first"
 
