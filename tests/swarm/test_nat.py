@@ -189,7 +189,7 @@ def test_a_link_cut_mid_all_reduce_leaves_no_partial_average_and_the_peer_rejoin
     with lab_swarm(tmp_path, "cut") as swarm:
         swarm.start_bootstrap()
         # enough rounds and steps that the others are still at work when the link is back
-        settings = dict(rounds=10, min_group_size=2, local_steps=300, allreduce_timeout=15.0, **NAT_SETTINGS)
+        settings = dict(rounds=8, min_group_size=2, local_steps=300, allreduce_timeout=15.0, **NAT_SETTINGS)
         hosts = ("public", "home1", "home2")
         marker = tmp_path / "home1-in-allreduce"
         peers = []
