@@ -23,6 +23,7 @@ SCALE_UPDATE_ENV = "COLDFUSION_FAULT_SCALE_UPDATE"  # k: send k times our update
 STALL_IN_ALLREDUCE_ENV = "COLDFUSION_FAULT_STALL_IN_ALLREDUCE"  # a file: create it mid all-reduce, then stall
 STALL_SECONDS = 10.0  # long enough for a test to cut our link while the all-reduce is under way
 MISS_GROUP_ENV = "COLDFUSION_FAULT_MISS_GROUP"  # R: round R's first matchmaking looks where nobody is
+LOSE_RESULT_ENV = "COLDFUSION_FAULT_LOSE_RESULT"  # R: round R's first all-reduce fails for us alone, at its end
 
 
 def crash_point(value: str) -> dict[str, int | None]:
@@ -38,7 +39,9 @@ class Faults:
     scale_update: str | None = None
     stall_marker: str | None = None  # the file a stalled all-reduce creates, so a test knows when to act
     miss_group_round: int = 0  # the round whose first matchmaking finds nobody; 0: never
+    lose_result_round: int = 0  # the round whose first all-reduce completes for the others, not for us; 0: never
     _group_missed: set[int] = field(default_factory=set, compare=False, repr=False)
+    _result_lost: set[int] = field(default_factory=set, compare=False, repr=False)
 
     @classmethod
     def from_environment(cls, environment: Mapping[str, str] = os.environ) -> Faults:
@@ -47,6 +50,7 @@ class Faults:
             scale_update=environment.get(SCALE_UPDATE_ENV) or None,
             stall_marker=environment.get(STALL_IN_ALLREDUCE_ENV) or None,
             miss_group_round=int(environment.get(MISS_GROUP_ENV) or 0),
+            lose_result_round=int(environment.get(LOSE_RESULT_ENV) or 0),
         )
 
     def group_bits(self, bits: str, round_number: int) -> str:
@@ -56,6 +60,14 @@ class Faults:
             return bits
         self._group_missed.add(round_number)
         return bits + "1"
+
+    def loses_result(self, round_number: int) -> bool:
+        """Whether this completed all-reduce of ``round_number`` counts as lost for us (its first one
+        only), as when our last part arrives after our timeout while every other member got all of theirs."""
+        if round_number != self.lose_result_round or round_number in self._result_lost:
+            return False
+        self._result_lost.add(round_number)
+        return True
 
     def crashes_in(self, round_number: int, stage: int | None) -> bool:
         """Whether to die in this all-reduce: of ``round_number``, and (bounded groups) its ``stage``

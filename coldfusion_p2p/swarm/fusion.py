@@ -49,6 +49,7 @@ from coldfusion_p2p.swarm.policy import (
     group_decision,
     group_mismatch,
     poisoned_update,
+    refusers_look_again,
     same_start,
 )
 from coldfusion_p2p.swarm.records import RecordBoard, Verdict
@@ -247,10 +248,9 @@ class BodyFusion:
             gathered = wait_in_slices(control, time.monotonic() + wait_seconds, self.should_stop)
         except Exception as error:  # hivemind raises several types; all mean "no fusion this round"
             control.cancel()
-            failed = self._group_failed(round_number, nonce, _short_reason(error))
-            return dataclasses.replace(failed, retryable=True)
+            return self._group_failed(round_number, nonce, _short_reason(error), retry=True)
         if not gathered:
-            return dataclasses.replace(self._group_failed(round_number, nonce, "no group formed"), retryable=True)
+            return self._group_failed(round_number, nonce, "no group formed", retry=True)
         members = {peer.to_base58(): data if isinstance(data, dict) else {} for peer, data in gathered.items()}
         mismatch = group_mismatch(members, round_number, config.aggregation, self.rule.signature(), self.contribution)
         if mismatch is None and expected is not None and set(members) != set(expected):
@@ -262,9 +262,7 @@ class BodyFusion:
         if invalid is not None:  # the average is unusable: keep our body and make every member roll back too
             return dataclasses.replace(self._group_failed(round_number, nonce, f"rejected: {invalid}"), rejected=True)
         refusal = await_group_verdict(self, round_number, nonce, members)
-        if refusal is not None:
-            return self._group_failed(round_number, nonce, refusal, publish=False)
-        return GroupOutcome(True, members)
+        return GroupOutcome(True, members) if refusal is None else refusal
 
     def _load_contribution(self, body: Sequence[torch.Tensor], start: list[torch.Tensor]) -> None:
         """Put what this member sends into the averager's buffers: its body (or TIES' trimmed one),
@@ -305,20 +303,22 @@ class BodyFusion:
         copy_into(list(body), step.base)
         self.state = step.state
 
-    def publish_verdict(self, round_number: int, nonce: str, ok: bool) -> bool:
+    def publish_verdict(self, round_number: int, nonce: str, ok: bool, retry: bool = False) -> bool:
         """Whether the DHT took our verdict (if not, the others time out and roll back: safe)."""
-        verdict = Verdict(peer_id=self.peer_id, round=round_number, nonce=nonce, ok=ok, time=get_dht_time())
+        verdict = Verdict(
+            peer_id=self.peer_id, round=round_number, nonce=nonce, ok=ok, time=get_dht_time(), retry=retry
+        )
         try:
             return self.board.publish_verdict(verdict, ttl=max(60.0, 2 * self.config.allreduce_timeout))
         except Exception as error:
             logger.debug("publishing the verdict failed: %r", error)
             return False
 
-    def _group_failed(self, round_number: int, nonce: str, reason: str, publish: bool = True) -> GroupOutcome:
-        """Keep our own body; tell the group (if any formed) not to apply this attempt's average."""
-        if publish:
-            self.publish_verdict(round_number, nonce, ok=False)
-        return GroupOutcome(False, reason=reason)
+    def _group_failed(self, round_number: int, nonce: str, reason: str, retry: bool = False) -> GroupOutcome:
+        """Keep our own body; tell the group (if any formed) not to apply this attempt's average, and
+        whether we look again (``retry``: our transport lost it, see :attr:`GroupOutcome.retryable`)."""
+        self.publish_verdict(round_number, nonce, ok=False, retry=retry)
+        return GroupOutcome(False, reason=reason, retryable=retry)
 
     def publish_fused(self, round_number: int, body: Sequence[torch.Tensor], metadata: dict[str, Any]) -> None:
         """Serve ``body`` as the fused base of ``round_number``, with the rule's current :attr:`state`."""
@@ -337,24 +337,29 @@ class BodyFusion:
 
 def await_group_verdict(
     fusion: BodyFusion, round_number: int, nonce: str, members: dict[str, dict[str, Any]]
-) -> str | None:
+) -> GroupOutcome | None:
     """Confirm our all-reduce, then wait (bounded) for every member's verdict; None if all report a
-    complete one and ours is out. A store that failed (a loaded DHT) is tried again meanwhile, since
-    without our verdict the others roll back; reads back off from 0.1 s to 1 s (big groups spare the DHT)."""
+    complete one and ours is out, else the rollback (retryable when every refuser looks again:
+    :func:`policy.refusers_look_again`). A store that failed (a loaded DHT) is tried again meanwhile,
+    since without our verdict the others roll back; reads back off from 0.1 s to 1 s (big groups
+    spare the DHT)."""
     deadline = time.monotonic() + fusion.config.allreduce_timeout
     published, pause = False, 0.1
     while True:
         published = published or fusion.publish_verdict(round_number, nonce, ok=True)
-        decision = group_decision(fusion.peer_id, members, fusion.board.fetch_verdicts(round_number))
+        verdicts = fusion.board.fetch_verdicts(round_number)
+        decision = group_decision(fusion.peer_id, members, verdicts)
         if decision == "apply" and published:  # not before ours is out: the others would roll back
             return None
         if decision not in (None, "apply"):
-            return decision
+            return GroupOutcome(
+                False, reason=decision, retryable=refusers_look_again(fusion.peer_id, members, verdicts)
+            )
         if fusion.should_stop():
-            return "stopped by the user before every member confirmed"
+            return GroupOutcome(False, reason="stopped by the user before every member confirmed")
         if time.monotonic() > deadline:
             missing = "a group member never confirmed" if published else "the DHT never took our verdict on"
-            return f"rolled back: {missing} the all-reduce"
+            return GroupOutcome(False, reason=f"rolled back: {missing} the all-reduce")
         time.sleep(pause)
         pause = min(1.0, pause * 1.5)
 

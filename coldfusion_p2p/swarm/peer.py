@@ -272,9 +272,10 @@ class Peer:
         validation), ``alone``, ``missed`` (the swarm fused without us), ``stop``.
 
         A round our own transport lost (no group found, or an exception mid all-reduce: nobody applied
-        it, see :attr:`FusionResult.retryable`) is tried once more, with the members that lost it too:
-        in CI two ready peers each missed the other's declaration on a DHT stalled by a frozen node, and
-        two int8 peers each timed out on the other's parts, and the round was lost for both.
+        it, see :attr:`FusionResult.retryable`), or that members refused for losing it so, is tried once
+        more with the members that lost it too: in CI two ready peers each missed the other's
+        declaration on a DHT stalled by a frozen node, and two int8 peers each timed out on the other's
+        parts, and the round was lost for both.
         """
         with self.console.fusing(round_number) as set_stage:
             window = self.presence.wait_for_fusion_window(round_number, self.config.fusion)

@@ -191,16 +191,36 @@ def group_decision(own_peer_id: str, members: dict[str, dict], verdicts: Iterabl
     the nonce a member sent to this group count, so a verdict on another attempt (an earlier round,
     or another stage of this one) is ignored.
     """
+    current = _verdicts_on_this_attempt(own_peer_id, members, verdicts)
+    refused = [peer for peer, verdict in current.items() if not verdict.ok]
+    if refused:
+        return f"rolled back: the all-reduce was incomplete for {len(refused)} group member(s)"
+    return "apply" if set(members) - {own_peer_id} <= set(current) else None
+
+
+def refusers_look_again(own_peer_id: str, members: dict[str, dict], verdicts: Iterable[Verdict]) -> bool:
+    """Whether every member that refused this attempt lost it to its own transport and looks again.
+
+    Then the whole group rolled back (nobody applies a refused attempt) and every member may look
+    again too: in CI a home peer's matchmaking gave up on a leader that still counted it, the two
+    that saw it missing retried, and the third, refused, did not, so no group of three formed.
+    """
+    refusals = [
+        verdict for verdict in _verdicts_on_this_attempt(own_peer_id, members, verdicts).values() if not verdict.ok
+    ]
+    return bool(refusals) and all(verdict.retry for verdict in refusals)
+
+
+def _verdicts_on_this_attempt(
+    own_peer_id: str, members: dict[str, dict], verdicts: Iterable[Verdict]
+) -> dict[str, Verdict]:
+    """The other members' verdicts that carry the nonce each sent to this group, by peer id."""
     others = set(members) - {own_peer_id}
-    current = {
+    return {
         verdict.peer_id: verdict
         for verdict in verdicts
         if verdict.peer_id in others and verdict.nonce == members[verdict.peer_id].get("nonce")
     }
-    refused = [peer for peer, verdict in current.items() if not verdict.ok]
-    if refused:
-        return f"rolled back: the all-reduce was incomplete for {len(refused)} group member(s)"
-    return "apply" if others <= set(current) else None
 
 
 PLAIN_MEAN_RULE = "outer_lr=1,momentum=0,anchor=0"  # FusionRule().signature(): what a peer sending none uses

@@ -107,6 +107,9 @@ class Verdict(BaseModel):
     nonce: constr(strict=True, max_length=32)  # this member's random nonce of the attempt, shared in the group
     ok: StrictBool
     time: StrictFloat
+    # a refusal because our own transport lost the attempt (not a rejected or mismatched average):
+    # we look again once, so the members it rolled back can too (peer.fuse_round)
+    retry: StrictBool = False
 
 
 VERDICT_HISTORY = 16  # a peer's latest verdicts, all published together: a round's stages each add one

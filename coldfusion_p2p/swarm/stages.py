@@ -43,8 +43,9 @@ class GroupOutcome:
     members: dict[str, dict[str, Any]] = field(default_factory=dict)
     reason: str = ""
     rejected: bool = False  # the all-reduce worked but its result failed validation (e.g. poisoning)
-    # ended by our own transport: no group found, or an exception mid all-reduce. Our "not applied"
-    # verdict then rolls every member back (two-phase commit), so nobody applied and looking again is safe
+    # ended by our own transport (no group found, or an exception mid all-reduce), or refused only by
+    # members whose transport lost it. Refused, every member rolls back (two-phase commit): nobody
+    # applied the attempt, and looking again is safe
     retryable: bool = False
 
 

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from coldfusion_p2p.swarm.faults import CRASH_IN_ALLREDUCE_ENV, MISS_GROUP_ENV, SCALE_UPDATE_ENV, Faults
+from coldfusion_p2p.swarm.faults import (
+    CRASH_IN_ALLREDUCE_ENV,
+    LOSE_RESULT_ENV,
+    MISS_GROUP_ENV,
+    SCALE_UPDATE_ENV,
+    Faults,
+)
 
 
 def test_no_variables_means_no_faults():
@@ -28,6 +34,14 @@ def test_the_variables_turn_the_faults_on():
     Faults.from_environment({SCALE_UPDATE_ENV: "nan"}).poison_update(nan, [torch.zeros(2)])
     assert torch.isnan(nan[0]).all()
     assert not any(Faults.from_environment({CRASH_IN_ALLREDUCE_ENV: "0"}).crashes_in(n, None) for n in (0, 1, 2))
+
+
+def test_a_result_is_lost_once_in_its_round_only():
+    faults = Faults.from_environment({LOSE_RESULT_ENV: "2"})
+    assert not faults.loses_result(1)
+    assert faults.loses_result(2), "round 2's first all-reduce fails for us"
+    assert not faults.loses_result(2), "... and its next one completes"
+    assert not Faults.from_environment({}).loses_result(2)
 
 
 def test_a_missed_group_is_missed_once_in_its_round_only():

@@ -82,8 +82,9 @@ class ScriptedAverager:
 
 
 class ScriptedBoard:
-    def __init__(self, verdict_of_other: bool | None, failed_stores: int = 0):
+    def __init__(self, verdict_of_other: bool | None, failed_stores: int = 0, other_retries: bool = False):
         self.verdict_of_other, self.published, self.failed_stores = verdict_of_other, [], failed_stores
+        self.other_retries = other_retries  # the other member's refusal says it looks again
 
     def publish_verdict(self, verdict, ttl):
         """The DHT refuses the first ``failed_stores`` stores (a loaded DHT), then takes them."""
@@ -95,7 +96,7 @@ class ScriptedBoard:
         if self.verdict_of_other is None:
             return []
         ok, nonce = self.verdict_of_other, self.other_nonce
-        return [Verdict(peer_id=OTHER_ID, round=round_number, nonce=nonce, ok=ok, time=0.0)]
+        return [Verdict(peer_id=OTHER_ID, round=round_number, nonce=nonce, ok=ok, time=0.0, retry=self.other_retries)]
 
 
 def trained_body(scale: float = 0.01) -> list[torch.Tensor]:
@@ -115,9 +116,11 @@ def other_member(body, **overrides) -> dict:
     return {**info, **overrides}
 
 
-def run_fusion(average, others, verdict_of_other=True, body=None, original=None, failed_stores=0, **config):
+def run_fusion(
+    average, others, verdict_of_other=True, body=None, original=None, failed_stores=0, other_retries=False, **config
+):
     body = body if body is not None else trained_body()
-    board = ScriptedBoard(verdict_of_other, failed_stores)
+    board = ScriptedBoard(verdict_of_other, failed_stores, other_retries)
     board.other_nonce = others.get(OTHER_ID, {}).get("nonce", "") if isinstance(others, dict) else ""
     averager = ScriptedAverager(average, others)
     settings = dict(matchmaking_time=0.2, request_timeout=0.1, allreduce_timeout=0.5, **config)
@@ -180,7 +183,7 @@ def test_a_failed_matchmaking_keeps_the_body_and_says_why():
     assert not result.fused and not result.rejected and "timed out" in result.reason
     assert averager.control.cancelled
     assert_kept(body, kept)
-    assert [verdict.ok for verdict in board.published] == [False]
+    assert [(verdict.ok, verdict.retry) for verdict in board.published] == [(False, True)], "we look again"
     assert result.retryable, "our verdict rolls every member back: the peer may look for its group again"
 
 
@@ -211,7 +214,7 @@ def test_a_nan_average_is_rejected():
     result, body, kept, board, _ = run_fusion(average, {OTHER_ID: other_member(other)})
     assert result.rejected and not result.fused and "NaN" in result.reason and not result.retryable
     assert_kept(body, kept)
-    assert [verdict.ok for verdict in board.published] == [False]
+    assert [(verdict.ok, verdict.retry) for verdict in board.published] == [(False, False)], "nobody looks again"
 
 
 def test_a_poisoned_average_is_rejected():
@@ -222,11 +225,16 @@ def test_a_poisoned_average_is_rejected():
     assert_kept(body, kept)
 
 
-def test_a_member_reporting_an_incomplete_all_reduce_rolls_everyone_back():
+@pytest.mark.parametrize("other_retries", [False, True])
+def test_a_member_reporting_an_incomplete_all_reduce_rolls_everyone_back(other_retries):
     other = trained_body(0.02)
-    result, body, kept, board, _ = run_fusion(other, {OTHER_ID: other_member(other)}, verdict_of_other=False)
+    result, body, kept, board, _ = run_fusion(
+        other, {OTHER_ID: other_member(other)}, verdict_of_other=False, other_retries=other_retries
+    )
     assert not result.fused and "incomplete for 1 group member" in result.reason
-    assert not result.retryable, "the member that lost it looks again; one whose all-reduce completed does not"
+    # refused by a member that looks again (its transport lost the attempt), we look again with it;
+    # refused for any other reason (a rejected average, a mismatch), looking again would meet the same
+    assert result.retryable == other_retries
     assert_kept(body, kept)
     assert [verdict.ok for verdict in board.published] == [True], "we confirmed our own view first"
 

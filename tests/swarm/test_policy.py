@@ -124,6 +124,22 @@ def test_an_all_reduce_is_applied_only_when_every_member_confirms_it():
     assert policy.group_decision("me", members, later_stage) == "apply"
 
 
+def test_a_refused_attempt_is_looked_for_again_only_when_every_refuser_looks_again():
+    from coldfusion_p2p.swarm.records import Verdict
+
+    def verdict(peer, ok=True, retry=False, nonce=None):
+        return Verdict(peer_id=peer, round=1, nonce=nonce or f"n-{peer}", ok=ok, time=0.0, retry=retry)
+
+    members = {peer: {"nonce": f"n-{peer}"} for peer in ("me", "a", "b", "c")}
+    lost = [verdict("a", ok=False, retry=True), verdict("b", ok=False, retry=True), verdict("c")]
+    assert policy.refusers_look_again("me", members, lost)
+    rejected = [verdict("a", ok=False, retry=True), verdict("b", ok=False), verdict("c")]
+    assert not policy.refusers_look_again("me", members, rejected), "b rejected the average: it would again"
+    assert not policy.refusers_look_again("me", members, [verdict("a"), verdict("b")]), "nobody refused"
+    elsewhere = [verdict("a", ok=False, retry=True, nonce="another-attempt"), verdict("b", ok=False)]
+    assert not policy.refusers_look_again("me", members, elsewhere), "a's refusal was of another attempt"
+
+
 def test_a_fused_update_far_larger_than_the_typical_one_is_poisoned():
     honest = [1.0, 1.2, 0.9]
     assert not policy.poisoned_update(1.0, own_norm=1.0, member_norms=honest, max_ratio=10)
