@@ -23,13 +23,22 @@ SCALE_UPDATE_ENV = "COLDFUSION_FAULT_SCALE_UPDATE"  # k: send k times our update
 STALL_IN_ALLREDUCE_ENV = "COLDFUSION_FAULT_STALL_IN_ALLREDUCE"  # a file: create it mid all-reduce, then stall
 STALL_SECONDS = 10.0  # long enough for a test to cut our link while the all-reduce is under way
 MISS_GROUP_ENV = "COLDFUSION_FAULT_MISS_GROUP"  # R: round R's first matchmaking looks where nobody is
-LOSE_RESULT_ENV = "COLDFUSION_FAULT_LOSE_RESULT"  # R: round R's first all-reduce fails for us alone, at its end
+# "R:start" or "R:end": round R's first all-reduce is lost for us alone, as its group forms or at its end
+LOSE_ATTEMPT_ENV = "COLDFUSION_FAULT_LOSE_ATTEMPT"
 
 
 def crash_point(value: str) -> dict[str, int | None]:
     """``"R"`` or ``"R:S"`` as :class:`Faults`' crash fields ("" or "0": never)."""
     round_text, _, stage_text = value.partition(":")
     return {"crash_round": int(round_text or 0), "crash_stage": int(stage_text) if stage_text else None}
+
+
+def lost_attempt(value: str) -> dict[str, int | str]:
+    """``"R:start"`` or ``"R:end"`` as :class:`Faults`' lost-attempt fields ("": never)."""
+    round_text, _, point = value.partition(":")
+    if point not in ("", "start", "end"):
+        raise ValueError(f"{LOSE_ATTEMPT_ENV}={value!r}: expected R:start or R:end")
+    return {"lose_attempt_round": int(round_text or 0), "lose_attempt_at": point or "end"}
 
 
 @dataclass(frozen=True)
@@ -39,9 +48,10 @@ class Faults:
     scale_update: str | None = None
     stall_marker: str | None = None  # the file a stalled all-reduce creates, so a test knows when to act
     miss_group_round: int = 0  # the round whose first matchmaking finds nobody; 0: never
-    lose_result_round: int = 0  # the round whose first all-reduce completes for the others, not for us; 0: never
+    lose_attempt_round: int = 0  # the round whose first all-reduce is lost for us alone; 0: never
+    lose_attempt_at: str = "end"  # ... when: "start" (its group formed) or "end" (the others' completed)
     _group_missed: set[int] = field(default_factory=set, compare=False, repr=False)
-    _result_lost: set[int] = field(default_factory=set, compare=False, repr=False)
+    _attempt_lost: set[int] = field(default_factory=set, compare=False, repr=False)
 
     @classmethod
     def from_environment(cls, environment: Mapping[str, str] = os.environ) -> Faults:
@@ -50,7 +60,7 @@ class Faults:
             scale_update=environment.get(SCALE_UPDATE_ENV) or None,
             stall_marker=environment.get(STALL_IN_ALLREDUCE_ENV) or None,
             miss_group_round=int(environment.get(MISS_GROUP_ENV) or 0),
-            lose_result_round=int(environment.get(LOSE_RESULT_ENV) or 0),
+            **lost_attempt(environment.get(LOSE_ATTEMPT_ENV) or ""),
         )
 
     def group_bits(self, bits: str, round_number: int) -> str:
@@ -61,12 +71,17 @@ class Faults:
         self._group_missed.add(round_number)
         return bits + "1"
 
-    def loses_result(self, round_number: int) -> bool:
-        """Whether this completed all-reduce of ``round_number`` counts as lost for us (its first one
-        only), as when our last part arrives after our timeout while every other member got all of theirs."""
-        if round_number != self.lose_result_round or round_number in self._result_lost:
+    def loses_attempt(self, round_number: int, point: str) -> bool:
+        """Whether to lose this all-reduce of ``round_number`` (its first only) at ``point``: at
+        "start" as a follower whose matchmaking gave up on a leader that still counted it (the others
+        wait for its parts until they drop it), at "end" as a member whose last part came too late
+        while every other member got all of theirs."""
+        if (round_number, point) != (
+            self.lose_attempt_round,
+            self.lose_attempt_at,
+        ) or round_number in self._attempt_lost:
             return False
-        self._result_lost.add(round_number)
+        self._attempt_lost.add(round_number)
         return True
 
     def crashes_in(self, round_number: int, stage: int | None) -> bool:

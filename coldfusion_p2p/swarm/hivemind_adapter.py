@@ -409,6 +409,9 @@ class FusedBodyAverager(DecentralizedAverager):
         uninvited: list[PeerID] = [] if self._gate is None else await self._gate.uninvited(group_info.peer_ids)
         if uninvited:
             raise AllreduceException(f"group has {len(uninvited)} uninvited member(s): not averaging with it")
+        own = gathered_infos(self.serializer, group_info).get(self.peer_id, {})
+        if self._faults.loses_attempt(own.get("round", 0), "start"):  # test-only: counted, but gone
+            raise AllreduceException("left the group before sending (test fault)")
         return await super()._aggregate_with_group(group_info, *args, **kwargs)
 
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
@@ -447,7 +450,7 @@ class FusedBodyAverager(DecentralizedAverager):
                 f"incomplete all-reduce: {failed} values fell back to local ones{why}, "
                 f"{len(runner.banned_senders)} sender(s) dropped"
             )
-        if self._faults.loses_result(own.get("round", 0)):  # test-only: ours alone fails, the others' completed
+        if self._faults.loses_attempt(own.get("round", 0), "end"):  # test-only: ours alone fails, the others' completed
             raise AllreduceException("incomplete all-reduce: our last part came too late (test fault)")
         for tensor, delta in zip(tensors, deltas, strict=True):
             tensor.add_(delta, alpha=self._averaging_alpha)

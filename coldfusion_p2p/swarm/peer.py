@@ -219,7 +219,7 @@ class Peer:
 
     def run_round(self, round_number: int) -> RoundReport | None:
         """Train, evaluate, fuse (or not), evaluate, checkpoint; None when stopped mid-round."""
-        self.presence.update(status="training", round=round_number, step=0, fuse_at=None)
+        self.presence.update(status="training", round=round_number, step=0, fuse_at=None, attempt=0)
         with self.console.training(round_number, self.config.training.local_steps) as on_step:
             recorder, behind = step_recorder(self, round_number, on_step), lambda: self.presence.behind(round_number)
             stats = self.trainer.train_round(round_number, on_step=recorder, should_stop=behind)

@@ -134,6 +134,23 @@ def still_fusing(other_records: Iterable[PeerRecord], round_number: int) -> bool
     return any(record.round == round_number and record.status in READY_STATUSES for record in other_records)
 
 
+def first_attempts_running(other_records: Iterable[PeerRecord], round_number: int) -> bool:
+    """Whether another peer is still in its first all-reduce of ``round_number``: one that may yet
+    look again, if its attempt ends lost (a client learns that only when the reducers give up)."""
+    return any(
+        record.round == round_number and record.status == "fusing" and record.attempt == 0 for record in other_records
+    )
+
+
+def looking_again(other_records: Iterable[PeerRecord], round_number: int) -> list[PeerRecord]:
+    """The peers on their second look for a group of ``round_number``: a retry's only partners."""
+    return [
+        record
+        for record in other_records
+        if record.round == round_number and record.attempt == 1 and record.status in READY_STATUSES
+    ]
+
+
 def fused_without_us(other_records: Iterable[PeerRecord], round_number: int) -> int | None:
     """The newest round at least ``round_number`` that others fused *in a group* (not alone), if any.
 

@@ -48,6 +48,7 @@ class Progress:
     last_fusion_seconds: float = 0.0
     fuse_at: float | None = None
     fuse_members: list[str] | None = None
+    attempt: int = 0  # 1 while this peer looks again for a group of its round
     fingerprint: str = ""
     last_outcome: str = ""
     last_reason: str = ""
@@ -138,6 +139,7 @@ class Presence:
                 last_fusion_seconds=float(progress.last_fusion_seconds),
                 fuse_at=progress.fuse_at,
                 fuse_members=progress.fuse_members,
+                attempt=progress.attempt,
                 last_outcome=progress.last_outcome,
                 last_reason=progress.last_reason,
                 last_stages=progress.last_stages,
@@ -166,6 +168,7 @@ class Presence:
             last_fusion_seconds=report.fusion_seconds,
             fuse_at=None,
             fuse_members=None,
+            attempt=0,
             fingerprint=fingerprint,
             last_outcome=report.outcome,
             last_reason=report.reason[:200],
@@ -229,10 +232,13 @@ class Presence:
         place the same peers on the same grid.
 
         ``retry``: a second look after an attempt our transport lost; it ends ("alone") as soon as no
-        other peer is ready for the round, since only the members that lost it too look again.
+        other peer is ready for the round, since only the members that lost it too look again. It
+        counts only the others' second looks (their first proposals are past), and while another
+        peer's first all-reduce of the round is still running it waits (bounded by its proposal):
+        that peer may be a member of ours that learns of the loss only at its end, and looks again then.
         """
         proposal = get_dht_time() + fusion_config.fusion_window
-        self.announce(status="ready", fuse_at=proposal)
+        self.announce(status="ready", fuse_at=proposal, attempt=int(retry))
         bounded = fusion_config.target_group_size is not None
         while not self.stop_event.is_set():
             records = self.board.fetch()
@@ -241,6 +247,11 @@ class Presence:
                 return FusionWindow("missed")
             if retry and not policy.still_fusing(others, round_number):  # nobody else looks again
                 return FusionWindow("alone")
+            if retry and policy.first_attempts_running(others, round_number) and get_dht_time() < proposal:
+                self.stop_event.wait(self.poll_seconds)
+                continue
+            if retry:
+                others = policy.looking_again(others, round_number)
             everyone = [*others, self.record()]
             self.reducer_seen = self.reducer_seen or not policy.no_reducer(everyone)
             scheduled = policy.fusion_time(everyone, round_number)

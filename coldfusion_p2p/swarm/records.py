@@ -88,6 +88,7 @@ class PeerRecord(BaseModel):
     last_reason: constr(strict=True, max_length=200) = ""  # why the last round did not fuse, if it did not
     last_stages: constr(strict=True, max_length=80) = ""  # bounded groups: each stage's group, e.g. "4✓ 3✗"
     fuse_at: StrictFloat | None = None  # proposed DHT time for the all-reduce of ``round``
+    attempt: conint(ge=0, le=1, strict=True) = 0  # 1: ready for or fusing ``round`` a second time (see peer.fuse_round)
     # with bounded groups: the peer ids that fuse ``round``, listed by the peer that closed its window
     fuse_members: conlist(StrictStr, max_items=MAX_ROUND_MEMBERS) | None = None
     body_fingerprint: constr(strict=True, max_length=32) = ""  # short hash of the fused body

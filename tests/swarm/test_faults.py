@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from coldfusion_p2p.swarm.faults import (
     CRASH_IN_ALLREDUCE_ENV,
-    LOSE_RESULT_ENV,
+    LOSE_ATTEMPT_ENV,
     MISS_GROUP_ENV,
     SCALE_UPDATE_ENV,
     Faults,
@@ -36,12 +37,15 @@ def test_the_variables_turn_the_faults_on():
     assert not any(Faults.from_environment({CRASH_IN_ALLREDUCE_ENV: "0"}).crashes_in(n, None) for n in (0, 1, 2))
 
 
-def test_a_result_is_lost_once_in_its_round_only():
-    faults = Faults.from_environment({LOSE_RESULT_ENV: "2"})
-    assert not faults.loses_result(1)
-    assert faults.loses_result(2), "round 2's first all-reduce fails for us"
-    assert not faults.loses_result(2), "... and its next one completes"
-    assert not Faults.from_environment({}).loses_result(2)
+def test_an_attempt_is_lost_once_in_its_round_and_at_its_point_only():
+    faults = Faults.from_environment({LOSE_ATTEMPT_ENV: "2:start"})
+    assert not faults.loses_attempt(1, "start") and not faults.loses_attempt(2, "end")
+    assert faults.loses_attempt(2, "start"), "round 2's first all-reduce is lost as its group forms"
+    assert not faults.loses_attempt(2, "start"), "... and its next one goes through"
+    assert Faults.from_environment({LOSE_ATTEMPT_ENV: "3"}).loses_attempt(3, "end"), "at the end by default"
+    assert not Faults.from_environment({}).loses_attempt(2, "end")
+    with pytest.raises(ValueError, match="R:start or R:end"):
+        Faults.from_environment({LOSE_ATTEMPT_ENV: "2:middle"})
 
 
 def test_a_missed_group_is_missed_once_in_its_round_only():

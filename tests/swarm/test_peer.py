@@ -14,7 +14,7 @@ from coldfusion_p2p.config import build_config
 from coldfusion_p2p.contributor.checkpoints import apply_body_state, latest_checkpoint, load_body_state, load_head
 from coldfusion_p2p.contributor.learner import build_learner
 from coldfusion_p2p.contributor.model import load_head_state
-from coldfusion_p2p.swarm.faults import CRASH_IN_ALLREDUCE_ENV, LOSE_RESULT_ENV, MISS_GROUP_ENV, SCALE_UPDATE_ENV
+from coldfusion_p2p.swarm.faults import CRASH_IN_ALLREDUCE_ENV, LOSE_ATTEMPT_ENV, MISS_GROUP_ENV, SCALE_UPDATE_ENV
 from coldfusion_p2p.swarm.presence import record_ttl
 
 from conftest import FAST_SWARM_SETTINGS, pre_fusion, read_scalars, round_dir, wait_until
@@ -310,7 +310,7 @@ def test_a_peer_killed_mid_all_reduce_leaves_no_half_averaged_body_and_rejoins(
         # peer0's all-reduce fails at its end while peer1's completed (its last part too late, as a NAT'd
         # peer's matchmaking once gave up on a leader that still counted it): peer1, refused by a member
         # that looks again, looks again too. Before, it rolled back and stopped: peer0 found nobody
-        (LOSE_RESULT_ENV, "incomplete for 1 group member"),
+        (LOSE_ATTEMPT_ENV, "incomplete for 1 group member"),
     ],
 )
 def test_a_round_lost_to_one_members_transport_is_looked_for_again_and_fuses(
@@ -319,7 +319,7 @@ def test_a_round_lost_to_one_members_transport_is_looked_for_again_and_fuses(
     """Round 1's first attempt is lost for peer0 (the fault); nobody applied it, so both look again
     through a fresh window and fuse round 1 on their two bodies."""
     settings = dict(rounds=1, min_group_size=2, save_local_body=True, quiet=False)
-    faults = ({fault: "1"}, None)
+    faults = ({fault: "1:end" if fault == LOSE_ATTEMPT_ENV else "1"}, None)
     peers = [
         local_swarm.start_peer(f"peer{i}", tiny_datasets[i], tiny_model_dir, faults[i], seed=i, **settings)
         for i in (0, 1)
@@ -334,6 +334,32 @@ def test_a_round_lost_to_one_members_transport_is_looked_for_again_and_fuses(
         fused = load_body_state(round_dir(peer, 1))
         for name in trained[0]:
             assert torch.allclose(fused[name], (trained[0][name] + trained[1][name]) / 2, atol=1e-6), name
+
+
+def test_a_member_lost_as_its_group_formed_looks_again_with_the_others_once_they_learn_it(
+    local_swarm, tiny_model_dir, tiny_datasets
+):
+    """peer0 leaves round 1's group of three as it forms (the fault; in CI a NAT'd follower gave up on
+    a leader that still counted it). It knows at once, the others only when they drop it as a silent
+    sender. Its second look waits for their first attempts to end, so all three look again together
+    and fuse round 1 on their three bodies. Before, it looked again at once, alone, and found nobody;
+    the other two, looking later, were too few for the group of three: the round was lost for all."""
+    settings = dict(rounds=1, min_group_size=3, save_local_body=True, quiet=False)
+    faults = ({LOSE_ATTEMPT_ENV: "1:start"}, None, None)
+    peers = [
+        local_swarm.start_peer(f"peer{i}", tiny_datasets[i], tiny_model_dir, faults[i], seed=i, **settings)
+        for i in range(3)
+    ]
+    local_swarm.wait_all()
+    trained = [pre_fusion(peer, 1, "body") for peer in peers]
+    for peer in peers:
+        assert "round 1: fusion failed" in peer.log() and "looking again" in peer.log(), peer.log()
+        report = peer.round_info(1)["report"]
+        assert report["outcome"] == "fused" and report["group_size"] == 3, report
+        fused = load_body_state(round_dir(peer, 1))
+        for name in trained[0]:
+            mean = torch.stack([body[name] for body in trained]).mean(0)
+            assert torch.allclose(fused[name], mean, atol=1e-6), (peer.name, name)
 
 
 def assert_loadable_and_finite(peer) -> None:

@@ -99,6 +99,20 @@ def test_after_a_failed_fusion_only_bases_fused_in_a_group_are_worth_downloading
     assert policy.still_fusing([record("fusing", round=3)], 3)
 
 
+def test_a_second_look_waits_for_first_attempts_and_partners_only_with_second_looks():
+    """A lost attempt's members learn of the loss at different times (a client only when the reducers
+    give up), so a peer looking again waits while another's first all-reduce runs, then meets only
+    the peers that look again: the others' first proposals lie in the past and would start it at once."""
+    first = record("fusing", round=3, fuse_at=10.0)
+    second = record("ready", round=3, fuse_at=60.0).copy(update={"attempt": 1})
+    assert policy.first_attempts_running([first, second], 3)
+    assert not policy.first_attempts_running([second, record("fusing", round=2)], 3), "another round's"
+    assert not policy.first_attempts_running([first.copy(update={"attempt": 1})], 3), "its second look"
+    moved_on = record("idle", round=3).copy(update={"attempt": 1})  # e.g. fused its retry, next round not begun
+    assert policy.looking_again([first, second, moved_on, record("ready", round=4)], 3) == [second]
+    assert policy.fusion_time(policy.looking_again([first, second], 3), 3) == 60.0
+
+
 def test_weights_and_stopping():
     assert policy.fusion_weight("uniform", 500) == 1.0
     assert policy.fusion_weight("examples", 500) == 500.0
