@@ -134,6 +134,15 @@ def still_fusing(other_records: Iterable[PeerRecord], round_number: int) -> bool
     return any(record.round == round_number and record.status in READY_STATUSES for record in other_records)
 
 
+def partners_gone(unseen: float, record_ttl: float, min_group_size: int, now: float, scheduled: float) -> bool:
+    """Whether a peer that reads no partner for its round fuses alone now: none was read for twice
+    as long as a record lives (``unseen`` seconds: a shorter gap is a failed DHT read, or a refresh
+    that came late on a loaded DHT), and either it needs no partner or its window's time has come.
+    On the network lab one empty read at the window's time sent a home peer alone while its partner
+    matchmade: the round was lost for both."""
+    return unseen > 2 * record_ttl and (min_group_size <= 1 or now >= scheduled)
+
+
 def first_attempts_running(other_records: Iterable[PeerRecord], round_number: int) -> bool:
     """Whether another peer is still in its first all-reduce of ``round_number``: one that may yet
     look again, if its attempt ends lost (a client learns that only when the reducers give up)."""

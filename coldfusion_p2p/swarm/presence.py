@@ -10,6 +10,7 @@ slow DHT read must never delay our record past its expiration.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Sequence
@@ -240,9 +241,12 @@ class Presence:
         proposal = get_dht_time() + fusion_config.fusion_window
         self.announce(status="ready", fuse_at=proposal, attempt=int(retry))
         bounded = fusion_config.target_group_size is not None
+        partner_seen_at = -math.inf  # when a partner's record was last read: a failed read returns none
         while not self.stop_event.is_set():
             records = self.board.fetch()
             others = policy.others(records, self.board.subkey, self.identity.model_fingerprint)
+            if policy.has_partners(others, round_number):
+                partner_seen_at = time.monotonic()
             if policy.missed_round(round_number, others):
                 return FusionWindow("missed")
             if retry and not policy.still_fusing(others, round_number):  # nobody else looks again
@@ -259,7 +263,10 @@ class Presence:
             window: FusionWindow | None = None
             size = policy.complete_group_size(everyone, round_number, fusion_config.min_group_size)
             if not policy.has_partners(others, round_number):
-                if fusion_config.min_group_size <= 1 or now >= scheduled:
+                unseen = time.monotonic() - partner_seen_at
+                if policy.partners_gone(
+                    unseen, record_ttl(self.record_period), fusion_config.min_group_size, now, scheduled
+                ):
                     window = FusionWindow("alone")
             elif now >= scheduled - fusion_config.matchmaking_time:
                 members = self._agreed_members(round_number, scheduled, everyone) if bounded else None

@@ -99,6 +99,13 @@ def test_after_a_failed_fusion_only_bases_fused_in_a_group_are_worth_downloading
     assert policy.still_fusing([record("fusing", round=3)], 3)
 
 
+def test_a_peer_goes_alone_only_once_no_partner_was_read_for_twice_a_records_life():
+    assert not policy.partners_gone(5.0, record_ttl=3.0, min_group_size=2, now=100.0, scheduled=90.0), "a bad read"
+    assert policy.partners_gone(6.5, record_ttl=3.0, min_group_size=2, now=100.0, scheduled=90.0)
+    assert not policy.partners_gone(6.5, record_ttl=3.0, min_group_size=2, now=80.0, scheduled=90.0), "not yet"
+    assert policy.partners_gone(float("inf"), record_ttl=3.0, min_group_size=1, now=80.0, scheduled=90.0)
+
+
 def test_a_second_look_waits_for_first_attempts_and_partners_only_with_second_looks():
     """A lost attempt's members learn of the loss at different times (a client only when the reducers
     give up), so a peer looking again waits while another's first all-reduce runs, then meets only
