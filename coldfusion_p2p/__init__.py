@@ -30,9 +30,12 @@ Where things live (each subpackage is one layer; arrows are the only imports bet
         policy.py       pure decisions: fusion window, catch-up, weights, the poisoning guard
         hivemind_adapter.py  FusedBodyAverager: every override of hivemind internals (hivemind 1.1.12)
         fusion.py       BodyFusion: one all-or-nothing fusion round
+        grid.py         bounded groups: each peer's cell on the virtual grid, its partners per stage
+        stages.py       fuse_in_stages: a round in bounded groups, all or nothing per group and stage
         faults.py       the test-only fault seam, read once at process start
         process_safety.py  forked hivemind children die with their node
         presence.py     Presence: our DHT record kept fresh, the swarm watched, waits through records
+        windows.py      a round's fusion windows: the first, and the second look after a lost attempt
         round_store.py  RoundReport, resume, the round checkpoint and history
         console.py      PeerConsole: progress bars and round summaries
         peer.py         Peer: the daemon composing the pieces (the round loop)

@@ -38,13 +38,13 @@ from coldfusion_p2p.contributor.model import (
 )
 from coldfusion_p2p.contributor.scalars import ScalarLog
 from coldfusion_p2p.merge.rules import FusionRule
-from coldfusion_p2p.swarm import policy, reachability
+from coldfusion_p2p.swarm import policy, reachability, windows
 from coldfusion_p2p.swarm.auth import InviteGate
 from coldfusion_p2p.swarm.console import PeerConsole
 from coldfusion_p2p.swarm.faults import FAULTS
 from coldfusion_p2p.swarm.fusion import BodyFusion, FusionResult, finite_or_nan
 from coldfusion_p2p.swarm.network import check_network_config, network_moderation, shut_down
-from coldfusion_p2p.swarm.presence import FusionWindow, Identity, Presence
+from coldfusion_p2p.swarm.presence import Identity, Presence
 from coldfusion_p2p.swarm.process_safety import install as install_fork_hooks
 from coldfusion_p2p.swarm.records import RecordBoard, RunKeys
 from coldfusion_p2p.swarm.round_store import (
@@ -273,19 +273,20 @@ class Peer:
 
         A round our own transport lost (no group found, or an exception mid all-reduce: nobody applied
         it, see :attr:`FusionResult.retryable`), or that members refused for losing it so, is tried once
-        more with the members that lost it too: in CI two ready peers each missed the other's
-        declaration on a DHT stalled by a frozen node, and two int8 peers each timed out on the other's
-        parts, and the round was lost for both.
+        more with the members that lost it too, through a second window of their own
+        (:func:`windows.wait_for_second_look`): in CI two ready peers each missed the other's
+        declaration on a DHT stalled by a frozen node, two int8 peers each timed out on the other's
+        parts, and a NAT'd follower gave up on a leader that still counted it; each round was lost.
         """
         with self.console.fusing(round_number) as set_stage:
-            window = self.presence.wait_for_fusion_window(round_number, self.config.fusion)
+            window = windows.wait_for_fusion_window(self.presence, round_number, self.config.fusion)
             if window.decision != "fuse":
                 return window.decision, None
             FAULTS.poison_update(self.body, self.fusion.averager.last_fused_body())  # tests only
             result = self._all_reduce(round_number, window, set_stage)
             if result.retryable and not self.stop_event.is_set():
                 self.console.info(f"round {round_number}: fusion failed ({result.reason}); looking again")
-                window = self.presence.wait_for_fusion_window(round_number, self.config.fusion, retry=True)
+                window = windows.wait_for_second_look(self.presence, round_number, self.config.fusion)
                 if window.decision in ("missed", "stop"):
                     return window.decision, None
                 if window.decision == "fuse":  # else nobody else looks again: the first attempt's failure stands
@@ -294,7 +295,9 @@ class Peer:
                     result = dataclasses.replace(result, seconds=result.seconds + earlier)
         return ("fused" if result.fused else "rejected" if result.rejected else "failed"), result
 
-    def _all_reduce(self, round_number: int, window: FusionWindow, set_stage: Callable[[str], None]) -> FusionResult:
+    def _all_reduce(
+        self, round_number: int, window: windows.FusionWindow, set_stage: Callable[[str], None]
+    ) -> FusionResult:
         set_stage("all-reducing the bodies")
         self.presence.update(status="fusing")
         return self.fusion.fuse(

@@ -143,11 +143,29 @@ def partners_gone(unseen: float, record_ttl: float, min_group_size: int, now: fl
     return unseen > 2 * record_ttl and (min_group_size <= 1 or now >= scheduled)
 
 
+def second_look(other_records: Iterable[PeerRecord], round_number: int, waited_out: bool) -> tuple[str, int]:
+    """How a second look at ``round_number`` stands, after an attempt lost to transport: ``("alone", 1)``
+    when nobody else looks again; ``("wait", 0)`` while another peer's first all-reduce of the round
+    runs (its peer may look again once it learns of the loss), unless ``waited_out``; else
+    ``("fuse", n)`` with every peer looking again (n counts us): they are all the lost attempt's
+    members that will, so the window closes at once."""
+    records = list(other_records)
+    if not still_fusing(records, round_number):
+        return "alone", 1
+    if first_attempts_running(records, round_number) and not waited_out:
+        return "wait", 0
+    partners = looking_again(records, round_number)
+    return ("fuse", len(partners) + 1) if partners else ("alone", 1)
+
+
 def first_attempts_running(other_records: Iterable[PeerRecord], round_number: int) -> bool:
-    """Whether another peer is still in its first all-reduce of ``round_number``: one that may yet
-    look again, if its attempt ends lost (a client learns that only when the reducers give up)."""
+    """Whether another peer may still be in its first all-reduce of ``round_number``: one that may yet
+    look again, if its attempt ends lost (a client learns that only when the reducers give up).
+    "ready" counts too: a record is refreshed every ``record_period``, so one read mid all-reduce
+    may still say "ready"."""
     return any(
-        record.round == round_number and record.status == "fusing" and record.attempt == 0 for record in other_records
+        record.round == round_number and record.status in READY_STATUSES and record.attempt == 0
+        for record in other_records
     )
 
 

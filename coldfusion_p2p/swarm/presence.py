@@ -10,17 +10,15 @@ slow DHT read must never delay our record past its expiration.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 from hivemind.utils import get_dht_time
 
 from coldfusion_p2p import __version__
-from coldfusion_p2p.config import FusionConfig
 from coldfusion_p2p.errors import UserError
 from coldfusion_p2p.swarm import policy
 from coldfusion_p2p.swarm.hivemind_adapter import reconnect_initial_peers
@@ -29,7 +27,6 @@ from coldfusion_p2p.swarm.stages import stage_summary
 
 logger = logging.getLogger(__name__)
 
-MEMBER_READS = 4  # bounded groups: reads of the round's member list, until two in a row agree
 RECONNECT_SECONDS = 5.0  # while nobody is in sight, ping the initial peers this often
 
 
@@ -54,20 +51,6 @@ class Progress:
     last_outcome: str = ""
     last_reason: str = ""
     last_stages: str = ""
-
-
-class FusionWindow(NamedTuple):
-    """How a round's fusion window ended for this peer (see :meth:`Presence.wait_for_fusion_window`).
-
-    ``decision``: ``fuse``, ``alone``, ``missed`` or ``stop``. To fuse: ``time`` (the scheduled
-    all-reduce); ``group_size`` when the whole swarm is ready (the all-reduce may then start as soon
-    as that many joined: :func:`policy.complete_group_size`); ``members`` with bounded groups.
-    """
-
-    decision: str
-    time: float = 0.0
-    group_size: int | None = None
-    members: list[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -210,6 +193,10 @@ class Presence:
         if self.board is not None:
             self.announce(status="stopped", fuse_at=None)
 
+    def read_others(self) -> list[PeerRecord]:
+        """The other compatible peers' records, read now (none when the read failed: see RecordBoard.fetch)."""
+        return policy.others(self.board.fetch(), self.board.subkey, self.identity.model_fingerprint)
+
     def check_compatible(self, board: RecordBoard, run_id: str) -> None:
         """A newcomer with another model gets a clear error instead of silently forming its own swarm."""
         everyone_else = policy.others(board.fetch(), board.subkey)
@@ -222,94 +209,6 @@ class Presence:
             )
 
     # ------------------------------------------------------------ waiting on the swarm, through records
-    def wait_for_fusion_window(
-        self, round_number: int, fusion_config: FusionConfig, retry: bool = False
-    ) -> FusionWindow:
-        """Publish readiness, then wait for the round's fusion time (the decisions are :mod:`policy`'s).
-
-        Bounded: the earliest proposal is at most ``fusion_window`` away. With bounded groups the
-        peer that closes the window early also lists the round's members in its record, and every
-        peer takes the list of the earliest proposal (:func:`policy.round_members`), so that all
-        place the same peers on the same grid.
-
-        ``retry``: a second look after an attempt our transport lost; it ends ("alone") as soon as no
-        other peer is ready for the round, since only the members that lost it too look again. It
-        counts only the others' second looks (their first proposals are past), and while another
-        peer's first all-reduce of the round is still running it waits (bounded by its proposal):
-        that peer may be a member of ours that learns of the loss only at its end, and looks again then.
-        """
-        proposal = get_dht_time() + fusion_config.fusion_window
-        self.announce(status="ready", fuse_at=proposal, attempt=int(retry))
-        bounded = fusion_config.target_group_size is not None
-        partner_seen_at = -math.inf  # when a partner's record was last read: a failed read returns none
-        while not self.stop_event.is_set():
-            records = self.board.fetch()
-            others = policy.others(records, self.board.subkey, self.identity.model_fingerprint)
-            if policy.has_partners(others, round_number):
-                partner_seen_at = time.monotonic()
-            if policy.missed_round(round_number, others):
-                return FusionWindow("missed")
-            if retry and not policy.still_fusing(others, round_number):  # nobody else looks again
-                return FusionWindow("alone")
-            if retry and policy.first_attempts_running(others, round_number) and get_dht_time() < proposal:
-                self.stop_event.wait(self.poll_seconds)
-                continue
-            if retry:
-                others = policy.looking_again(others, round_number)
-            everyone = [*others, self.record()]
-            self.reducer_seen = self.reducer_seen or not policy.no_reducer(everyone)
-            scheduled = policy.fusion_time(everyone, round_number)
-            now = get_dht_time()
-            window: FusionWindow | None = None
-            size = policy.complete_group_size(everyone, round_number, fusion_config.min_group_size)
-            if not policy.has_partners(others, round_number):
-                unseen = time.monotonic() - partner_seen_at
-                if policy.partners_gone(
-                    unseen, record_ttl(self.record_period), fusion_config.min_group_size, now, scheduled
-                ):
-                    window = FusionWindow("alone")
-            elif now >= scheduled - fusion_config.matchmaking_time:
-                members = self._agreed_members(round_number, scheduled, everyone) if bounded else None
-                window = FusionWindow("fuse", scheduled, size, members)
-            elif size is not None:  # the whole swarm is here: close the window
-                proposal = now + fusion_config.matchmaking_time
-                members = policy.ready_peer_ids(everyone, round_number) if bounded else None
-                self.announce(fuse_at=proposal, fuse_members=members)
-                if bounded:
-                    members = self._agreed_members(round_number, min(scheduled, proposal), [*everyone, self.record()])
-                window = FusionWindow("fuse", min(scheduled, proposal), size, members)
-            if window is not None:
-                if not self.reducer_seen:  # clients only, ever: no group can form, alone or not
-                    raise UserError(
-                        f"no peer of this swarm accepts inbound connections ({len(everyone)} seen, all in client "
-                        "mode behind NAT or a firewall), so no group can form",
-                        "run at least one peer on a public address (or with a forwarded port and --announce-maddrs)",
-                    )
-                return window
-            self.stop_event.wait(self.poll_seconds)
-        return FusionWindow("stop")
-
-    def _agreed_members(self, round_number: int, scheduled: float, seen: Sequence[PeerRecord]) -> list[str]:
-        """The round's member list for bounded groups, read once every proposal had time to spread.
-
-        Read right when a peer decides, the lists disagreed on 16 loaded peers: a closer's record not
-        yet seen, or a DHT read that timed out and returned no records at all, so that peers placed
-        the others on different grids and found no partner. So wait for the scheduled time (a few
-        seconds), then read until the list stops changing (bounded), over the union of every record
-        seen since the decision: a failed or partial read can add nothing, but never shrinks it."""
-        self.stop_event.wait(max(0.0, scheduled - get_dht_time()))
-        known = {record.peer_id: record for record in seen}
-        members = policy.round_members(known.values(), round_number)
-        for _ in range(MEMBER_READS):
-            for record in policy.others(self.board.fetch(), self.board.subkey, self.identity.model_fingerprint):
-                if record.peer_id not in known or record.time >= known[record.peer_id].time:
-                    known[record.peer_id] = policy.newest_for_round(known.get(record.peer_id), record, round_number)
-            latest = policy.round_members(known.values(), round_number)
-            if latest == members:
-                break
-            members = latest
-        return members
-
     def wait_for_archivers(self, timeout: float) -> None:
         """Return once every archiver holds our last fused round, or after ``timeout`` (or a stop)."""
         deadline = time.monotonic() + timeout

@@ -114,10 +114,16 @@ def test_a_second_look_waits_for_first_attempts_and_partners_only_with_second_lo
     second = record("ready", round=3, fuse_at=60.0).copy(update={"attempt": 1})
     assert policy.first_attempts_running([first, second], 3)
     assert not policy.first_attempts_running([second, record("fusing", round=2)], 3), "another round's"
+    assert policy.first_attempts_running([record("ready", round=3)], 3), "its record not refreshed since"
     assert not policy.first_attempts_running([first.copy(update={"attempt": 1})], 3), "its second look"
     moved_on = record("idle", round=3).copy(update={"attempt": 1})  # e.g. fused its retry, next round not begun
     assert policy.looking_again([first, second, moved_on, record("ready", round=4)], 3) == [second]
     assert policy.fusion_time(policy.looking_again([first, second], 3), 3) == 60.0
+    assert policy.second_look([first, second], 3, waited_out=False) == ("wait", 0), "first may look again"
+    assert policy.second_look([first, second], 3, waited_out=True) == ("fuse", 2), "waited long enough: go"
+    assert policy.second_look([second, second.copy(update={"peer_id": "b"})], 3, waited_out=False) == ("fuse", 3)
+    assert policy.second_look([record("downloading", round=3)], 3, waited_out=False) == ("alone", 1), "gave up"
+    assert policy.second_look([first], 3, waited_out=True) == ("alone", 1), "nobody else looks again"
 
 
 def test_weights_and_stopping():

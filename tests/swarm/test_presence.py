@@ -2,14 +2,7 @@
 
 from __future__ import annotations
 
-import threading
-import time
-
-from hivemind.utils import get_dht_time
-
-from coldfusion_p2p.config import FusionConfig
-from coldfusion_p2p.swarm.presence import FusionWindow, Identity, Presence, poll_seconds, record_ttl
-from coldfusion_p2p.swarm.records import PeerRecord
+from coldfusion_p2p.swarm.presence import poll_seconds, record_ttl
 
 
 def test_reads_slow_down_with_the_record_period_so_big_swarms_spare_the_dht():
@@ -20,52 +13,3 @@ def test_reads_slow_down_with_the_record_period_so_big_swarms_spare_the_dht():
 
 def test_a_record_outlives_a_few_missed_refreshes_and_never_less_than_3_s():
     assert record_ttl(2.0) == 6.0 and record_ttl(0.5) == 3.0
-
-
-class FlakyBoard:
-    """Stands in for RecordBoard: serves the scripted partner records, one list per read (the last
-    repeats); an empty list is a read that failed (RecordBoard.fetch returns no records then)."""
-
-    subkey = b"own"
-
-    def __init__(self, reads):
-        self.reads, self.published = list(reads), []
-
-    def fetch(self):
-        partners = self.reads.pop(0) if len(self.reads) > 1 else self.reads[0]
-        return {f"partner{index}".encode(): record for index, record in enumerate(partners)}
-
-    def publish(self, record, ttl):
-        self.published.append(record)
-
-
-def partner(status: str, fuse_at: float | None = None) -> PeerRecord:
-    return PeerRecord(
-        peer_id="QmPartner", dataset_name="d", num_examples=10, status=status, round=1, fused_round=0,
-        step=0, total_steps=1, fuse_at=fuse_at, time=get_dht_time(),
-    )  # fmt: skip
-
-
-def window_after_reads(reads, fusion_window: float = 0.3) -> tuple[FusionWindow, float]:
-    identity = Identity(dataset_name="d", num_examples=10, total_steps=1, model_fingerprint="")
-    presence = Presence(identity, record_period=0.5, stop_event=threading.Event())  # records live 3 s
-    presence.board, presence.reducer_seen = FlakyBoard(reads), True
-    config = FusionConfig(fusion_window=fusion_window, min_group_size=2, matchmaking_time=0.2)
-    started = time.monotonic()
-    window = presence.wait_for_fusion_window(1, config)
-    return window, time.monotonic() - started
-
-
-def test_a_failed_read_of_the_records_at_the_windows_time_does_not_send_the_peer_alone():
-    """The partner trains, then the reads fail (empty) past the window's time, then it shows up ready:
-    no record can vanish before it expires, so the peer waits for it instead of fusing alone."""
-    reads = [[partner("training")], *[[]] * 8, [partner("ready", fuse_at=get_dht_time() + 0.5)]]
-    window, _ = window_after_reads(reads)
-    assert window.decision == "fuse", window
-
-
-def test_a_partner_gone_for_longer_than_its_record_lives_leaves_the_peer_alone():
-    window, seconds = window_after_reads([[partner("training")], []])
-    assert window.decision == "alone" and seconds >= 2 * record_ttl(0.5), (window, seconds)
-    window, seconds = window_after_reads([[]])
-    assert window.decision == "alone" and seconds < 2.0, "nobody seen ever: alone at the window's time"
