@@ -57,6 +57,7 @@ class StageReport:
     outcome: str  # fused, failed, rejected, or alone (a group of one: nothing to average this stage)
     group_size: int
     reason: str = ""
+    attempts: int = 1  # 2: the first was lost to transport and the group looked once more
 
 
 STAGE_MARKS = {"fused": "✓", "failed": "✗", "rejected": "✗", "alone": "·"}
@@ -93,7 +94,11 @@ def fuse_in_stages(
 ) -> tuple[GroupOutcome, tuple[StageReport, ...]]:
     """All the stages of one round for this peer. On success (at least one stage fused) the averager's
     buffers hold the value it ends with, and the outcome's members are every peer whose contribution
-    that value holds (with what they told their groups)."""
+    that value holds (with what they told their groups).
+
+    A stage group lost to transport (:attr:`GroupOutcome.retryable`: nobody applied it) is looked for
+    once more under the same key: its members learn of the loss within ``next_chunk_timeout`` of
+    each other, and a stage waits twice that for its last member (:func:`stage_wait`)."""
     config, peer_id = fusion.config, fusion.peer_id
     if peer_id not in members:
         return GroupOutcome(False, reason="not among the round's members (ready after its window closed)"), ()
@@ -118,12 +123,10 @@ def fuse_in_stages(
             "reached": sorted(reached) or [peer_id],
         }
         bits = stage_group_bits(round_number, stage, stage_key(cell, stage))
-        scheduled = get_dht_time() + stage_wait(config.matchmaking_time, config.next_chunk_timeout)
-        outcome = fusion.all_reduce_group(
-            current, start, round_number, bits, scheduled, len(group), weight, stage_info, expected=group
-        )
+        outcome, attempts = all_reduce_stage(fusion, current, start, round_number, bits, group, weight, stage_info)
         if not outcome.fused:
-            reports.append(StageReport(stage, "rejected" if outcome.rejected else "failed", len(group), outcome.reason))
+            outcome_name = "rejected" if outcome.rejected else "failed"
+            reports.append(StageReport(stage, outcome_name, len(group), outcome.reason, attempts))
             continue
         with fusion.averager.get_tensors() as buffers:
             current = [buffer.detach().clone() for buffer in buffers]
@@ -131,10 +134,33 @@ def fuse_in_stages(
         for member_id, member in outcome.members.items():
             for contributor in member.get("reached") or [member_id]:
                 reached.setdefault(contributor, member)
-        reports.append(StageReport(stage, "fused", len(group)))
+        reports.append(StageReport(stage, "fused", len(group), attempts=attempts))
     if not reached:
         reasons = "; ".join(f"stage {report.stage + 1}: {report.reason}" for report in reports)
         return GroupOutcome(False, reason=reasons or "no stage"), tuple(reports)
     with fusion.averager.get_tensors() as buffers:
         copy_into(list(buffers), current)
     return GroupOutcome(True, reached), tuple(reports)
+
+
+def all_reduce_stage(
+    fusion: BodyFusion,
+    current: list[torch.Tensor],
+    start: list[torch.Tensor],
+    round_number: int,
+    bits: str,
+    group: Sequence[str],
+    weight: float,
+    stage_info: dict[str, Any],
+) -> tuple[GroupOutcome, int]:
+    """One stage group's all-reduce and how many attempts it took: one more when the first was lost to
+    transport, as a round's single group gets (peer.fuse_round), under the same key and members."""
+    config = fusion.config
+    for attempt in (1, 2):
+        scheduled = get_dht_time() + stage_wait(config.matchmaking_time, config.next_chunk_timeout)
+        outcome = fusion.all_reduce_group(
+            current, start, round_number, bits, scheduled, len(group), weight, stage_info, expected=group
+        )
+        if outcome.fused or not outcome.retryable or fusion.should_stop():
+            return outcome, attempt
+    return outcome, 2
