@@ -45,17 +45,17 @@ def test_a_stage_group_waits_longer_than_a_slow_previous_stage_takes_to_drop_a_s
 
 
 @pytest.mark.swarm
-@pytest.mark.parametrize("lost_stage", [False, True], ids=["clean", "a stage lost to transport"])
 def test_four_peers_on_a_two_by_two_grid_each_end_the_round_holding_the_global_mean(
-    local_swarm, tiny_model_dir, tiny_datasets, lost_stage
+    local_swarm, tiny_model_dir, tiny_datasets
 ):
     """K = 2, D = 2: two stages of pairs. Each peer meets two others, yet ends with all four bodies' mean.
 
-    ``lost_stage``: peer0's stage-1 all-reduce fails at its end while its partner's completed (the
-    fault; in CI a reducer's result stream once ended early so). Both look for the stage once more,
-    and the round still ends on the global mean: before, that pair carried its two bodies apart."""
+    And a stage lost to transport is looked for once more: peer0's stage-1 all-reduce fails at its
+    end while its partner's completed (the fault; a reducer's result stream once ended early so in a
+    local full run). Both look again, and the round still ends on the global mean; before, that pair
+    carried its two bodies apart (a clean run of this test once needed the second look by itself)."""
     datasets = [*tiny_datasets, tiny_datasets[0]]
-    faults = [{LOSE_ATTEMPT_ENV: "1:end"} if lost_stage and i == 0 else None for i in range(4)]
+    faults = [{LOSE_ATTEMPT_ENV: "1:end"} if i == 0 else None for i in range(4)]
     peers = [
         local_swarm.start_peer(f"peer{i}", datasets[i], tiny_model_dir, faults[i], seed=i, **GRID_2X2) for i in range(4)
     ]
@@ -77,7 +77,7 @@ def test_four_peers_on_a_two_by_two_grid_each_end_the_round_holding_the_global_m
         fused = load_body_state(round_dir(peer, 1))
         for name, tensor in mean.items():
             assert torch.allclose(fused[name], tensor, atol=1e-6), (peer.name, name)
-        if lost_stage and (peer is peers[0] or peers[0].round_info(1)["peer_id"] in groups[0]):
+        if peer is peers[0] or peers[0].round_info(1)["peer_id"] in groups[0]:
             assert report["stages"][0]["attempts"] == 2, (peer.name, report)  # the lost pair looked again
     spread = max(float((bodies[0][name] - bodies[1][name]).abs().max()) for name in mean)
     assert spread > 1e-3, "the peers trained alike: the mean would prove nothing"
