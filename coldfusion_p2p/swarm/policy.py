@@ -140,7 +140,13 @@ def partners_gone(unseen: float, record_ttl: float, min_group_size: int, now: fl
     that came late on a loaded DHT), and either it needs no partner or its window's time has come.
     On the network lab one empty read at the window's time sent a home peer alone while its partner
     matchmade: the round was lost for both."""
-    return unseen > 2 * record_ttl and (min_group_size <= 1 or now >= scheduled)
+    return not maybe_a_failed_read(unseen, record_ttl) and (min_group_size <= 1 or now >= scheduled)
+
+
+def maybe_a_failed_read(unseen: float, record_ttl: float) -> bool:
+    """Whether reading no partner, ``unseen`` seconds after one was last read, may be a failed DHT
+    read (or a refresh late on a loaded DHT) rather than a partner gone: up to twice a record's life."""
+    return unseen <= 2 * record_ttl
 
 
 def second_look(other_records: Iterable[PeerRecord], round_number: int, waited_out: bool) -> tuple[str, int]:

@@ -108,7 +108,7 @@ def wait_for_second_look(presence: Presence, round_number: int, fusion_config: F
         others = presence.read_others()
         if others:
             seen_at = time.monotonic()
-        elif time.monotonic() - seen_at <= 2 * record_ttl(presence.record_period):
+        elif policy.maybe_a_failed_read(time.monotonic() - seen_at, record_ttl(presence.record_period)):
             presence.stop_event.wait(presence.poll_seconds)
             continue
         if policy.missed_round(round_number, others):
